@@ -1,0 +1,132 @@
+"""Graph capture: a model and an example input in, a normalised fx graph with shapes out.
+
+The capture is done on a deep copy in eval mode, so the caller's model is never touched.
+Code paths that depend on ``self.training`` outside leaf modules are frozen to their eval
+branch; leaf modules (convs, norms, dropout, activations, registered adapter modules) keep
+following ``.train()``/``.eval()`` in the captured graph, so it stays trainable.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from . import adapters
+
+ExampleInput = torch.Tensor | Sequence[Any]
+
+
+@dataclass
+class Capture:
+    """A traced, normalised copy of a model.
+
+    Attributes:
+        gm: the GraphModule (owns deep copies of the model's modules).
+        shapes: output shape of every tensor-valued node, by node name, from a real forward.
+    """
+
+    gm: fx.GraphModule
+    shapes: dict[str, tuple[int, ...]]
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Submodules of the graph module by qualified name."""
+        return dict(self.gm.named_modules())
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that remembers which submodule it is in, to explain failures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return adapters.is_leaf(m) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        name = self.path_of_module(m)
+        self.stack.append(f"{name or '<root>'} ({type(m).__name__})")
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module is the first to see the error
+                self.failed_in = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def as_args(example_input: ExampleInput) -> tuple[Any, ...]:
+    """A tensor is the single positional argument; a tuple or list is all of them."""
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input)
+    raise TypeError(
+        f"example_input must be a tensor or a tuple of positional arguments, got {type(example_input).__name__}"
+    )
+
+
+def capture(model: nn.Module, example_input: ExampleInput) -> Capture:
+    """Trace a deep copy of ``model`` with torch.fx and record every node's output shape.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
+        ValueError: if the model cannot be traced (names the failing submodule) or the
+            example input does not fit the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args = as_args(example_input)
+    work = copy.deepcopy(model).eval()
+    gm = _trace(work)
+    adapters.normalise(gm)
+    shapes = _shapes(gm, args, model)
+    return Capture(gm, shapes)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises many types; all mean "not traceable"
+        where = tracer.failed_in or f"<root> ({type(model).__name__})"
+        raise ValueError(
+            f"torch.fx could not trace {type(model).__name__}: failed inside submodule {where}: "
+            f"{type(err).__name__}: {err}. Data-dependent control flow cannot be captured; "
+            "trace a submodule that contains the convolutions instead (e.g. `model.features`), "
+            "or register an adapter for this module type."
+        ) from err
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _shapes(gm: fx.GraphModule, args: tuple[Any, ...], model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Run the graph once, recording the shape of every tensor a node produces."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                shapes[n.name] = tuple(out.shape)
+            return out
+
+    try:
+        with torch.no_grad():
+            _Recorder(gm).run(*args)
+    except Exception as err:
+        got = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        hint = f" (its first conv expects {first.in_channels} input channels)" if first is not None else ""
+        raise ValueError(
+            f"the example input [{got}] does not fit {type(model).__name__}{hint}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0]}. Pass an input the model accepts, e.g. a batch "
+            "shaped like your training data (N, C, H, W)."
+        ) from err
+    return shapes

@@ -1,0 +1,294 @@
+"""Merge every segment of a pruned network into one convolution (``merge``).
+
+The tensor math is exact composition of affine, translation-equivariant maps, done in
+float64. A value inside a segment is an :class:`AffineConv` of the segment input padded by
+``P``: ``t[y] = sum_u W[u] * x_pad[S*y + u] + b``. Convolutions compose by a transposed
+convolution of their kernels, BatchNorm scales rows, a crop widens the kernel
+symmetrically, and residual additions add kernels. Grouped/depthwise convs are handled
+densely and re-emitted grouped when the result is still block-diagonal.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import skip_init
+
+from .ops import Kind, classify
+from .prune import META_KEY
+
+
+@dataclass
+class AffineConv:
+    """t[y] = sum_u W[u] x_p[S*y + u] + b, where x_p is the segment input padded by ``pad``.
+
+    Weights are stored grouped like ``nn.Conv2d`` weights. ``extent`` is the larger spatial
+    size of the segment input: taps that can only ever read zero padding are trimmed
+    (symmetrically, lowering ``pad``), which is exact and keeps kernels merged over small
+    feature maps from growing beyond them.
+    """
+
+    weight: torch.Tensor  # [C_out, C_in / groups, K, K]
+    bias: torch.Tensor  # [C_out]
+    stride: int
+    groups: int
+    pad: int
+    extent: int
+    crop_of_identity: int | None = None  # set while the map is just a cropped input
+
+    @classmethod
+    def identity(cls, channels: int, device: torch.device, pad: int = 0, extent: int = 1 << 30) -> AffineConv:
+        """The segment input itself, padded by ``pad``."""
+        ones = torch.ones(channels, 1, 1, 1, dtype=torch.float64, device=device)
+        zeros = torch.zeros(channels, dtype=torch.float64, device=device)
+        return cls(ones, zeros, 1, channels, pad, extent, 0)
+
+    @property
+    def kernel(self) -> int:
+        return self.weight.shape[-1]
+
+    def _with(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int,
+              crop_of_identity: int | None = None) -> AffineConv:
+        return AffineConv(weight, bias, stride, groups, self.pad, self.extent, crop_of_identity).trimmed()
+
+    def trimmed(self) -> AffineConv:
+        """Drop taps that read only zero padding for every output position (exact)."""
+        size = (self.extent + 2 * self.pad - self.kernel) // self.stride + 1
+        lead = self.pad - self.stride * (size - 1)
+        trail = self.kernel - self.pad - self.extent
+        c = min(lead, trail)
+        if c <= 0 or self.crop_of_identity is not None:
+            return self
+        w = self.weight[..., c:-c, c:-c]
+        return AffineConv(w, self.bias, self.stride, self.groups, self.pad - c, self.extent)
+
+    def with_pad(self, pad: int) -> AffineConv:
+        """The same map expressed on the input padded by ``pad`` (>= ``self.pad``)."""
+        grow = pad - self.pad
+        if grow < 0:
+            raise ValueError("cannot express a map on a less padded input")
+        w = F.pad(self.weight, (grow,) * 4)
+        crop = None if self.crop_of_identity is None else self.crop_of_identity + grow
+        return AffineConv(w, self.bias, self.stride, self.groups, pad, self.extent, crop)
+
+    def crop(self, c: int) -> AffineConv:
+        """The map of this value with ``c`` pixels removed from every border."""
+        if c < 0:
+            raise ValueError("cannot pad a value inside a merged segment")
+        w = F.pad(self.weight, (self.stride * c,) * 4)
+        crop = None if self.crop_of_identity is None else self.crop_of_identity + c
+        return self._with(w, self.bias, self.stride, self.groups, crop)
+
+    def regroup(self, groups: int) -> AffineConv:
+        """The same map with a coarser group structure (``groups`` divides ``self.groups``)."""
+        if groups == self.groups:
+            return self
+        return AffineConv(_regroup(self.weight, self.groups, groups), self.bias, self.stride, groups,
+                          self.pad, self.extent)
+
+    def then_conv(self, conv: nn.Conv2d) -> AffineConv:
+        """Apply an unpadded ``conv`` after this map."""
+        w = conv.weight.detach().to(torch.float64)  # [C_out, C_mid/g, k, k]
+        groups = math.gcd(self.groups, conv.groups)
+        if self.crop_of_identity is not None:  # the common case: a conv of the segment input
+            weight = F.pad(w, (self.crop_of_identity,) * 4)
+            groups = conv.groups
+        else:
+            inner = self.regroup(groups).weight
+            weight = _compose(_regroup(w, conv.groups, groups), groups, inner, self.stride)
+        taps = w.sum(dim=(2, 3))  # [C_out, C_mid/g]: the bias passes through every tap
+        bias = (taps * self.bias.reshape(conv.groups, -1).repeat_interleave(w.shape[0] // conv.groups, 0)).sum(1)
+        if conv.bias is not None:
+            bias = bias + conv.bias.detach().to(torch.float64)
+        return self._with(weight, bias, self.stride * conv.stride[0], groups)
+
+    def then_norm(self, bn: nn.BatchNorm2d) -> AffineConv:
+        """Apply an eval-mode BatchNorm after this map."""
+        scale = torch.rsqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
+        shift = -bn.running_mean.detach().to(torch.float64) * scale
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().to(torch.float64)
+            shift = shift * bn.weight.detach().to(torch.float64)
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach().to(torch.float64)
+        return self._with(self.weight * scale[:, None, None, None], self.bias * scale + shift, self.stride, self.groups)
+
+    def plus(self, other: AffineConv) -> AffineConv:
+        """Sum of two maps of the same input (a folded residual addition)."""
+        groups = math.gcd(self.groups, other.groups)
+        pad = max(self.pad, other.pad)
+        a, b = self.regroup(groups).with_pad(pad), other.regroup(groups).with_pad(pad)
+        if a.stride != b.stride or a.weight.shape != b.weight.shape:
+            raise ValueError(
+                f"cannot fold a residual addition of maps with kernels {tuple(a.weight.shape)} stride "
+                f"{a.stride} and {tuple(b.weight.shape)} stride {b.stride}"
+            )
+        return AffineConv(a.weight + b.weight, a.bias + b.bias, a.stride, groups, pad, self.extent).trimmed()
+
+    def to_conv(self, like: torch.Tensor) -> nn.Conv2d:
+        """The single ``nn.Conv2d`` for this map, in the dtype/device of ``like``."""
+        c_out, c_in_g, k, _ = self.weight.shape
+        # skip_init: the weights are overwritten, and initialising big merged kernels is slow.
+        conv = skip_init(nn.Conv2d, c_in_g * self.groups, c_out, k, stride=self.stride, padding=self.pad,
+                         groups=self.groups, bias=True, device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            conv.bias.copy_(self.bias)
+        return conv
+
+
+def _compose(w: torch.Tensor, groups: int, inner: torch.Tensor, stride: int) -> torch.Tensor:
+    """Kernel of conv ``w`` applied after the map ``inner`` (stride ``stride``), both grouped.
+
+    Y[o, c, v*S + u] = sum_m w[o, m, v] * inner[m, c, u] within each group: one batched
+    matrix product per tap v of ``w``.
+    """
+    c_out, m_g, k, _ = w.shape
+    c_mid, c_in_g, size_in, _ = inner.shape
+    size = (k - 1) * stride + size_in
+    out = inner.new_zeros(c_out, c_in_g, size, size)
+    flat = inner.reshape(groups, c_mid // groups, c_in_g * size_in * size_in)
+    taps = w.reshape(groups, c_out // groups, m_g, k, k)
+    for vy in range(k):
+        for vx in range(k):
+            prod = torch.bmm(taps[..., vy, vx], flat).reshape(c_out, c_in_g, size_in, size_in)
+            out[:, :, vy * stride: vy * stride + size_in, vx * stride: vx * stride + size_in] += prod
+    return out
+
+
+def _regroup(weight: torch.Tensor, groups: int, coarser: int) -> torch.Tensor:
+    """Re-express a conv weight with ``groups`` groups using ``coarser`` groups (zeros fill in)."""
+    if coarser == groups:
+        return weight
+    c_out, in_g, k, _ = weight.shape
+    c_in = in_g * groups
+    new_in = c_in // coarser
+    out = weight.new_zeros(c_out, new_in, k, k)
+    rows = torch.arange(c_out, device=weight.device)
+    old_group = rows // (c_out // groups)
+    new_group = rows // (c_out // coarser)
+    cols = (old_group * in_g - new_group * new_in)[:, None] + torch.arange(in_g, device=weight.device)[None, :]
+    out[rows[:, None], cols] = weight
+    return out
+
+
+def merge(pruned: fx.GraphModule) -> fx.GraphModule:
+    """Replace every segment of a pruned network by one convolution (BatchNorm folded).
+
+    Args:
+        pruned: the output of :func:`~lightning_layermerge.prune`, possibly fine-tuned.
+
+    Returns:
+        A new GraphModule in eval mode that equals ``pruned`` in eval mode, with one conv
+        (or nothing, for an identity segment) per segment. ``pruned`` is not modified.
+
+    Raises:
+        TypeError: ``pruned`` did not come from ``prune``.
+        ValueError: the graph no longer has the structure ``prune`` produced.
+    """
+    if not isinstance(pruned, fx.GraphModule) or META_KEY not in getattr(pruned, "meta", {}):
+        raise TypeError("merge expects the network returned by lightning_layermerge.prune(...)")
+    if pruned.meta[META_KEY].get("merged"):
+        raise ValueError("this network is already merged")
+    gm = copy.deepcopy(pruned).eval()
+    # Last segment first: a segment's entry is the previous segment's output node, which
+    # must still exist (by name) when the later segment is merged.
+    for region in reversed(gm.meta[META_KEY]["regions"]):
+        _merge_region(gm, region)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.meta[META_KEY]["merged"] = True
+    return gm.eval()
+
+
+def _merge_region(gm: fx.GraphModule, region: dict) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    entry, output = nodes[region["entry"]], nodes[region["output"]]
+    if output is entry:
+        return  # an identity segment merges to nothing
+    modules = dict(gm.named_modules())
+    members = _region_members(entry, output)
+    padding = _input_padding(members, entry, modules)
+    shape_c = region["channels"]
+    device = next(iter(gm.parameters())).device if any(True for _ in gm.parameters()) else torch.device("cpu")
+    maps: dict[fx.Node, AffineConv] = {}
+    base = AffineConv.identity(shape_c, device, padding, max(region["in_hw"]))
+    like: torch.Tensor | None = None
+    for node in members:  # members are in graph (topological) order
+        maps[node], param = _step(node, maps, entry, base, padding, modules)
+        like = param if param is not None and like is None else like
+    final = maps[output]
+    if like is None:
+        like = next(iter(gm.parameters()), torch.zeros(()))
+    conv = final.to_conv(like)
+    name = f"merged_{region['i']}_{region['j']}"
+    gm.add_submodule(name, conv)
+    with gm.graph.inserting_before(output):
+        new = gm.graph.call_module(name, (entry,))
+    output.replace_all_uses_with(new)
+
+
+def _region_members(entry: fx.Node, output: fx.Node) -> list[fx.Node]:
+    """Nodes between ``entry`` (excluded) and ``output`` (included), in graph order."""
+    members: set[fx.Node] = set()
+    stack = [output]
+    while stack:
+        node = stack.pop()
+        if node is entry or node in members:
+            continue
+        if node.op in ("placeholder", "output"):
+            raise ValueError(f"segment ending at {output.name} reads a value from outside it ({node.name})")
+        members.add(node)
+        stack.extend(n for n in node.all_input_nodes if n.op != "get_attr")
+    return [n for n in output.graph.nodes if n in members]
+
+
+def _input_padding(members: list[fx.Node], entry: fx.Node, modules: dict[str, nn.Module]) -> int:
+    """Padding of the segment input: the inserted pad, else a lone conv's own padding."""
+    pads = [n for n in members if n.target is F.pad and n.args[0] is entry]
+    if pads:
+        return int(pads[0].args[1][0])
+    readers = [modules[str(n.target)] for n in members if n.op == "call_module" and n.args[0] is entry
+               and isinstance(modules[str(n.target)], nn.Conv2d)]
+    return max((c.padding[0] for c in readers), default=0)
+
+
+def _step(node: fx.Node, maps: dict, entry: fx.Node, base: AffineConv, padding: int,
+          modules: dict[str, nn.Module]) -> tuple[AffineConv, torch.Tensor | None]:
+    """The map of ``node`` from the maps of its inputs."""
+
+    def value(n: fx.Node) -> AffineConv:
+        return base.crop(padding) if n is entry else maps[n]
+
+    # `base` is the padded input; the unpadded input is `base` cropped by `padding`.
+
+    op = classify(node, modules)
+    if op.kind is Kind.PAD:
+        amount = int(node.args[1][0])
+        if node.args[0] is entry and amount == padding:
+            return base, None
+        if amount <= 0:
+            return value(node.args[0]).crop(-amount), None
+    if op.kind is Kind.CONV:
+        conv = modules[str(node.target)]
+        src = node.args[0]
+        p = conv.padding[0]
+        if p and src is not entry:
+            raise ValueError(f"conv {node.target} pads a value inside a merged segment; prune first")
+        start = base.crop(padding - p) if src is entry else maps[src]
+        return start.then_conv(conv), conv.weight
+    if op.kind is Kind.NORM:
+        return value(node.args[0]).then_norm(modules[str(node.target)]), None
+    if op.kind is Kind.IDENTITY:
+        return value(node.args[0]), None
+    if op.kind is Kind.ADD:
+        left, right = node.args
+        return value(left).plus(value(right)), None
+    raise ValueError(f"cannot merge {node.name}: {op.reason or op.kind.value} inside a segment")

@@ -1,0 +1,112 @@
+"""merge(prune(model)) == prune(model) on real torchvision/timm architectures.
+
+For each model: the keep-everything plan, the remove-everything plan and 20 random legal
+plans. The merged network is checked in float64 (relative error <= 1e-9) and, cast to
+float32, against the float32 pruned network (<= 1e-4 of max |output|). The keep-everything
+plan must also equal the original model.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from helpers import randomize_batchnorm, random_plan, rel_err
+from lightning_layermerge import Plan, merge, prune, trace
+
+MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(),
+    "resnet34": lambda: torchvision.models.resnet34(),
+    "resnet50": lambda: torchvision.models.resnet50(),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(),
+    "vgg16_bn": lambda: torchvision.models.vgg16_bn(),
+    "timm_resnet34": lambda: timm.create_model("resnet34"),
+    "timm_mobilenetv2_100": lambda: timm.create_model("mobilenetv2_100"),
+    "timm_efficientnet_b0": lambda: timm.create_model("efficientnet_b0"),
+}
+RANDOM_PLANS = 20
+
+
+def _conv_names(model: nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_merge_equals_pruned(name: str) -> None:
+    torch.manual_seed(0)
+    model32 = randomize_batchnorm(MODELS[name]()).eval()
+    model = _double(model32)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    chain = trace(model, x)
+    rng = random.Random(0)
+    plans = [Plan.keep_all(chain), Plan.remove_all(chain)] + [random_plan(chain, rng) for _ in range(RANDOM_PLANS)]
+    assert len({p.keys.__repr__() for p in plans}) >= 10, "random plans should differ"
+    with torch.no_grad():
+        reference = model(x)
+    chain_convs = {layer.name for layer in chain.layers}
+    for n, plan in enumerate(plans):
+        pruned = prune(model, chain, plan).eval()
+        merged = merge(pruned)
+        with torch.no_grad():
+            out_pruned, out_merged = pruned(x), merged(x)
+            assert rel_err(out_pruned, out_merged) <= 1e-9, f"plan {n} {plan}"
+            out32 = pruned.float()(x.float())
+            assert rel_err(out32, merged.float()(x.float())) <= 1e-4, f"plan {n} {plan} (float32)"
+        if n == 0:
+            assert rel_err(reference, out_pruned) <= 1e-12
+        # One conv per non-identity segment, no chain conv left unmerged.
+        merged_convs = _conv_names(merged)
+        expected = {f"merged_{s.i}_{s.j}" for s in plan.segments if not s.identity}
+        assert {c for c in merged_convs if c.startswith("merged_")} == expected
+        assert not merged_convs & chain_convs
+        del pruned, merged
+        gc.collect()  # fx GraphModules hold reference cycles; free big models promptly
+    assert not any(m.training for m in [model]), "the model must be left in eval mode as given"
+
+
+def _double(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def test_keep_all_plan_leaves_structure_and_model_untouched() -> None:
+    model = randomize_batchnorm(torchvision.models.resnet18()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    chain = trace(model, x)
+    pruned = prune(model, chain, Plan.keep_all(chain))
+    assert model.training and pruned.training
+    assert set(pruned.state_dict()) == set(model.state_dict())
+    merge(pruned.eval())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.conv1.padding == (3, 3) and model.layer1[0].conv1.padding == (1, 1)
+
+
+def test_merged_parameters_do_not_grow_when_kernels_do_not() -> None:
+    """For dense convs, a segment whose kernel is no larger than its largest kept conv's
+    kernel has no more parameters than the convs it replaces."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(torchvision.models.resnet50()).eval()
+    chain = trace(model, torch.randn(1, 3, 32, 32))
+    rng = random.Random(1)
+    checked = 0
+    for _ in range(5):
+        plan = random_plan(chain, rng)
+        merged = merge(prune(model, chain, plan))
+        for seg in plan.segments:
+            kept = [chain.layer(l) for l in seg.convs]
+            if seg.identity or not kept or seg.k > max(l.kernel for l in kept):
+                continue
+            params = sum(p.numel() for p in merged.get_submodule(f"merged_{seg.i}_{seg.j}").parameters())
+            original = sum(l.in_channels // l.groups * l.out_channels * l.kernel**2 + l.out_channels for l in kept)
+            assert params <= original, seg
+            checked += 1
+    assert checked > 20
