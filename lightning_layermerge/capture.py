@@ -73,8 +73,12 @@ def as_args(example_input: ExampleInput) -> tuple[Any, ...]:
     )
 
 
-def capture(model: nn.Module, example_input: ExampleInput) -> Capture:
+def capture(model: nn.Module, example_input: ExampleInput,
+            shapes: dict[str, tuple[int, ...]] | None = None) -> Capture:
     """Trace a deep copy of ``model`` with torch.fx and record every node's output shape.
+
+    ``shapes`` from an earlier capture of the same architecture skips the forward pass
+    (``prune`` re-captures a model it has already traced).
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``.
@@ -87,8 +91,11 @@ def capture(model: nn.Module, example_input: ExampleInput) -> Capture:
     work = copy.deepcopy(model).eval()
     gm = _trace(work)
     adapters.normalise(gm)
-    shapes = _shapes(gm, args, model)
-    return Capture(gm, shapes)
+    if shapes is None:
+        shapes = _shapes(gm, args, model)
+    elif any(n.name not in shapes for n in gm.graph.nodes if n.op in ("call_module", "call_function")):
+        shapes = _shapes(gm, args, model)  # a different graph: measure rather than guess
+    return Capture(gm, dict(shapes))
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:

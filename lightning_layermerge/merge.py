@@ -98,6 +98,8 @@ class AffineConv:
         if self.crop_of_identity is not None:  # the common case: a conv of the segment input
             weight = F.pad(w, (self.crop_of_identity,) * 4)
             groups = conv.groups
+        elif conv.groups == conv.in_channels == conv.out_channels:  # depthwise: no channel mixing
+            weight, groups = _compose_depthwise(w, self.weight, self.stride), self.groups
         else:
             inner = self.regroup(groups).weight
             weight = _compose(_regroup(w, conv.groups, groups), groups, inner, self.stride)
@@ -161,6 +163,23 @@ def _compose(w: torch.Tensor, groups: int, inner: torch.Tensor, stride: int) -> 
     return out
 
 
+def _compose_depthwise(w: torch.Tensor, inner: torch.Tensor, stride: int) -> torch.Tensor:
+    """Kernel of a depthwise conv ``w`` [C, 1, k, k] applied after the map ``inner``.
+
+    Each output channel only scales and shifts its own row of ``inner``, so the inner
+    map's group structure is kept and no dense channel product is needed.
+    """
+    k, size_in = w.shape[-1], inner.shape[-1]
+    size = (k - 1) * stride + size_in
+    out = inner.new_zeros(*inner.shape[:2], size, size)
+    for vy in range(k):
+        for vx in range(k):
+            out[:, :, vy * stride: vy * stride + size_in, vx * stride: vx * stride + size_in] += (
+                w[:, 0, vy, vx, None, None, None] * inner
+            )
+    return out
+
+
 def _regroup(weight: torch.Tensor, groups: int, coarser: int) -> torch.Tensor:
     """Re-express a conv weight with ``groups`` groups using ``coarser`` groups (zeros fill in)."""
     if coarser == groups:
@@ -215,6 +234,9 @@ def _merge_region(gm: fx.GraphModule, region: dict) -> None:
         return  # an identity segment merges to nothing
     modules = dict(gm.named_modules())
     members = _region_members(entry, output)
+    if all(classify(n, modules).kind is Kind.IDENTITY for n in members):
+        output.replace_all_uses_with(entry)  # only dropout/identity left: merges to nothing
+        return
     padding = _input_padding(members, entry, modules)
     shape_c = region["channels"]
     device = next(iter(gm.parameters())).device if any(True for _ in gm.parameters()) else torch.device("cpu")

@@ -64,7 +64,7 @@ def prune(
     """
     if plan.fingerprint != chain.fingerprint:
         raise ValueError("the plan was made for a different chain; build it from this chain")
-    cap = capture(model, chain.example)
+    cap = capture(model, chain.example, shapes=chain.capture.shapes)
     analysis = _Analysis(cap, chain.model_name)
     _check_same_architecture(analysis, chain)
     rewriter = _Rewriter(cap.gm, analysis)
@@ -85,7 +85,8 @@ def prune(
 def _check_same_architecture(analysis: _Analysis, chain: Chain) -> None:
     ours = [(l.name, l.in_shape, l.out_shape, l.kernel, l.stride) for l in analysis.layers]
     theirs = [(l.name, l.in_shape, l.out_shape, l.kernel, l.stride) for l in chain.layers]
-    if ours != theirs:
+    channels = [(l.in_channels, l.out_channels, l.groups) for l in analysis.layers]
+    if ours != theirs or channels != [(l.in_channels, l.out_channels, l.groups) for l in chain.layers]:
         raise ValueError(
             "the model does not match the chain it is pruned with (different layers or shapes); "
             "trace this model first"

@@ -38,6 +38,29 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def calibrate_batchnorm(model: nn.Module, example: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Set BatchNorm statistics from forward passes on random data, as training would.
+
+    With statistics that match the activations (as in a trained network), float32 noise is
+    not amplified layer after layer the way arbitrary statistics amplify it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.reset_running_stats()
+            mod.momentum = None  # cumulative average
+            if mod.weight is not None:
+                with torch.no_grad():
+                    mod.weight.copy_(torch.rand(mod.num_features, generator=gen) * 0.5 + 0.75)
+                    mod.bias.copy_((torch.rand(mod.num_features, generator=gen) - 0.5) * 0.2)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(example.shape, generator=gen, dtype=example.dtype))
+    return model.train(was_training)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |a|."""
     a, b = a.detach(), b.detach()

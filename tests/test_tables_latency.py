@@ -1,0 +1,380 @@
+"""Tests of the latency table (lightning_layermerge.tables.latency).
+
+Timings on a shared CPU are noise, so no test asserts milliseconds: they check which
+modules are timed, how many times, and what the cache returns.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from helpers import random_plan
+from torch import nn
+
+from lightning_layermerge import Plan, merge, prune, trace
+from lightning_layermerge.tables import latency as latency_module
+from lightning_layermerge.tables.cache import TableCacheWarning
+from lightning_layermerge.tables.latency import (
+    TOTAL_KEY,
+    LatencySettings,
+    LatencyTable,
+    build_latency_table,
+    segment_module,
+    time_module,
+)
+
+FAST = LatencySettings(warmup=0, repeats=1)
+
+
+class TinyNet(nn.Module):
+    """Stem, one residual block, a strided conv, a 1x1 conv and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU6())
+        self.c3 = nn.Conv2d(16, 16, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(x + self.b2(self.c2(y)))
+        return self.head(torch.sigmoid(self.c3(self.down(x))))
+
+
+class TwoInputNet(nn.Module):
+    """A network whose forward takes two tensors (an image and a per-sample scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.relu(self.c1(x))) * scale
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    return model, trace(model, torch.randn(2, 3, 12, 12))
+
+
+class CountingTimer:
+    """Replaces both timing functions (``time_module`` for entries, ``time_nodes`` for the whole
+    model), counting calls and failing after ``fail_after`` calls, like an interrupted build."""
+
+    def __init__(self, monkeypatch, fail_after: int | None = None) -> None:
+        self.fail_after, self.calls = fail_after, 0
+        for name in ("time_module", "time_nodes"):
+            monkeypatch.setattr(latency_module, name, self._wrap(getattr(latency_module, name)))
+
+    def _wrap(self, real):
+        def timed(*args, **kwargs):
+            if self.fail_after is not None and self.calls >= self.fail_after:
+                raise RuntimeError("interrupted")
+            self.calls += 1
+            return real(*args, **kwargs)
+        return timed
+
+
+def distinct_geometries(chain) -> int:
+    """How many different non-identity modules the chain's segments produce."""
+    return len({latency_module._geometry(s) for s in chain.segments if not s.identity})
+
+
+# ---------------------------------------------------------------------- building
+
+
+def test_every_legal_segment_has_an_entry_and_identities_are_zero(tiny) -> None:
+    model, chain = tiny
+    table = build_latency_table(model, chain, FAST, progress=False)
+    assert set(table.entries) == {s.key for s in chain.segments}
+    identities = [s.key for s in chain.segments if s.identity]
+    assert identities, "TinyNet must have identity segments for this test to mean anything"
+    assert all(table.entries[k] == 0.0 for k in identities)
+    assert all(table.entries[s.key] > 0 for s in chain.segments if not s.identity)
+    keep_all = Plan.keep_all(chain).keys
+    assert table.chain_ms == pytest.approx(sum(table.entries[k] for k in keep_all), rel=1e-12)
+    assert table.total_ms > 0 and table.settings == FAST
+
+
+def test_equal_geometries_are_timed_once(tiny, monkeypatch) -> None:
+    model, chain = tiny
+    timer = CountingTimer(monkeypatch)
+    table = build_latency_table(model, chain, FAST, progress=False)
+    assert timer.calls == distinct_geometries(chain) + 1  # + the whole model
+    by_geometry: dict = {}
+    for seg in chain.segments:  # equal modules get the very same number
+        assert by_geometry.setdefault(latency_module._geometry(seg), table.entries[seg.key]) == table.entries[seg.key]
+
+
+def test_segment_module_is_conv_then_activation(tiny) -> None:
+    _, chain = tiny
+    for seg in chain.segments:
+        module = segment_module(chain, seg)
+        act = chain.positions[seg.j].activation_type
+        expected = (0 if seg.identity else 1) + (act is not None)
+        assert len(module) == expected
+        if not seg.identity:
+            conv = module[0]
+            assert isinstance(conv, nn.Conv2d) and conv.bias is not None
+            out = conv(torch.randn(seg.in_shape))
+            assert tuple(out.shape) == seg.out_shape
+        if act is not None:  # module activations are copies, functional ones are wrapped
+            last = module[-1]
+            name = type(last).__name__ if isinstance(last, (nn.ReLU, nn.ReLU6)) else last.fn.__name__
+            assert name == act
+
+
+def conv_geometry(conv: nn.Conv2d) -> tuple:
+    return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.groups)
+
+
+def short_plan(chain, rng: random.Random, max_span: int = 3) -> Plan:
+    """A random covering by segments of at most ``max_span`` layers (many segments, quick to merge)."""
+    at, keys = 0, []
+    while at < chain.num_layers:
+        options = [s for s in chain.segments if s.i == at]
+        seg = rng.choice([s for s in options if s.j - s.i <= max_span] or options)
+        keys.append(seg.key)
+        at = seg.j
+    return Plan.from_segments(chain, keys)
+
+
+@pytest.mark.parametrize("arch, seed, at_least", [("resnet18", 0, 12), ("mobilenet_v2", 1, 40)])
+def test_segment_module_matches_what_merge_produces(arch: str, seed: int, at_least: int) -> None:
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, arch)().eval()
+    chain = trace(model, torch.randn(1, 3, 32, 32))  # 32x32: late stages are 1x1/2x2, kernels get trimmed
+    rng = random.Random(seed)
+    # remove_all: long merged segments; short plans: many segments (and quick to merge).
+    plans = [Plan.remove_all(chain) if arch == "resnet18" else short_plan(chain, rng, max_span=2),
+             short_plan(chain, rng)]
+    checked: set = set()
+    for plan in plans:
+        merged = dict(merge(prune(model, chain, plan)).named_modules())
+        for seg in plan.segments:
+            ours = segment_module(chain, seg)
+            name = f"merged_{seg.i}_{seg.j}"
+            if seg.identity:
+                assert name not in merged and not any(isinstance(m, nn.Conv2d) for m in ours)
+                continue
+            assert conv_geometry(ours[0]) == conv_geometry(merged[name]), (arch, seg.key)
+            checked.add(seg)
+    assert len(checked) >= at_least  # many different segments, not a handful
+    assert any(len(s.convs) > 1 for s in checked)  # merged ones among them
+    if arch == "resnet18":  # ... and ones whose merged kernel merge trims on a tiny feature map
+        assert any(s.kernel < s.k for s in checked)
+
+
+def test_total_uses_the_example_with_the_batch_replaced(monkeypatch) -> None:
+    model = TwoInputNet().eval()
+    example = (torch.randn(3, 3, 8, 8), torch.rand(3, 1, 1, 1))
+    chain = trace(model, example)
+    seen: list[tuple] = []
+
+    def record(module, inputs, settings):
+        seen.append(tuple(tuple(a.shape) for a in inputs))
+        return 1.0
+
+    def record_nodes(gm, inputs, settings):
+        record(gm, inputs, settings)
+        return {"first": 0.25, "second": 0.75}  # per-operation times are summed
+
+    monkeypatch.setattr(latency_module, "time_module", record)
+    monkeypatch.setattr(latency_module, "time_nodes", record_nodes)
+    table = build_latency_table(model, chain, LatencySettings(batch_size=5), progress=False)
+    assert seen[-1] == ((5, 3, 8, 8), (5, 1, 1, 1))  # the whole model, both arguments batched
+    assert all(shape[0][0] == 5 for shape in seen[:-1])  # segments too
+    assert table.total_ms == 1.0
+    inputs = latency_module._batched_example(chain, 5)
+    assert torch.equal(inputs[0][3:], example[0][:2]) and torch.equal(inputs[1][:3], example[1])
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def test_time_module_puts_eval_no_grad_and_restores_threads() -> None:
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls, self.training_seen, self.grad_seen = 0, set(), set()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            self.training_seen.add(self.training)
+            self.grad_seen.add(torch.is_grad_enabled())
+            return x.double() * 2
+
+    probe = Probe().train()
+    before = torch.get_num_threads()
+    ms = time_module(probe, (torch.ones(2),), LatencySettings(warmup=3, repeats=5, threads=1, dtype="float64"))
+    assert ms >= 0 and math.isfinite(ms)
+    assert probe.calls == 8 and probe.training_seen == {False} and probe.grad_seen == {False}
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"dtype": "int8"}, ValueError), ({"device": "tpu"}, ValueError), ({"repeats": 0}, ValueError),
+    ({"warmup": -1}, ValueError), ({"threads": 0}, ValueError), ({"batch_size": 2.5}, TypeError),
+])
+def test_settings_are_validated(kwargs: dict, error: type) -> None:
+    with pytest.raises(error):
+        LatencySettings(**kwargs)
+
+
+def test_time_nodes_times_every_operation_in_place(tiny) -> None:
+    model, chain = tiny
+    merged = merge(prune(model, chain, Plan.keep_all(chain)))
+    calls = {n.name for n in merged.graph.nodes if n.op in ("call_module", "call_function", "call_method")}
+    times = latency_module.time_nodes(merged, chain.example, LatencySettings(warmup=1, repeats=3))
+    assert set(times) == calls and all(v >= 0 for v in times.values())
+    reference = (nn.Conv2d(3, 3, 3), (torch.randn(1, 3, 8, 8),))
+    ratios = latency_module.time_nodes(merged, chain.example, LatencySettings(warmup=0, repeats=2),
+                                       reference=reference)
+    assert set(ratios) == calls and all(v >= 0 for v in ratios.values())
+
+
+# ---------------------------------------------------------------------- table arithmetic
+
+
+def test_budget_for_and_predicted_ms() -> None:
+    table = LatencyTable({(0, 1, 3): 3.0, (1, 2, 3): 4.0, (0, 2, 5): 5.5, (1, 2, 1): 0.0},
+                         total_ms=10.0, chain_ms=7.0, settings=LatencySettings())
+    assert table.outside_ms == 3.0
+    assert table.budget_for(0.5) == pytest.approx(2.0)
+    assert table.budget_for(1.0) == pytest.approx(7.0)
+    assert table.predicted_ms([(0, 1, 3), (1, 2, 3)]) == pytest.approx(10.0)
+    assert table.predicted_ms([(0, 2, 5)]) == pytest.approx(8.5)
+    assert table.predicted_ms([(0, 1, 3), (1, 2, 1)]) == pytest.approx(6.0)
+    with pytest.raises(ValueError, match=r"outside the chain alone takes 3 ms \(30.0% of the total\)"):
+        table.budget_for(0.3)
+    with pytest.raises(KeyError, match=r"\(2, 3, 3\)"):
+        table.predicted_ms([(2, 3, 3)])
+    noisy = LatencyTable({(0, 1, 3): 6.0}, total_ms=5.0, chain_ms=6.0, settings=LatencySettings())
+    assert noisy.outside_ms == 0.0 and noisy.budget_for(0.5) == pytest.approx(2.5)
+
+
+def test_predicted_ms_accepts_segments(tiny) -> None:
+    _, chain = tiny
+    entries = {s.key: float(n) for n, s in enumerate(chain.segments)}
+    table = LatencyTable(entries, total_ms=1000.0, chain_ms=1.0, settings=LatencySettings())
+    plan = Plan.keep_all(chain)
+    assert table.predicted_ms(plan.segments) == table.predicted_ms(plan.keys) == 999.0 + sum(entries[k] for k in plan.keys)
+
+
+# ---------------------------------------------------------------------- cache
+
+
+def test_second_build_measures_nothing(tiny, tmp_path: Path, monkeypatch) -> None:
+    model, chain = tiny
+    first = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith(f"latency-{chain.fingerprint}-")
+    CountingTimer(monkeypatch, fail_after=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
+    assert again == first
+    # Other settings (here the batch size) are a different table: measured, not reused.
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_latency_table(model, chain, LatencySettings(warmup=0, repeats=1, batch_size=3),
+                            cache_dir=tmp_path, progress=False)
+
+
+def test_interrupted_build_resumes_with_the_missing_entries_only(tiny, tmp_path: Path, monkeypatch) -> None:
+    model, chain = tiny
+    needed = distinct_geometries(chain) + 1
+    interrupted = CountingTimer(monkeypatch, fail_after=needed // 2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
+    assert interrupted.calls == needed // 2
+    monkeypatch.undo()
+    resumed = CountingTimer(monkeypatch)
+    table = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
+    assert resumed.calls == needed - needed // 2  # nothing measured twice
+    assert set(table.entries) == {s.key for s in chain.segments} and table.total_ms > 0
+
+
+def test_corrupted_cache_is_rebuilt_with_a_warning(tiny, tmp_path: Path, monkeypatch) -> None:
+    model, chain = tiny
+    build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
+    (path,) = tmp_path.iterdir()
+    path.write_text(path.read_text()[: len(path.read_text()) // 2])  # truncated mid-write
+    timer = CountingTimer(monkeypatch)
+    with pytest.warns(TableCacheWarning, match="corrupt"):
+        table = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
+    assert timer.calls == distinct_geometries(chain) + 1  # everything measured again
+    assert set(table.entries) == {s.key for s in chain.segments}
+    assert all(table.entries[s.key] > 0 for s in chain.segments if not s.identity)
+    assert latency_module.TableCache(path, latency_module._cache_key(chain, FAST, None)).get(TOTAL_KEY) == table.total_ms
+
+
+# ---------------------------------------------------------------------- reference mode
+
+
+def test_time_interleaved_alternates_passes() -> None:
+    order: list[str] = []
+
+    class Tag(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            order.append(self.name)
+            return x + 1
+
+    ms = latency_module.time_interleaved([(Tag("a"), (torch.ones(3),)), (Tag("b"), torch.ones(3))],
+                                         LatencySettings(warmup=2, repeats=3))
+    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-up each, then alternate
+    assert len(ms) == 2 and all(v >= 0 for v in ms)
+
+
+def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, tmp_path: Path, monkeypatch) -> None:
+    model, chain = tiny
+    settings = LatencySettings(warmup=0, repeats=3, reference=True)
+    runs: list[int] = []
+
+    def fake_samples(pairs, s):
+        assert len(pairs) == 2 and s is settings  # (reference, module), interleaved
+        runs.append(1)
+        return [[1.0, 2.0, 1.0], [3.0, 4.0, 3.0]]  # pass ratios 3, 2, 3 -> median 3
+
+    def fake_nodes(gm, inputs, s, reference=None):
+        assert reference is not None and s is settings
+        return {"conv": 2.5, "add": 0.5}  # median ratios to the reference, per operation
+
+    monkeypatch.setattr(latency_module, "time_module", lambda m, i, s: 2.0)  # the reference alone
+    monkeypatch.setattr(latency_module, "interleaved_samples", fake_samples)
+    monkeypatch.setattr(latency_module, "time_nodes", fake_nodes)
+    table = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False)
+    assert table.total_ms == 6.0  # (2.5 + 0.5) x 2.0
+    assert {table.entries[s.key] for s in chain.segments} == {0.0, 6.0}  # 3 x 2.0
+    assert len(runs) == distinct_geometries(chain)
+    (path,) = tmp_path.iterdir()
+    assert latency_module.TableCache(path, latency_module._cache_key(chain, settings, None)).get(
+        latency_module.REFERENCE_KEY) == 2.0
+    # A second build measures nothing, not even the reference.
+    def no_timing(*args):
+        raise AssertionError("measured again")
+
+    for name in ("time_module", "interleaved_samples", "time_nodes"):
+        monkeypatch.setattr(latency_module, name, no_timing)
+    assert build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False) == table
+
+
+def test_reference_mode_measures_real_modules(tiny) -> None:
+    model, chain = tiny
+    table = build_latency_table(model, chain, LatencySettings(warmup=0, repeats=2, reference=True), progress=False)
+    assert all(table.entries[s.key] > 0 for s in chain.segments if not s.identity) and table.total_ms > 0
