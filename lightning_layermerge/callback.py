@@ -1,0 +1,393 @@
+"""``LayerMergeCallback``: LayerMerge compression inside the user's own ``trainer.fit``.
+
+One callback turns a trained network into a faster one at a latency budget, with the
+user's data, loss, optimizer and loggers, without changing the LightningModule class::
+
+    trainer = L.Trainer(max_epochs=10, callbacks=[LayerMergeCallback(budget=0.6, distill=Distillation())])
+    trainer.fit(module, datamodule=dm)   # profile -> importance -> DP -> prune -> fine-tune -> merge
+    module.model                          # the merged, faster network
+
+Hooks (each does one thing; the work lives in the planning and surgery layers):
+
+* ``setup("fit")``: resolve the target and an example input, build (or load from cache) the
+  latency table, check the budget is reachable, resolve the Perf metric, build the
+  importance table in quiet sub-runs (split across DDP ranks and gathered), solve, and
+  replace the target by ``prune(...)``. This runs before optimizers and the DDP wrapper
+  are set up, so both see the new parameters. Every user error is raised here, before
+  any training and before the module is touched.
+* ``on_fit_start``: attach distillation (teacher to the module's device).
+* ``on_save_checkpoint`` / ``state_dict``: store the plan, so a resumed run rebuilds the
+  pruned architecture (through a temporary ``on_load_checkpoint`` on the module, which
+  Lightning calls just before the strict weight load) and ``load_from_checkpoint`` users can
+  rebuild with :func:`restore_pruned`.
+* ``on_fit_end``: ``merge``, check merged == pruned on the example input, measure original
+  (BatchNorm folded) and merged latency side by side, build :attr:`report`, log it to the
+  trainer's loggers and draw it as a PNG in the log directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import fx, nn
+
+from .checks import check_budget, check_cache_dir, check_choice, check_monitor, check_plan, check_target, check_type
+from .distill import Distillation, DistillationPatch, frozen_teacher
+from .graph import Chain
+from .merge import merge
+from .plan import Plan
+from .prune import META_KEY, prune
+from .planner import Planner, make_runner, train_loader
+from .report import LayerMergeReport, count_parameters, measure_side_by_side, settings_dict
+from .resume import CHECKPOINT_KEY, STATE_KEY, LoadCheckpointPatch, restore_pruned, state_from_checkpoint
+from .serialization import attach_input_spec, input_spec
+from .solve import METHODS
+from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader, get_path, set_path
+from .target import example_input, merge_checked, resolve_target, trace_target
+from .tables.latency import LatencySettings, LatencyTable, _batched_example
+
+__all__ = ["LayerMergeCallback", "restore_pruned"]
+
+_STATE_VERSION = 1
+
+
+class LayerMergeCallback(Callback):
+    """Compress a submodule of the LightningModule to a latency budget with LayerMerge.
+
+    Args:
+        budget: Target latency as a fraction of the original network's latency with
+            BatchNorm folded, ``0 < budget <= 1`` (e.g. 0.6 = 1.67x faster).
+        target: Attribute path of the submodule to compress (e.g. ``"model"`` or
+            ``"net.backbone"``). ``None``: ``"model"`` if the module has a ``model``
+            submodule holding a ``nn.Conv2d``, else the one direct child that holds every
+            ``nn.Conv2d`` of the module.
+        method: ``"layermerge"`` (activations and convs), ``"layeronly"`` (convs only) or
+            ``"depth"`` (activations only), as in the paper.
+        monitor: Metric used as Perf for the importance table and the report, in the
+            ``EarlyStopping`` convention. ``None``: the validation loss if
+            ``validation_step`` logs one (``val_loss``, ``val/loss``, ...), else the
+            training loss on a held-out subset.
+        mode: ``"min"`` or ``"max"``: whether a lower or a higher ``monitor`` is better.
+        importance: How each importance entry is estimated (:class:`ImportanceSettings`).
+        latency: How latency is measured (:class:`~lightning_layermerge.tables.latency.LatencySettings`);
+            the final side-by-side measurement uses the same settings.
+        distill: Optional :class:`~lightning_layermerge.distill.Distillation` from the
+            original network during fine-tuning.
+        cache_dir: Directory for the latency and importance table caches. ``None``:
+            ``<trainer.default_root_dir>/.layermerge_cache``; ``False``: no cache. With a cache,
+            a second budget or a resumed run costs no new table measurements.
+        plan: Skip profiling and apply a known plan: a dict (``callback.state_dict()``, the
+            ``"layermerge"`` entry of a checkpoint, or ``Plan.to_dict()``) or the path of a
+            Lightning checkpoint written with this callback.
+        calibrate: Before fine-tuning, time the chosen network (merged) side by side with the
+            original and re-plan with a smaller or larger table budget while it misses the
+            budget or measures more than 10 % under it (at most 5 re-plans). Guards against
+            latency tables whose parts add up to a wrong total on a busy machine.
+        verbose: Print the plan and the report; show progress bars while tables are built.
+
+    Raises:
+        ValueError / TypeError: On any invalid argument (checked here, before training).
+    """
+
+    def __init__(
+        self,
+        budget: float,
+        target: str | None = None,
+        method: str = "layermerge",
+        monitor: str | None = None,
+        mode: str = "min",
+        importance: ImportanceSettings | None = None,
+        latency: LatencySettings | None = None,
+        distill: Distillation | None = None,
+        cache_dir: str | bool | None = None,
+        plan: dict | str | None = None,
+        calibrate: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.budget = check_budget(budget)
+        self.target = check_target(target)
+        self.method = check_choice("method", method, METHODS)
+        self.monitor = check_monitor(monitor)
+        self.mode = check_choice("mode", mode, ("min", "max"))
+        self.importance_settings = check_type("importance", importance, ImportanceSettings) or ImportanceSettings()
+        self.latency_settings = check_type("latency", latency, LatencySettings) or LatencySettings()
+        self.distill = check_type("distill", distill, Distillation)
+        self.cache_dir = check_cache_dir(cache_dir)
+        self._given_plan = check_plan(plan)
+        self.calibrate = bool(calibrate)
+        self.verbose = bool(verbose)
+        if self.monitor is not None and "acc" in self.monitor.lower() and self.mode == "min":
+            rank_zero_warn(f"LayerMergeCallback(monitor={self.monitor!r}, mode='min'): is a lower value really "
+                           "better? Pass mode='max' for accuracies.")
+        # Results, filled during fit.
+        self.chain: Chain | None = None
+        self.plan: Plan | None = None
+        self.latency_table: LatencyTable | None = None
+        self.importance_table: dict[tuple[int, int, int], float] | None = None
+        self.importance_shard: list[tuple[int, int, int]] = []
+        self.report: LayerMergeReport | None = None
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        self.calibration: list[dict[str, Any]] = []  # one record per calibration round
+        self._active = False
+        self._target_path: str | None = None
+        self._original: nn.Module | None = None  # the user's own target object, untouched
+        self._teacher: nn.Module | None = None
+        self._runner: SubRunner | None = None
+        self._monitor: Monitor | None = None
+        self._state: dict[str, Any] | None = None
+        self._kd: DistillationPatch | None = None
+        self._load_patch: LoadCheckpointPatch | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in checkpoints (one LayerMergeCallback per Trainer)."""
+        return STATE_KEY
+
+    # ================================================================== setup: plan + rewrite
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Profile, plan and rewrite the target before optimizers and DDP are set up."""
+        if stage != "fit":
+            return
+        self._reset_run()
+        _check_trainer(trainer, self)
+        path = resolve_target(pl_module, self.target)
+        target = get_path(pl_module, path)
+        if isinstance(target, fx.GraphModule) and META_KEY in target.meta:
+            rank_zero_warn(f"LayerMergeCallback: '{path}' is already compressed; this fit fine-tunes it as it is.")
+            return
+        example = example_input(pl_module, target, lambda: next(iter(check_loader(train_loader(trainer)))))
+        chain = trace_target(target, example, path)
+        state = self._known_state()
+        if state is not None:
+            plan = self._plan_from_state(chain, state, path)
+        else:
+            plan, state = self._plan(trainer, pl_module, path, target, chain)
+        self._apply(pl_module, path, target, chain, plan, state)
+
+    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, target: nn.Module,
+              chain: Chain) -> tuple[Plan, dict]:
+        """Tables -> solve -> calibrate (``planner.Planner``); keeps its results on the callback."""
+        planner = Planner(budget=self.budget, method=self.method, monitor=self.monitor, mode=self.mode,
+                          importance=self.importance_settings, latency=self.latency_settings,
+                          calibrate=self.calibrate, cache_dir=self._cache(trainer), verbose=self.verbose)
+        try:
+            return planner.run(trainer, pl_module, path, target, chain)
+        finally:
+            self.latency_table, self.importance_table = planner.latency_table, planner.importance_table
+            self.importance_shard, self.calibration = planner.importance_shard, planner.calibration
+            self._runner, self._monitor = planner.runner, planner.monitor
+
+    def _cache(self, trainer: pl.Trainer) -> str | None:
+        if self.cache_dir is False:
+            return None
+        return str(self.cache_dir) if self.cache_dir else os.path.join(trainer.default_root_dir, ".layermerge_cache")
+
+    def _known_state(self) -> dict | None:
+        """A plan that needs no profiling (``plan=``). ``fit(ckpt_path=...)`` is not visible in
+        ``setup`` (Lightning sets it later), so a resumed run re-plans from the table caches
+        and ``_rebuild_for`` then applies the checkpoint's own plan before the weights load."""
+        source = self._given_plan
+        if source is None:
+            return None
+        if isinstance(source, Mapping):  # a state dict, or a bare Plan.to_dict()
+            return dict(source) if "plan" in source else {"plan": dict(source)}
+        state = state_from_checkpoint(source)
+        if not state:
+            raise ValueError(f"LayerMergeCallback(plan={source!r}): the checkpoint holds no LayerMerge plan; it was "
+                             "not written during a LayerMergeCallback fit")
+        return state
+
+    def _plan_from_state(self, chain: Chain, state: dict, path: str) -> Plan:
+        plan_dict = state["plan"]
+        if state.get("target", path) != path:
+            raise ValueError(f"LayerMergeCallback(plan=...): the plan was made for target '{state['target']}', not "
+                             f"'{path}'; pass target={state['target']!r}")
+        return Plan.from_dict(chain, plan_dict)
+
+    def _apply(self, pl_module: pl.LightningModule, path: str, target: nn.Module, chain: Chain, plan: Plan,
+               state: dict) -> None:
+        """Replace the target by the pruned network; remember what resume and the report need."""
+        self._teacher = frozen_teacher(target) if self.distill is not None else None
+        pruned = prune(target, chain, plan)
+        attach_input_spec(pruned, chain.example)
+        set_path(pl_module, path, pruned)
+        self._original, self._target_path, self.chain, self.plan = target, path, chain, plan
+        self._state = {**state, "version": _STATE_VERSION, "target": path, "plan": plan.to_dict(),
+                       "inputs": input_spec(chain.example), "budget": self.budget, "method": self.method}
+        if self._monitor is None and state.get("monitor") and self.monitor in (None, state["monitor"]):
+            # A known plan (plan= or a checkpoint) carries the metric it was scored with.
+            self._monitor = Monitor(state["monitor"], state.get("mode", self.mode), bool(state.get("training_loss")))
+        self._load_patch = LoadCheckpointPatch(pl_module, lambda checkpoint: self._rebuild_for(pl_module, checkpoint))
+        self._active = True
+        self._log_plan(pl_module)
+
+    def _log_plan(self, pl_module: pl.LightningModule) -> None:
+        st, plan = self._state, self.plan
+        ratio = st["predicted_ms"] / st["table_original_ms"] if st.get("predicted_ms") else None
+        if self.verbose:
+            pred = f", predicted latency {ratio:.3f}x of the original ({1 / ratio:.2f}x faster)" if ratio else ""
+            rounds = "; ".join(f"predicted {c['predicted']:.3f} measured {c['measured']:.3f}" for c in self.calibration)
+            rank_zero_info(f"LayerMerge: {plan} on '{self._target_path}'{pred}"
+                           + (f"\n  calibration (candidate vs original, side by side): {rounds}" if rounds else ""))
+        metrics = {"layermerge/kept_convs": float(len(plan.kept_convs)),
+                   "layermerge/kept_activations": float(len(plan.kept_activations))}
+        if ratio:
+            metrics.update({"layermerge/predicted_ratio": ratio, "layermerge/predicted_speedup": 1 / ratio})
+        for logger in pl_module.loggers:
+            logger.log_metrics(metrics, step=0)
+
+    # ================================================================== resume
+
+    def _rebuild_for(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        state = state_from_checkpoint(checkpoint)
+        if state is None:
+            set_path(pl_module, self._target_path, self._original)  # leave the model as it was
+            self._active = False
+            raise ValueError(
+                "LayerMergeCallback: the checkpoint being resumed holds no LayerMerge plan (it is an uncompressed "
+                "model). Load its weights into the module before fit (e.g. Module.load_from_checkpoint) and call "
+                "fit without ckpt_path"
+            )
+        if state["plan"]["segments"] != self._state["plan"]["segments"]:
+            self.plan = self._plan_from_state(self.chain, state, self._target_path)
+            pruned = prune(self._original, self.chain, self.plan)
+            attach_input_spec(pruned, self.chain.example)
+            set_path(pl_module, self._target_path, pruned)
+        self._state = {**self._state, **state}
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Store the plan at the top level too, for ``load_from_checkpoint`` + :func:`restore_pruned`."""
+        if self._state is not None:
+            checkpoint[CHECKPOINT_KEY] = copy.deepcopy(self._state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The plan state (plan, target, example-input shapes, predicted latency, metric)."""
+        return copy.deepcopy(self._state) if self._state is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Merge a checkpoint's state into the current one (the architecture is already rebuilt)."""
+        # The architecture was already rebuilt from the same state in _rebuild_for.
+        if state_dict and self._state is not None:
+            self._state = {**self._state, **state_dict}
+
+    # ================================================================== fine-tuning
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Checkpoint restore is over; start distillation."""
+        if self._load_patch is not None:
+            self._load_patch.remove()
+        if self._active and self.distill is not None:
+            if not pl_module.automatic_optimization:
+                raise ValueError("LayerMergeCallback(distill=...) needs automatic optimization: with manual "
+                                 "optimization the loss cannot be extended. Add the KD term yourself or drop distill")
+            self._teacher.to(pl_module.device)
+            self._kd = DistillationPatch(self.distill, self._teacher, pl_module, get_path(pl_module, self._target_path))
+            self._kd.attach()
+
+    def _detach(self) -> None:
+        if self._load_patch is not None:
+            self._load_patch.remove()
+        if self._kd is not None:
+            self._kd.detach()
+            self._kd = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Remove the patched hooks; the (pruned) module is left for inspection."""
+        self._detach()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the patched hooks (idempotent)."""
+        self._detach()
+
+    # ================================================================== end: merge + report
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Merge, verify, measure, report."""
+        self._detach()
+        if not self._active:
+            return
+        pruned = get_path(pl_module, self._target_path)
+        if trainer.world_size > 1:
+            # BatchNorm statistics drift apart between DDP ranks after the last step (buffers are
+            # only synced at the start of a forward); merge rank 0's, so all ranks end identical.
+            pruned.load_state_dict(trainer.strategy.broadcast(pruned.state_dict(), src=0))
+        final, merged, error = merge_checked(pruned, self.chain.example)
+        set_path(pl_module, self._target_path, final)
+        self.report = self._build_report(trainer, pl_module, final, merged, error)
+        self._publish(trainer, self.report)
+        # Done: drop the copies (original, teacher, sub-run module) so they do not hold memory.
+        self._active = False
+        self._original = self._teacher = self._runner = None
+
+    def _build_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: nn.Module, merged: bool,
+                      error: float) -> LayerMergeReport:
+        chain, plan, st = self.chain, self.plan, self._state
+        report = LayerMergeReport(
+            budget=self.budget, method=self.method, target=self._target_path, num_layers=chain.num_layers,
+            layer_names=[l.name for l in chain.layers], segments=plan.keys,
+            kept_activations=sorted(plan.kept_activations), kept_convs=sorted(plan.kept_convs),
+            irreducible=sorted(chain.irreducible), latency_settings=settings_dict(self.latency_settings),
+            table_original_ms=st.get("table_original_ms"), predicted_ms=st.get("predicted_ms"),
+            params_before=count_parameters(self._original), params_after=count_parameters(final),
+            monitor=st.get("monitor"), mode=st.get("mode", self.mode), metric_before=st.get("metric_before"),
+            merged=merged, merge_max_error=error, calibration=list(st.get("calibration", [])),
+        )
+        if trainer.is_global_zero:  # measured once, without contention between ranks
+            self._measure(report, final)
+            self._score_after(trainer, pl_module, report, final)
+        return report
+
+    def _measure(self, report: LayerMergeReport, final: nn.Module) -> None:
+        folded = merge(prune(self._original, self.chain, Plan.keep_all(self.chain)))
+        inputs = _batched_example(self.chain, self.latency_settings.batch_size)
+        times = measure_side_by_side({"original": folded, "compressed": final}, inputs, self.latency_settings)
+        report.measured_original_ms, report.measured_ms = times["original"], times["compressed"]
+
+    def _score_after(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: LayerMergeReport,
+                     final: nn.Module) -> None:
+        """Monitored metric after compression (and before, if not known), on the same held-out subset."""
+        try:
+            runner = self._runner or make_runner(trainer, pl_module, self._target_path, self.importance_settings)
+            if self._monitor is None or report.metric_before is None:
+                self._monitor, report.metric_before = runner.resolve_monitor(self._original, self.monitor, self.mode)
+                report.monitor, report.mode = self._monitor.key, self._monitor.mode
+            runner.monitor = self._monitor
+            report.metric_after = runner.metrics(copy.deepcopy(final), training_loss=self._monitor.training_loss).get(
+                self._monitor.key)
+        except (TypeError, ValueError) as err:  # e.g. no map-style train loader: report without the metric
+            rank_zero_warn(f"LayerMergeCallback: could not score the compressed network: {err}")
+
+    def _publish(self, trainer: pl.Trainer, report: LayerMergeReport) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(report.metrics(), step=trainer.global_step)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank calls it
+        if not trainer.is_global_zero:
+            return
+        report.to_json(log_dir / "layermerge_report.json")
+        report.plot(log_dir / "layermerge_report.png")
+        if self.verbose:
+            rank_zero_info(f"{report}\n  files: {log_dir / 'layermerge_report.png'}, {log_dir / 'layermerge_report.json'}")
+
+
+def _check_trainer(trainer: pl.Trainer, callback: LayerMergeCallback) -> None:
+    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        raise ValueError(
+            "LayerMergeCallback cannot run with a spawn-based strategy (e.g. strategy='ddp_spawn'): the worker "
+            "processes rewrite the architecture, and the main process cannot load their weights into its "
+            "uncompressed model. Use strategy='ddp' (run as a script) instead"
+        )
+    others = [cb for cb in trainer.callbacks if isinstance(cb, LayerMergeCallback) and cb is not callback]
+    if others:
+        raise ValueError("only one LayerMergeCallback per Trainer is supported; compress one target per fit")

@@ -1,0 +1,81 @@
+"""Validation of ``LayerMergeCallback``'s constructor arguments: each error names the argument,
+what was wrong and what to pass instead (raised at construction, before any training)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["check_budget", "check_cache_dir", "check_choice", "check_monitor", "check_plan", "check_target",
+           "check_type"]
+
+
+def check_budget(budget: Any) -> float:
+    """``budget`` as a float in (0, 1]; ``TypeError``/``ValueError`` otherwise."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+        raise TypeError(f"LayerMergeCallback(budget=...) must be a number in (0, 1], got {budget!r}")
+    if not 0 < budget <= 1:
+        raise ValueError(
+            f"LayerMergeCallback(budget={budget}) must be in (0, 1]: the target latency as a fraction of the "
+            "original network's (e.g. 0.6 for a 1.67x speed-up)"
+        )
+    return float(budget)
+
+
+def check_target(target: Any) -> str | None:
+    """``target``: ``None`` or a dotted attribute path."""
+    if target is not None and (not isinstance(target, str) or not target or target.startswith(".")):
+        raise ValueError(f"LayerMergeCallback(target=...) must be an attribute path such as 'model', got {target!r}")
+    return target
+
+
+def check_monitor(monitor: Any) -> str | None:
+    """``monitor``: ``None`` or a non-empty metric name."""
+    if monitor is not None and (not isinstance(monitor, str) or not monitor):
+        raise ValueError(f"LayerMergeCallback(monitor=...) must be a metric name or None, got {monitor!r}")
+    return monitor
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``; the error lists them."""
+    if value not in choices:
+        raise ValueError(f"LayerMergeCallback({name}={value!r}) must be one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_type(name: str, value: Any, cls: type) -> Any:
+    """``value`` if it is ``None`` or an instance of ``cls``."""
+    if value is not None and not isinstance(value, cls):
+        raise TypeError(f"LayerMergeCallback({name}=...) must be a {cls.__name__} or None, got {type(value).__name__}")
+    return value
+
+
+def check_cache_dir(cache_dir: Any) -> str | bool | None:
+    """``cache_dir``: a directory path, ``None`` (default location; ``True`` means the same) or ``False``."""
+    if cache_dir is True:
+        return None
+    if cache_dir is not None and cache_dir is not False and not isinstance(cache_dir, (str, os.PathLike)):
+        raise TypeError(f"LayerMergeCallback(cache_dir=...) must be a path, None or False, got {cache_dir!r}")
+    if isinstance(cache_dir, (str, os.PathLike)) and Path(cache_dir).is_file():
+        raise ValueError(f"LayerMergeCallback(cache_dir={str(cache_dir)!r}) is a file; pass a directory")
+    return cache_dir
+
+
+def check_plan(plan: Any) -> dict | str | None:
+    """``plan``: ``None``, a plan/state dict, or the path of an existing checkpoint file."""
+    if plan is None:
+        return None
+    if isinstance(plan, Mapping):
+        inner = plan.get("plan", plan)
+        if not isinstance(inner, Mapping) or "segments" not in inner or "fingerprint" not in inner:
+            raise ValueError("LayerMergeCallback(plan=...) dict must come from callback.state_dict(), a checkpoint's "
+                             "'layermerge' entry or Plan.to_dict()")
+        return dict(plan)
+    if isinstance(plan, (str, os.PathLike)):
+        if not Path(plan).is_file():
+            raise ValueError(f"LayerMergeCallback(plan={str(plan)!r}): no such checkpoint file")
+        return str(plan)
+    raise TypeError(f"LayerMergeCallback(plan=...) must be a dict, a checkpoint path or None, got {type(plan).__name__}")

@@ -1,0 +1,325 @@
+"""What a compression run did, in numbers and one picture (torch + matplotlib, no Lightning).
+
+:class:`LayerMergeReport` is produced by ``LayerMergeCallback`` at the end of a fit and can
+be built by hand from the functional API. Every speed-up in it is relative to the original
+network *with BatchNorm folded* (``merge`` of the keep-all plan): folding BatchNorm alone is
+not compression (``DESIGN.md``, "Honest speed-ups"). Measured latencies come from
+:func:`measure_side_by_side`: both networks timed on the same device, batch, dtype and
+thread count, interleaved forward by forward, median.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .tables.latency import LatencySettings, time_interleaved
+
+__all__ = ["LayerMergeReport", "count_parameters", "measure_side_by_side"]
+
+
+@dataclass
+class LayerMergeReport:
+    """Outcome of compressing one network to a latency budget.
+
+    Attributes:
+        budget: Target latency as a fraction of the original (BN-folded) latency.
+        method: ``"layermerge"``, ``"layeronly"`` or ``"depth"``.
+        target: Attribute path of the compressed submodule.
+        num_layers: L, convolutions on the chain.
+        layer_names: Module name of each chain conv (1..L).
+        segments: The plan as ``(i, j, k)`` triples covering 0..L.
+        kept_activations: Positions (1..L-1) whose activation is kept.
+        kept_convs: Chain convs (1..L) that are kept.
+        irreducible: Convs that can never be removed (input/output shapes differ).
+        latency_settings: How latency was measured (device, batch size, dtype, threads, ...).
+        table_original_ms: Whole original network, BN folded, from the latency table.
+        predicted_ms: The plan's latency predicted by the table (outside-chain part included).
+        measured_original_ms: Original network, BN folded, measured at the end of the run.
+        measured_ms: The compressed network, measured side by side with the original.
+        params_before: Parameters of the original target.
+        params_after: Parameters of the compressed (merged, if merging succeeded) target.
+        monitor: Name of the metric used as Perf (importance and before/after comparison).
+        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
+        metric_before: ``monitor`` of the original network on the held-out subset.
+        metric_after: ``monitor`` of the compressed network on the same subset.
+        merged: Whether the final network is the merged one (False: merge check failed and
+            the pruned network was kept).
+        merge_max_error: Max relative difference between merged and pruned outputs on the
+            example input.
+        calibration: The candidates timed side by side before fine-tuning (``"measured"``
+            and ``"predicted"`` ratio each); the plan is the best one that fit the budget.
+    """
+
+    budget: float
+    method: str
+    target: str
+    num_layers: int
+    layer_names: list[str]
+    segments: list[tuple[int, int, int]]
+    kept_activations: list[int]
+    kept_convs: list[int]
+    irreducible: list[int]
+    latency_settings: dict[str, Any] = field(default_factory=dict)
+    table_original_ms: float | None = None
+    predicted_ms: float | None = None
+    measured_original_ms: float | None = None
+    measured_ms: float | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+    monitor: str | None = None
+    mode: str = "min"
+    metric_before: float | None = None
+    metric_after: float | None = None
+    merged: bool = False
+    merge_max_error: float | None = None
+    calibration: list[dict[str, Any]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ derived numbers
+
+    @property
+    def predicted_ratio(self) -> float | None:
+        """Predicted latency / original (table), e.g. 0.58."""
+        return _ratio(self.predicted_ms, self.table_original_ms)
+
+    @property
+    def measured_ratio(self) -> float | None:
+        """Measured latency / measured original, e.g. 0.57."""
+        return _ratio(self.measured_ms, self.measured_original_ms)
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        """Original / predicted latency."""
+        return _ratio(self.table_original_ms, self.predicted_ms)
+
+    @property
+    def measured_speedup(self) -> float | None:
+        """Measured original / measured compressed latency."""
+        return _ratio(self.measured_original_ms, self.measured_ms)
+
+    @property
+    def within_budget(self) -> bool | None:
+        """Whether the measured ratio is at most the budget plus 5 % timing tolerance."""
+        ratio = self.measured_ratio
+        return None if ratio is None else ratio <= self.budget * 1.05
+
+    # ------------------------------------------------------------------ exports
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field and derived number."""
+        data = asdict(self)
+        data["segments"] = [list(s) for s in self.segments]
+        for name in ("predicted_ratio", "measured_ratio", "predicted_speedup", "measured_speedup", "within_budget"):
+            data[name] = getattr(self, name)
+        return data
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON to ``path``; returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def metrics(self, prefix: str = "layermerge/") -> dict[str, float]:
+        """The scalar numbers, for ``logger.log_metrics`` (None values left out)."""
+        values = {
+            "budget": self.budget,
+            "table_original_ms": self.table_original_ms,
+            "predicted_ms": self.predicted_ms,
+            "predicted_speedup": self.predicted_speedup,
+            "measured_original_ms": self.measured_original_ms,
+            "measured_ms": self.measured_ms,
+            "measured_speedup": self.measured_speedup,
+            "measured_ratio": self.measured_ratio,
+            "kept_activations": len(self.kept_activations),
+            "kept_convs": len(self.kept_convs),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "metric_before": self.metric_before,
+            "metric_after": self.metric_after,
+            "merged": float(self.merged),
+        }
+        return {prefix + k: float(v) for k, v in values.items() if v is not None}
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_text(self) -> str:
+        """A readable multi-line summary."""
+        ls = self.latency_settings
+        where = ", ".join(f"{k}={ls[k]}" for k in ("device", "batch_size", "dtype", "threads") if k in ls)
+        lines = [
+            f"LayerMerge report ({self.method}, target '{self.target}', budget {self.budget:g})",
+            f"  plan             : {len(self.segments)} merged layers; kept {len(self.kept_convs)}/{self.num_layers} convs, "
+            f"{len(self.kept_activations)}/{max(self.num_layers - 1, 0)} activations",
+            f"  segments (i,j,k) : {' '.join(f'({i},{j},{k})' for i, j, k in self.segments)}",
+            f"  latency          : {where}",
+            f"    original (BN folded) : table {_ms(self.table_original_ms)}, measured {_ms(self.measured_original_ms)}",
+            f"    compressed           : predicted {_ms(self.predicted_ms)} ({_x(self.predicted_ratio)} of original, "
+            f"speed-up {_s(self.predicted_speedup)})",
+            f"                           measured {_ms(self.measured_ms)} ({_x(self.measured_ratio)} of original, "
+            f"speed-up {_s(self.measured_speedup)})",
+            f"  parameters       : {_n(self.params_before)} -> {_n(self.params_after)}",
+            f"  {self.monitor or 'metric'} ({self.mode}) : {_f(self.metric_before)} -> {_f(self.metric_after)}",
+            f"  calibration      : {self._calibration_text()}",
+            f"  merged           : {'yes' if self.merged else 'no (pruned network kept)'}"
+            + (f", max rel. error vs pruned {self.merge_max_error:.2e}" if self.merge_max_error is not None else ""),
+        ]
+        return "\n".join(lines)
+
+    def _calibration_text(self) -> str:
+        if not self.calibration:
+            return "none (plan given, or calibrate=False)"
+        rounds = ", ".join(f"{c['predicted']:.3f}->{c['measured']:.3f}" for c in self.calibration)
+        return f"{len(self.calibration)} candidate(s) timed before fine-tuning (predicted->measured: {rounds})"
+
+    def plot(self, path: str | Path) -> Path:
+        """Draw the plan over the layer chain and predicted vs measured latency as a PNG.
+
+        Top: one column per chain conv (filled: kept, hollow: removed, hatched: irreducible),
+        a marker at each kept activation, and a bracket per merged layer labelled with its
+        kernel size. Bottom: latency of the compressed network relative to the original,
+        predicted by the table and measured side by side, against the budget.
+
+        Returns:
+            The written path.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * self.num_layers + 2), 6.2),
+                                          gridspec_kw={"height_ratios": [1.2, 1]})
+        try:
+            self._draw_plan(top)
+            self._draw_latency(bottom)
+            fig.suptitle(f"LayerMerge: {self.target}, budget {self.budget:g} ({self.method})")
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+        finally:
+            plt.close(fig)
+        return path
+
+    def _draw_plan(self, ax: Any) -> None:
+        kept, irr = set(self.kept_convs), set(self.irreducible)
+        for layer in range(1, self.num_layers + 1):
+            ax.add_patch(_box(layer, kept=layer in kept, irreducible=layer in irr))
+        for a in self.kept_activations:
+            ax.plot(a + 0.5, 0.5, marker="^", color="tab:red", markersize=8)
+        for n, (i, j, k) in enumerate(self.segments):
+            y = -0.25 - 0.25 * (n % 2)
+            ax.plot([i + 0.6, j + 0.4], [y, y], color="tab:blue", linewidth=2)
+            ax.text((i + j) / 2 + 0.5, y - 0.22, f"k{k}", ha="center", va="top", fontsize=8, color="tab:blue")
+        ax.set_xlim(0.3, self.num_layers + 0.7)
+        ax.set_ylim(-1.1, 1.3)
+        ax.set_yticks([])
+        ax.set_xticks(range(1, self.num_layers + 1))
+        if self.num_layers <= 24:
+            ax.set_xticklabels([f"{l}\n{_short(n)}" for l, n in enumerate(self.layer_names, 1)], fontsize=6)
+        ax.set_title(f"plan: {len(self.kept_convs)}/{self.num_layers} convs kept (filled), "
+                     f"{len(self.kept_activations)} activations kept (▲), merged layers (blue, kernel)", fontsize=9)
+
+    def _draw_latency(self, ax: Any) -> None:
+        """Latency relative to the original (each source against its own original), ms on the bars."""
+        groups = [("predicted (table)", self.table_original_ms, self.predicted_ms, "tab:gray"),
+                  ("measured (side by side)", self.measured_original_ms, self.measured_ms, "tab:green")]
+        for offset, (label, original, compressed, color) in zip((-0.18, 0.18), groups):
+            for x, ms in ((0, original), (1, compressed)):
+                ratio = _ratio(ms, original)
+                ax.bar(x + offset, ratio or 0.0, width=0.36, color=color, label=label if x == 0 else None)
+                if ms is not None:
+                    ax.text(x + offset, (ratio or 0.0) + 0.02, f"{ms:.2f} ms", ha="center", fontsize=7)
+        ax.axhline(self.budget, color="tab:red", linestyle="--", linewidth=1, label=f"budget {self.budget:g}")
+        ax.set_xticks([0, 1])
+        ax.set_xticklabels(["original (BN folded)", "compressed"])
+        ax.set_ylabel("latency / original")
+        ax.set_ylim(0, 1.25)
+        ls = self.latency_settings
+        ax.set_title(f"{ls.get('device', '?')}, batch {ls.get('batch_size', '?')}, {ls.get('dtype', '?')}, "
+                     f"threads {ls.get('threads', '?')}; measured speed-up {_s(self.measured_speedup)}", fontsize=9)
+        ax.legend(fontsize=8, loc="upper right")
+
+
+def _box(layer: int, *, kept: bool, irreducible: bool) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((layer - 0.35, 0.1), 0.7, 0.8, facecolor="tab:blue" if kept else "white",
+                     edgecolor="black", hatch="//" if irreducible else None, alpha=0.8 if kept else 1.0)
+
+
+def _short(name: str, width: int = 10) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or not math.isfinite(a) or not math.isfinite(b):
+        return None
+    return a / b
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f} ms"
+
+
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}x"
+
+
+def _s(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _n(v: int | None) -> str:
+    return "n/a" if v is None else f"{v:,}"
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def settings_dict(settings: LatencySettings) -> dict[str, Any]:
+    """The latency settings as a dict, with the thread count actually used filled in."""
+    data = asdict(settings)
+    if data.get("threads") is None:
+        data["threads"] = torch.get_num_threads()
+    return data
+
+
+def measure_side_by_side(
+    modules: Mapping[str, nn.Module],
+    inputs: Sequence[Any],
+    settings: LatencySettings,
+) -> dict[str, float]:
+    """Median latency (ms) of each module, timed interleaved forward by forward.
+
+    Interleaving (A, B, A, B, ...) exposes both networks to the same machine load, which
+    matters on a shared CPU (``tables.latency.time_interleaved``). The modules are
+    deep-copied first, so the caller's modules keep their device, dtype and mode.
+
+    Args:
+        modules: Name -> module, all taking ``inputs``.
+        inputs: Positional arguments (already at the batch size to time).
+        settings: Device, dtype, warm-up, repeats and threads.
+
+    Returns:
+        Name -> median milliseconds.
+    """
+    names = list(modules)
+    runs = [(copy.deepcopy(modules[n]), tuple(inputs)) for n in names]
+    return dict(zip(names, time_interleaved(runs, settings)))

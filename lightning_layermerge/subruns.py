@@ -1,0 +1,324 @@
+"""Quiet sub-trainer runs for the importance table (Lightning glue, used by the callback).
+
+The importance of a segment (METHOD.md §3, Eq. 4) is measured by fine-tuning a copy of the
+user's LightningModule whose target submodule has only that segment replaced, for a few
+steps on a random subset of the training data, and scoring it on a second, disjoint subset.
+Each run uses a separate, silent ``Trainer`` (no logger, checkpointing, progress bar or
+outer callbacks) on a deep copy of the module, inside ``isolate_rng``, so the user's module,
+trainer and random state are untouched (``FACTS.md``, "Sub-runs").
+
+Perf (higher is better) comes from a metric the module logs, in the
+``EarlyStopping``/``ModelCheckpoint`` convention (``monitor`` + ``mode``): ``-value`` for
+``mode="min"``, ``value`` for ``mode="max"``. Without a ``monitor``, the validation loss is
+used if ``validation_step`` logs one (:data:`VAL_LOSS_KEYS`), else the training loss
+(what ``training_step`` returns) on the held-out subset, logged as :data:`TRAIN_LOSS_KEY`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+from .graph import Segment
+
+__all__ = ["TRAIN_LOSS_KEY", "VAL_LOSS_KEYS", "ImportanceSettings", "Monitor", "SubRunner", "get_path", "set_path"]
+
+#: Metric logged by the training-loss fallback scorer.
+TRAIN_LOSS_KEY = "layermerge/train_loss"
+
+#: Metric names taken as "the validation loss" when no ``monitor`` is given (first match wins).
+VAL_LOSS_KEYS = ("val_loss", "val/loss", "valid_loss", "validation_loss", "val_loss_epoch", "loss/val")
+
+
+@dataclass(frozen=True)
+class ImportanceSettings:
+    """How each importance entry is estimated (the paper's Appendix C protocol, scaled).
+
+    The paper fine-tunes every candidate on a random 4 % of ImageNet's training set for one
+    epoch (1 % of CIFAR-10 for 50 epochs) and scores it on a disjoint subset of the same
+    size; the defaults follow the ImageNet protocol. On a small dataset raise ``fraction``
+    (e.g. 0.1-0.2) and set ``steps``.
+
+    Attributes:
+        fraction: Size of the fine-tuning subset as a fraction of the training set; the
+            scoring subset is disjoint and of the same size (so ``fraction <= 0.5``).
+        steps: Optimizer steps per entry; ``None``: one epoch over the fine-tuning subset.
+        lr: ``None``: the module's own ``configure_optimizers``. A float: SGD (momentum 0.9)
+            at this learning rate with cosine decay over the steps (the paper's choice).
+        batch_size: Batch size of the sub-runs; ``None``: the training dataloader's.
+        seed: Seed of the subset draw and of each entry's run (entries are reproducible and
+            identical on every DDP rank).
+    """
+
+    fraction: float = 0.04
+    steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0 < self.fraction <= 0.5:
+            raise ValueError(
+                f"ImportanceSettings.fraction must be in (0, 0.5] (a fine-tuning subset and a disjoint "
+                f"scoring subset of the same size), got {self.fraction!r}"
+            )
+        for name, minimum in (("steps", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"ImportanceSettings.{name} must be None or an int >= {minimum}, got {value!r}")
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not math.isfinite(self.lr) or self.lr <= 0):
+            raise ValueError(f"ImportanceSettings.lr must be None or a positive number, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"ImportanceSettings.seed must be an int, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """The resolved Perf metric: its name, direction, and how it is produced."""
+
+    key: str
+    mode: str
+    training_loss: bool  # produced by the training-loss fallback (not by validation_step)
+
+    def perf(self, value: float) -> float:
+        """Higher-is-better Perf from a metric value."""
+        return -value if self.mode == "min" else value
+
+
+# ---------------------------------------------------------------------- attribute paths
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path`` (``AttributeError`` naming the missing part)."""
+    return root.get_submodule(path)
+
+
+def set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` by ``module``."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+# ---------------------------------------------------------------------- data subsets
+
+
+def subset_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Two disjoint random index lists of ``round(fraction * size)`` items each (at least 1)."""
+    n = max(1, round(fraction * size))
+    if 2 * n > size:
+        raise ValueError(
+            f"the training set has {size} samples: too few for two disjoint importance subsets of {n}; "
+            "lower ImportanceSettings.fraction"
+        )
+    perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return perm[:n], perm[n:2 * n]
+
+
+def check_loader(loader: Any) -> DataLoader:
+    """The training loader, if subsets can be drawn from it; else a ``TypeError`` saying what to do."""
+    if not isinstance(loader, DataLoader):
+        raise TypeError(
+            f"LayerMergeCallback draws its importance subsets from the training DataLoader, but the "
+            f"train dataloader is a {type(loader).__name__}; use a single torch DataLoader over a map-style "
+            "dataset, or pass plan= to skip the importance table"
+        )
+    if isinstance(loader.dataset, IterableDataset):
+        raise TypeError(
+            "LayerMergeCallback draws random importance subsets by index, which an IterableDataset does not "
+            "support; use a map-style dataset or pass plan= to skip the importance table"
+        )
+    return loader
+
+
+# ---------------------------------------------------------------------- quiet runs
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Lightning's info logs and all warnings for the duration of a sub-run."""
+    names = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _entry_seed(seed: int, seg: Segment | None) -> int:
+    key = (-1, -1, -1) if seg is None else seg.key
+    return (seed * 1_000_003 + key[0] * 10_007 + key[1] * 101 + key[2]) % (2**31)
+
+
+def _training_loss_step(module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    """``validation_step`` stand-in: the class's ``training_step`` loss, logged."""
+    out = type(module).training_step(module, batch, batch_idx)
+    loss = out.get("loss") if isinstance(out, Mapping) else out
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            "the module has no validation loss to score with, and training_step did not return a loss tensor; "
+            "log a metric in validation_step and pass monitor="
+        )
+    module.log(TRAIN_LOSS_KEY, loss.detach(), on_step=False, on_epoch=True)
+
+
+def _sgd_cosine(module: pl.LightningModule, lr: float, steps: int) -> dict:
+    """The paper's fine-tuning optimizer: SGD with momentum and a per-step cosine schedule."""
+    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class SubRunner:
+    """Fine-tunes and scores candidate targets in quiet sub-trainers.
+
+    Args:
+        module: The user's LightningModule (copied once here; never modified).
+        target_path: Attribute path of the target submodule.
+        loader: The training DataLoader (subsets are drawn from its dataset).
+        settings: The importance settings.
+        accelerator / devices / precision: What each sub-trainer runs on (the outer
+            trainer's device, one device per process).
+    """
+
+    def __init__(self, module: pl.LightningModule, target_path: str, loader: DataLoader,
+                 settings: ImportanceSettings, *, accelerator: str = "cpu", devices: Any = 1,
+                 precision: Any = "32-true") -> None:
+        self.target_path = target_path
+        self.settings = settings
+        self.loader = loader
+        self.trainer_kwargs = {"accelerator": accelerator, "devices": devices, "precision": precision}
+        self.train_idx, self.score_idx = subset_indices(len(loader.dataset), settings.fraction, settings.seed)
+        self.batch_size = settings.batch_size or loader.batch_size or 32
+        self.shell = self._shell(module)
+        self.monitor: Monitor | None = None
+        self.first_error: BaseException | None = None
+
+    def _shell(self, module: pl.LightningModule) -> pl.LightningModule:
+        """A copy of ``module`` without its target (so the target is not copied needlessly)."""
+        target = get_path(module, self.target_path)
+        set_path(module, self.target_path, nn.Identity())
+        try:
+            return copy.deepcopy(module)
+        finally:
+            set_path(module, self.target_path, target)
+
+    def with_target(self, target: nn.Module) -> pl.LightningModule:
+        """A fresh copy of the user's module whose target is ``target`` (not copied)."""
+        module = copy.deepcopy(self.shell)
+        set_path(module, self.target_path, target)
+        return module
+
+    # ------------------------------------------------------------------ loaders
+
+    def _subset_loader(self, indices: list[int], *, shuffle: bool, seed: int) -> DataLoader:
+        base = self.loader
+        # drop_last avoids a 1-sample batch, which BatchNorm cannot train on.
+        return DataLoader(Subset(base.dataset, indices), batch_size=self.batch_size, shuffle=shuffle,
+                          drop_last=shuffle and len(indices) >= self.batch_size, collate_fn=base.collate_fn,
+                          num_workers=base.num_workers, pin_memory=base.pin_memory,
+                          generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per entry."""
+        if self.settings.steps is not None:
+            return self.settings.steps
+        n = len(self.train_idx)
+        return max(1, n // self.batch_size if n >= self.batch_size else 1)
+
+    def _trainer(self, **kwargs: Any) -> pl.Trainer:
+        return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0, callbacks=[],
+                          **self.trainer_kwargs, **kwargs)
+
+    # ------------------------------------------------------------------ the two callables
+
+    def finetune(self, target: nn.Module, seg: Segment | None = None) -> nn.Module:
+        """Fine-tune ``target`` in place inside a copy of the module; returns it.
+
+        Matches ``tables.importance.FineTune``. The first exception is remembered (the
+        importance builder turns failures into ``-inf`` entries with a warning).
+        """
+        try:
+            module = self.with_target(target)
+            if self.settings.lr is not None:
+                module.configure_optimizers = lambda: _sgd_cosine(module, self.settings.lr, self.steps)
+            seed = _entry_seed(self.settings.seed, seg)
+            loader = self._subset_loader(self.train_idx, shuffle=True, seed=seed)
+            with quiet(), isolate_rng():
+                torch.manual_seed(seed)
+                trainer = self._trainer(max_steps=self.steps, max_epochs=-1, limit_val_batches=0)
+                trainer.fit(module, train_dataloaders=loader)
+            return get_path(module, self.target_path)
+        except Exception as err:
+            self.first_error = self.first_error or err
+            raise
+
+    def metrics(self, target: nn.Module, *, training_loss: bool) -> dict[str, float]:
+        """Scalar metrics logged while validating a copy of the module with ``target`` on the scoring subset."""
+        module = self.with_target(target)
+        if training_loss:
+            module.validation_step = lambda batch, batch_idx, *a, **k: _training_loss_step(module, batch, batch_idx)
+        loader = self._subset_loader(self.score_idx, shuffle=False, seed=0)
+        with quiet(), isolate_rng():
+            torch.manual_seed(self.settings.seed)
+            trainer = self._trainer()
+            trainer.validate(module, dataloaders=loader, verbose=False)
+        return {k: float(v) for k, v in trainer.callback_metrics.items()
+                if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
+
+    def score(self, target: nn.Module) -> float:
+        """Perf of ``target`` (higher is better; NaN if the metric is missing). Matches ``Score``."""
+        if self.monitor is None:
+            raise RuntimeError("call resolve_monitor() before score()")
+        value = self.metrics(target, training_loss=self.monitor.training_loss).get(self.monitor.key)
+        return float("nan") if value is None else self.monitor.perf(value)
+
+    # ------------------------------------------------------------------ monitor
+
+    def resolve_monitor(self, original: nn.Module, monitor: str | None, mode: str) -> tuple[Monitor, float]:
+        """Pick the Perf metric by scoring a copy of ``original``; returns it and the original's value.
+
+        Raises:
+            ValueError: ``monitor`` is given but never logged (the message lists what is).
+        """
+        seen: dict[str, float] = {}
+        if is_overridden("validation_step", self.shell):
+            seen = self.metrics(copy.deepcopy(original), training_loss=False)
+            key = monitor if monitor is not None else next((k for k in VAL_LOSS_KEYS if k in seen), None)
+            if key is not None and key in seen:
+                self.monitor = Monitor(key, mode if monitor is not None else "min", False)
+                return self.monitor, seen[key]
+        fallback = self.metrics(copy.deepcopy(original), training_loss=True)
+        key = monitor if monitor is not None else TRAIN_LOSS_KEY
+        if key not in fallback:
+            logged = sorted(set(seen) | set(fallback))
+            raise ValueError(
+                f"LayerMergeCallback(monitor={monitor!r}): this metric is never logged by validation_step or "
+                f"training_step of {type(self.shell).__name__}; logged metrics are {logged}. Pass one of them "
+                "(or monitor=None to use the validation loss, else the training loss)"
+            )
+        self.monitor = Monitor(key, mode if monitor is not None else "min", True)
+        return self.monitor, fallback[key]
