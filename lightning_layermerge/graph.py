@@ -419,10 +419,7 @@ class _Analysis:
             head = self.conv_nodes[pos - 1] if pos else None
             cut_k = next((k for k, n in enumerate(nodes) if self.ops[n].kind not in LINEAR_KINDS), len(nodes))
             values = ([head] if head else []) + nodes[: len(nodes) - (pos == L)]
-            if pos == L:
-                entry = nodes[-1] if nodes else head
-            else:
-                entry = nodes[-1] if nodes else head
+            entry = nodes[-1] if nodes else head
             cut = nodes[cut_k - 1] if cut_k > 0 else (head or entry)
             acts = [n for n in nodes if self.ops[n].kind is Kind.ACT]
             forced = self._forced_reason(pos, nodes, values, acts, skip_users)
