@@ -91,6 +91,7 @@ def capture(model: nn.Module, example_input: ExampleInput,
     work = copy.deepcopy(model).eval()
     gm = _trace(work)
     adapters.normalise(gm)
+    _out_of_place(gm)
     if shapes is None:
         shapes = _shapes(gm, args, model)
     elif any(n.name not in shapes for n in gm.graph.nodes if n.op in ("call_module", "call_function")):
@@ -111,6 +112,44 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             "or register an adapter for this module type."
         ) from err
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _out_of_place(gm: fx.GraphModule) -> None:
+    """Make in-place operations out-of-place wherever that cannot change the result.
+
+    ``ReLU(inplace=True)`` after a BatchNorm overwrites a tensor nobody else reads. Once
+    ``prune`` bypasses the conv and norm before it, the same ReLU would overwrite the block
+    input that the residual shortcut still reads. An in-place op whose input has no other
+    reader after it computes the same as its out-of-place form, so those are converted here,
+    before any rewriting; the rare in-place op whose side effect is observed is left alone.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def harmless(node: fx.Node) -> bool:
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node):
+            return False
+        return all(u is node or order[u] < order[node] for u in source.users)
+
+    module_sites: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module_sites.setdefault(str(node.target), []).append(node)
+        elif node.op == "call_function" and node.kwargs.get("inplace") is True and harmless(node):
+            node.kwargs = {**node.kwargs, "inplace": False}
+        elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS and harmless(node):
+            node.target = _INPLACE_FUNCTIONS[node.target]
+        elif node.op == "call_method" and node.target in _INPLACE_METHODS and harmless(node):
+            node.target = str(node.target)[:-1]
+    for target, sites in module_sites.items():
+        module = gm.get_submodule(target)
+        if getattr(module, "inplace", None) is True and all(harmless(n) for n in sites):
+            module.inplace = False
+    gm.recompile()
+
+
+_INPLACE_FUNCTIONS = {torch.relu_: torch.relu, nn.functional.relu_: nn.functional.relu}
+_INPLACE_METHODS = frozenset({"relu_", "sigmoid_", "tanh_", "clamp_", "add_", "mul_", "hardtanh_"})
 
 
 def _shapes(gm: fx.GraphModule, args: tuple[Any, ...], model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -61,3 +61,28 @@ def test_errors(setup) -> None:
         prune(model, chain, Plan.keep_all(other))
     with pytest.raises(ValueError, match="does not match the chain"):
         prune(torchvision.models.resnet34(), chain, Plan.keep_all(chain))
+
+
+def test_inplace_activations_do_not_overwrite_a_shortcut_after_pruning(setup) -> None:
+    """torchvision's ReLU(inplace=True) after a removed conv+BN would overwrite the block input
+    that the shortcut still reads; capture makes such ops out-of-place (the user's model keeps
+    its flags)."""
+    import copy
+    import random
+
+    from helpers import random_plan
+
+    model, x, chain = setup
+    model = copy.deepcopy(model).eval()
+    reference = copy.deepcopy(model)
+    for m in reference.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    rng = random.Random(0)
+    for _ in range(8):
+        plan = random_plan(chain, rng)
+        pruned, expected = prune(model, chain, plan), prune(reference, chain, plan)
+        with torch.no_grad():
+            assert torch.equal(pruned.eval()(x), expected.eval()(x))
+        pruned.train()(x).sum().backward()  # raised "modified by an inplace operation" before
+    assert model.relu.inplace is True
