@@ -52,7 +52,7 @@ from .serialization import attach_input_spec, input_spec
 from .solve import METHODS
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader, get_path, set_path
 from .target import example_input, merge_checked, resolve_target, trace_target
-from .tables.latency import LatencySettings, LatencyTable, _batched_example
+from .tables.latency import LatencySettings, LatencyTable, batched_example
 
 __all__ = ["LayerMergeCallback", "restore_pruned"]
 
@@ -351,7 +351,7 @@ class LayerMergeCallback(Callback):
 
     def _measure(self, report: LayerMergeReport, final: nn.Module) -> None:
         folded = merge(prune(self._original, self.chain, Plan.keep_all(self.chain)))
-        inputs = _batched_example(self.chain, self.latency_settings.batch_size)
+        inputs = batched_example(self.chain, self.latency_settings.batch_size)
         times = measure_side_by_side({"original": folded, "compressed": final}, inputs, self.latency_settings)
         report.measured_original_ms, report.measured_ms = times["original"], times["compressed"]
 

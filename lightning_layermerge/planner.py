@@ -25,11 +25,11 @@ from .merge import merge
 from .plan import Plan
 from .prune import prune
 from .report import measure_side_by_side
-from .solve import solve
+from .solve import Solution, solve
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader
 from .tables.cache import fingerprint
 from .tables.importance import build_importance_table, combine_shards, weights_fingerprint
-from .tables.latency import LatencySettings, LatencyTable, _batched_example, build_latency_table
+from .tables.latency import LatencySettings, LatencyTable, batched_example, build_latency_table
 
 __all__ = ["CALIBRATION_AIM", "CALIBRATION_SLACK", "MAX_REPLANS", "Planner", "make_runner", "train_loader"]
 
@@ -146,7 +146,7 @@ class Planner:
     def solve(self, table: LatencyTable, importance: dict, chain: Chain, budget_ms: float) -> list:
         """``solve`` with the callback's arguments named in its errors."""
         try:
-            return solve(table.entries, importance, chain.num_layers, budget_ms, self.method).segments
+            return solve_for(table, importance, chain, budget_ms, self.method).segments
         except ValueError as err:
             raise ValueError(f"LayerMergeCallback(budget={self.budget}, method={self.method!r}): {err}") from err
 
@@ -165,7 +165,7 @@ class Planner:
         """
         table, importance = self.latency_table, self.importance_table
         folded = merge(prune(target, chain, Plan.keep_all(chain)))
-        inputs = _batched_example(chain, self.latency_settings.batch_size)
+        inputs = batched_example(chain, self.latency_settings.batch_size)
         floor, ceiling = min_chain_ms(table, chain, self.method), table.chain_ms * 2
         fits, over = 0.0, math.inf  # largest table budget known to fit / smallest known not to
         tried: dict[tuple, float] = {}
@@ -204,7 +204,7 @@ class Planner:
         step, no measurement) until the DP picks a plan not timed yet. ``None``: nothing new."""
         table, importance = self.latency_table, self.importance_table
         for _ in range(32):
-            keys = tuple(solve(table.entries, importance, chain.num_layers, budget_ms, self.method).segments)
+            keys = tuple(solve_for(table, importance, chain, budget_ms, self.method).segments)
             if keys not in tried:
                 return Plan.from_segments(chain, list(keys)), budget_ms
             moved = min(max(budget_ms * (1.15 if grow else 1 / 1.15), bounds[0]), bounds[1])
@@ -282,7 +282,13 @@ def min_chain_ms(table: LatencyTable, chain: Chain, method: str) -> float:
     """Smallest chain latency ``method`` can reach: solve with importance = -latency, no budget limit."""
     neg = {k: -v for k, v in table.entries.items()}
     roomy = sum(table.entries.values()) + 1.0
-    return solve(table.entries, neg, chain.num_layers, roomy, method).latency
+    return solve_for(table, neg, chain, roomy, method).latency
+
+
+def solve_for(table: LatencyTable, importance: dict, chain: Chain, budget_ms: float, method: str) -> Solution:
+    """``solve`` on ``chain``'s tables; Depth gets the kernel its all-convs-kept segments really have."""
+    kept = chain.all_kept_kernels() if method == "depth" else None
+    return solve(table.entries, importance, chain.num_layers, budget_ms, method, all_kept_kernel=kept)
 
 
 def _all_gather(trainer: pl.Trainer, obj: Any) -> list:

@@ -197,7 +197,7 @@ def test_total_uses_the_example_with_the_batch_replaced(monkeypatch) -> None:
     assert seen[-1] == ((5, 3, 8, 8), (5, 1, 1, 1))  # the whole model, both arguments batched
     assert all(shape[0][0] == 5 for shape in seen[:-1])  # segments too
     assert table.total_ms == 1.0
-    inputs = latency_module._batched_example(chain, 5)
+    inputs = latency_module.batched_example(chain, 5)
     assert torch.equal(inputs[0][3:], example[0][:2]) and torch.equal(inputs[1][:3], example[1])
 
 

@@ -507,7 +507,7 @@ def _example_batch(chain: Chain) -> int:
     return int(chain.layers[0].in_shape[0])
 
 
-def _batched_example(chain: Chain, batch: int | None) -> tuple:
+def batched_example(chain: Chain, batch: int | None) -> tuple:
     """``chain.example`` with every batch-sized tensor resized to ``batch`` along dim 0.
 
     Real example data is reused (cycled when the batch grows), so integer arguments such
@@ -650,7 +650,7 @@ def _segment_run(chain: Chain, seg: Segment, settings: LatencySettings) -> tuple
 def _whole_run(model: nn.Module, chain: Chain, settings: LatencySettings) -> tuple[nn.Module, tuple]:
     """The original model with BatchNorm folded (the keep-all plan, merged) and its input."""
     merged = merge(prune(model, chain, Plan.keep_all(chain)))
-    return merged, _batched_example(chain, settings.batch_size)
+    return merged, batched_example(chain, settings.batch_size)
 
 
 def _flops(seg: Segment) -> int:
