@@ -129,9 +129,16 @@ class Planner:
         key = {"weights": weights_fingerprint(target), "module": type(runner.shell).__qualname__,
                "monitor": monitor.key, "mode": monitor.mode, "data": len(runner.loader.dataset),
                **vars(self.importance_settings)}
-        shard = build_importance_table(target, chain, runner.finetune, runner.score,
+        score, base = runner.score, monitor.perf(self.base)
+        if self.importance_settings.relative:
+            if base == 0 or not math.isfinite(base):
+                raise ValueError(f"ImportanceSettings(relative=True) needs a finite, non-zero {monitor.key} for the "
+                                 f"original network, got {self.base}; use relative=False")
+            scale = abs(base)
+            score, base = (lambda net: runner.score(net) / scale), base / scale
+        shard = build_importance_table(target, chain, runner.finetune, score,
                                        shard=(trainer.global_rank, trainer.world_size), cache_dir=self.cache_dir,
-                                       cache_key=key, base_score=monitor.perf(self.base),
+                                       cache_key=key, base_score=base,
                                        progress=self.verbose and trainer.is_global_zero)
         self.importance_shard = sorted(shard)
         table = combine_shards(_all_gather(trainer, shard))
@@ -287,8 +294,15 @@ def min_chain_ms(table: LatencyTable, chain: Chain, method: str) -> float:
 
 def solve_for(table: LatencyTable, importance: dict, chain: Chain, budget_ms: float, method: str) -> Solution:
     """``solve`` on ``chain``'s tables; Depth gets the kernel its all-convs-kept segments really have."""
-    kept = chain.all_kept_kernels() if method == "depth" else None
-    return solve(table.entries, importance, chain.num_layers, budget_ms, method, all_kept_kernel=kept)
+    if method != "depth":
+        return solve(table.entries, importance, chain.num_layers, budget_ms, method)
+    kept = chain.all_kept_kernels()
+    # Pairs (i, j) whose segments must drop a conv (e.g. a strided conv followed by a k > 1
+    # conv) have no all-kept segment: Depth cannot use them, and solve() rejects a mapping
+    # that lacks pairs present in the table, so leave those pairs out of both tables.
+    entries = {key: v for key, v in table.entries.items() if key[:2] in kept}
+    importance = {key: v for key, v in importance.items() if key[:2] in kept}
+    return solve(entries, importance, chain.num_layers, budget_ms, method, all_kept_kernel=kept)
 
 
 def _all_gather(trainer: pl.Trainer, obj: Any) -> list:

@@ -61,6 +61,10 @@ class ImportanceSettings:
         batch_size: Batch size of the sub-runs; ``None``: the training dataloader's.
         seed: Seed of the subset draw and of each entry's run (entries are reproducible and
             identical on every DDP rank).
+        relative: Divide Perf by ``|Perf(original)|`` before the ``exp``, so an entry's
+            importance is ``exp(-(loss - loss0) / loss0)`` for a loss: the official DDPM table.
+            Use it when the metric's scale is far from 1 (a denoising loss of 0.03 would
+            otherwise make every entry ~1.0 and the DP favour plans with more segments).
     """
 
     fraction: float = 0.04
@@ -68,6 +72,7 @@ class ImportanceSettings:
     lr: float | None = None
     batch_size: int | None = None
     seed: int = 0
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
@@ -85,6 +90,8 @@ class ImportanceSettings:
             raise ValueError(f"ImportanceSettings.lr must be None or a positive number, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"ImportanceSettings.seed must be an int, got {self.seed!r}")
+        if not isinstance(self.relative, bool):
+            raise ValueError(f"ImportanceSettings.relative must be True or False, got {self.relative!r}")
 
 
 @dataclass(frozen=True)

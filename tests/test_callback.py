@@ -216,6 +216,26 @@ def test_methods(method: str, tmp_path_factory: pytest.TempPathFactory, trained_
     assert_merged_equals_pruned(module, keep)
 
 
+def test_relative_importance_divides_perf_by_the_original(tmp_path_factory: pytest.TempPathFactory,
+                                                           trained_state: dict) -> None:
+    """ImportanceSettings(relative=True): log I = (Perf - Perf0) / |Perf0| (the official DDPM table)."""
+    import dataclasses
+
+    cache = tmp_path_factory.getbasetemp() / "shared-cache"
+    train, _ = loaders()
+    tables = {}
+    for relative in (False, True):
+        cb = callback(cache, budget=0.8, importance=dataclasses.replace(FAST_IMPORTANCE, relative=relative))
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(make(LitTiny, trained_state), train_dataloaders=train)
+        tables[relative], loss0 = cb.importance_table, cb.report.metric_before
+    finite = [k for k, v in tables[False].items() if v > 0]
+    assert len(finite) > 5
+    for k in finite:
+        assert math.log(tables[True][k]) == pytest.approx(math.log(tables[False][k]) / loss0, rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="relative must be True or False"):
+        ImportanceSettings(relative="yes")
+
+
 def test_merge_check_falls_back_to_the_pruned_network(monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_layermerge.target as target_module
 
