@@ -4,13 +4,19 @@ The capture is done on a deep copy in eval mode, so the caller's model is never 
 Code paths that depend on ``self.training`` outside leaf modules are frozen to their eval
 branch; leaf modules (convs, norms, dropout, activations, registered adapter modules) keep
 following ``.train()``/``.eval()`` in the captured graph, so it stays trainable.
+
+Where an adapter supplies a traceable forward for a module fx cannot trace (diffusers'
+``UNet2DModel``), the captured graph is compared with the model's own output on the
+example input, and refused if they differ.
 """
 
 from __future__ import annotations
 
 import copy
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,14 +95,50 @@ def capture(model: nn.Module, example_input: ExampleInput,
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args = as_args(example_input)
     work = copy.deepcopy(model).eval()
+    replaced = adapters.install_forwards(work)
     gm = _trace(work)
     adapters.normalise(gm)
     _out_of_place(gm)
     if shapes is None:
         shapes = _shapes(gm, args, model)
+        if replaced:
+            _check_adapter_forwards(gm, args, model, replaced)
     elif any(n.name not in shapes for n in gm.graph.nodes if n.op in ("call_module", "call_function")):
         shapes = _shapes(gm, args, model)  # a different graph: measure rather than guess
     return Capture(gm, dict(shapes))
+
+
+def _check_adapter_forwards(gm: fx.GraphModule, args: tuple[Any, ...], model: nn.Module,
+                            replaced: list[str]) -> None:
+    """The graph traced through adapter forwards must compute what the model computes.
+
+    An adapter forward restates a library's forward in traceable form; if the installed
+    library computes something else (another version), refuse rather than mis-capture.
+    """
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        want, got = _tensors(reference(*args)), _tensors(gm(*args))
+    same = len(want) == len(got) and all(
+        w.shape == g.shape and torch.allclose(w, g, rtol=1e-4, atol=1e-5 * float(w.abs().max().clamp(min=1)))
+        for w, g in zip(want, got)
+    )
+    if not same:
+        where = ", ".join(n or "<root>" for n in replaced)
+        raise ValueError(
+            f"the adapter forward(s) for {type(model).__name__} ({where}) do not reproduce its output on the "
+            "example input; the installed library version probably differs from the one the adapter restates"
+        )
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """Tensors of a (nested) model output: tensor, tuple/list, dict or dataclass-like dict."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    return []
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -106,12 +148,24 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     except Exception as err:  # fx raises many types; all mean "not traceable"
         where = tracer.failed_in or f"<root> ({type(model).__name__})"
         raise ValueError(
-            f"torch.fx could not trace {type(model).__name__}: failed inside submodule {where}: "
-            f"{type(err).__name__}: {err}. Data-dependent control flow cannot be captured; "
-            "trace a submodule that contains the convolutions instead (e.g. `model.features`), "
-            "or register an adapter for this module type."
+            f"torch.fx could not trace {type(model).__name__}: failed inside submodule {where}"
+            f"{_model_line(err)}: {type(err).__name__}: {str(err).strip()}. "
+            "Data-dependent control flow cannot be captured; trace a submodule that contains the convolutions "
+            "instead (e.g. `model.features`), or register an adapter for this module type."
         ) from err
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _model_line(err: BaseException) -> str:
+    """`` at file.py:line (`code`)``: the innermost frame of model code (outside torch) that
+    raised, i.e. the operation fx could not trace; "" if there is none."""
+    torch_dir = Path(torch.__file__).parent
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not Path(f.filename).is_relative_to(torch_dir)
+              and Path(f.filename) != Path(__file__)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {Path(f.filename).name}:{f.lineno}" + (f" (`{f.line.strip()}`)" if f.line else "")
 
 
 def _out_of_place(gm: fx.GraphModule) -> None:

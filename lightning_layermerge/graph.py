@@ -273,6 +273,7 @@ class _Analysis:
         self.modules = cap.modules()
         self.ops = {n.name: self._classify(n) for n in self.graph.nodes}
         self.path = self._main_path(model_name)
+        self._check_biases()
         self.conv_nodes = [n for n in self.path if self.ops[n].kind is Kind.CONV]
         if not self.conv_nodes:
             reasons = sorted({op.reason for op in self.ops.values() if op.reason.startswith("conv ")})
@@ -296,13 +297,35 @@ class _Analysis:
         op = classify(node, self.modules)
         if op.kind is Kind.ADD:
             a, b = (self.cap.shapes.get(x.name) for x in node.args)
+            if self._bias_operand(node) is not None:
+                return Op(Kind.BIAS)  # provisional: _check_biases also needs the main path
             if a is None or a != b or a != self.cap.shapes.get(node.name):
                 return Op(Kind.BARRIER, "broadcasting add")
-        if op.kind in (Kind.ACT, Kind.NORM, Kind.IDENTITY):
+        if op.kind in (Kind.ACT, Kind.NORM, Kind.IDENTITY, Kind.MOVABLE_NORM):
             ins = _inputs(node)
             if len(ins) != 1 or self.cap.shapes.get(node.name) != self.cap.shapes.get(ins[0].name):
                 return Op(Kind.BARRIER, f"{op.kind.value} {node.name} with unusual inputs")
         return op
+
+    def _bias_operand(self, node: fx.Node) -> fx.Node | None:
+        """For ``x + b`` with b shaped (N or 1, C, 1, 1) and x like the result: the node b."""
+        out = self.cap.shapes.get(node.name)
+        shapes = [self.cap.shapes.get(x.name) for x in node.args]
+        if out is None or len(out) != 4 or None in shapes:
+            return None
+        for main, other in ((0, 1), (1, 0)):
+            b = shapes[other]
+            if shapes[main] == out and b != out and len(b) == 4 and b[0] in (1, out[0]) and b[1:] == (out[1], 1, 1):
+                return node.args[other]
+        return None
+
+    def _check_biases(self) -> None:
+        """A per-channel bias must not depend on the data input (only then is it a constant
+        of the segment it lies in); otherwise the add is a barrier."""
+        data = _value_descendants(self.nodes[self.path[0]])
+        for name, op in self.ops.items():
+            if op.kind is Kind.BIAS and self._bias_operand(self.nodes[name]) in data:
+                self.ops[name] = Op(Kind.BARRIER, "per-channel add of a value computed from the input")
 
     # -- main path ----------------------------------------------------------------------
     def _main_path(self, model_name: str) -> list[str]:
@@ -316,11 +339,16 @@ class _Analysis:
                 continue
             preds = [p.name for p in _inputs(node) if p.name in score]
             if node.op == "output":
-                output = (node.name, preds)
+                # Look through a non-tensor wrapper of the result (diffusers' UNet2DOutput).
+                wrapped = [q.name for p in _inputs(node) if p.name not in score for q in _inputs(p)]
+                output = (node.name, preds + [q for q in wrapped if q in score])
                 continue
-            if not preds or node.name not in self.cap.shapes:
+            if not preds:
                 continue
-            top = max(preds, key=lambda p: score[p])  # max keeps the first of equals
+            # Non-tensor values stay on paths: a split into a tuple, read back by getitem
+            # (MixConv, Res2Net), is a barrier on the main path, not its end. Between equal
+            # scores a tensor is preferred over a non-tensor (a shape read), then the first.
+            top = max(preds, key=lambda p: (score[p], p in self.cap.shapes))  # max keeps the first of equals
             score[node.name] = score[top] + (self.ops[node.name].kind is Kind.CONV)
             best_pred[node.name] = top
         if output is None or not output[1]:
@@ -472,9 +500,13 @@ class _Analysis:
         add_inside = i < b < j or (b == j and add_k <= cut_k)
         if add_inside:
             src_inside = i < a < j or (a == j and src_k < add_k) or (a == i and self._is_entry(skip.source, i))
-            if src_inside:
-                return "fold" if skip.foldable else "illegal"
-            return "end" if b == j else "illegal"
+            if src_inside and skip.foldable:
+                return "fold"
+            # An unfoldable shortcut (e.g. one that holds another add) that reads the segment
+            # input is left as it is, like one from outside: the segment ends on the add's
+            # main operand. From inside the segment it would read a value that merging removes.
+            from_input = a == i and self._is_entry(skip.source, i)
+            return "end" if b == j and (not src_inside or from_input) else "illegal"
         add_after = b > j or (b == j and add_k > cut_k)
         if add_after and (i < a < j or (a == j and src_k < cut_k)):
             return "illegal"
@@ -605,6 +637,24 @@ def _unreachable_taps(kernel: int, padding: int, stride: int, extent: int) -> in
 def _better(table: dict, k: int, cand: tuple[float, tuple[int, ...]]) -> None:
     if k not in table or cand[0] > table[k][0]:
         table[k] = cand
+
+
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device"})
+
+
+def _value_descendants(start: fx.Node) -> set[fx.Node]:
+    """Nodes whose value depends on ``start``'s value (reading its shape/dtype/device does not count)."""
+    seen: set[fx.Node] = set()
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            metadata = (user.op == "call_function" and user.target is getattr and user.args[1] in _METADATA_ATTRS) or (
+                user.op == "call_method" and user.target in ("size", "dim"))
+            if user not in seen and not metadata:
+                seen.add(user)
+                stack.append(user)
+    return seen
 
 
 def _inputs(node: fx.Node) -> list[fx.Node]:

@@ -6,13 +6,21 @@ float64. A value inside a segment is an :class:`AffineConv` of the segment input
 convolution of their kernels, BatchNorm scales rows, a crop widens the kernel
 symmetrically, and residual additions add kernels. Grouped/depthwise convs are handled
 densely and re-emitted grouped when the result is still block-diagonal.
+
+An addition of a per-channel value ``b`` (shape (N, C, 1, 1)) computed outside the segment,
+such as a diffusion UNet's time embedding, is carried as a bias term ``M @ b``: each later
+conv multiplies ``M`` by the sum of its taps (exact, since the segment's padding was moved
+to its input, so ``b`` stays spatially constant), BatchNorm scales it. The merged segment
+computes ``conv(x) + conv1x1_M(b)``, i.e. a new projection of the embedding.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -233,8 +241,8 @@ def _merge_region(gm: fx.GraphModule, region: dict) -> None:
     if output is entry:
         return  # an identity segment merges to nothing
     modules = dict(gm.named_modules())
-    members = _region_members(entry, output)
-    if all(classify(n, modules).kind is Kind.IDENTITY for n in members):
+    members, external = _region_members(entry, output, modules)
+    if not external and all(classify(n, modules).kind is Kind.IDENTITY for n in members):
         output.replace_all_uses_with(entry)  # only dropout/identity left: merges to nothing
         return
     padding = _input_padding(members, entry, modules)
@@ -243,33 +251,123 @@ def _merge_region(gm: fx.GraphModule, region: dict) -> None:
     maps: dict[fx.Node, AffineConv] = {}
     base = AffineConv.identity(shape_c, device, padding, max(region["in_hw"]))
     like: torch.Tensor | None = None
+    biases: dict[fx.Node, dict[fx.Node, torch.Tensor]] = {}  # see _carry_biases
+    # Free each map after its last reader: a long segment of wide convs holds one merged
+    # kernel per node (1.3 GB each for 2048 channels at 9x9 in float64).
+    last_use = {a: n for n in members for a in n.all_input_nodes}
     for node in members:  # members are in graph (topological) order
+        if node in external:  # x + b, b from outside: the map of x, plus b as a bias term
+            main = next(a for a in node.args if a is not external[node])
+            maps[node] = base.crop(padding) if main is entry else maps[main]
+            eye = torch.eye(maps[node].weight.shape[0], dtype=torch.float64, device=device)
+            biases[node] = _sum_biases(biases.get(main, {}), {external[node]: eye})
+            continue
         maps[node], param = _step(node, maps, entry, base, padding, modules)
+        biases[node] = _carry_biases(node, biases, modules)
         like = param if param is not None and like is None else like
-    final = maps[output]
+        for done in [a for a in node.all_input_nodes if last_use.get(a) is node and a is not output]:
+            maps.pop(done, None)
+            biases.pop(done, None)
+    final, terms = maps[output], biases[output]
     if like is None:
         like = next(iter(gm.parameters()), torch.zeros(()))
-    conv = final.to_conv(like)
     name = f"merged_{region['i']}_{region['j']}"
-    gm.add_submodule(name, conv)
     with gm.graph.inserting_before(output):
-        new = gm.graph.call_module(name, (entry,))
+        if terms and _is_identity(final):
+            new = entry  # e.g. all convs removed, only the bias is left
+        else:
+            gm.add_submodule(name, final.to_conv(like))
+            new = gm.graph.call_module(name, (entry,))
+        for k, (source, matrix) in enumerate(terms.items()):
+            # The bias pushed through the segment's convs: a 1x1 conv of the (N, C, 1, 1)
+            # source (e.g. a new time-embedding projection), then one broadcast add.
+            proj = skip_init(nn.Conv2d, matrix.shape[1], matrix.shape[0], 1, bias=False,
+                             device=like.device, dtype=like.dtype)
+            with torch.no_grad():
+                proj.weight.copy_(matrix[:, :, None, None])
+            gm.add_submodule(f"{name}_bias{k}", proj)
+            new = gm.graph.call_function(operator.add, (new, gm.graph.call_module(f"{name}_bias{k}", (source,))))
     output.replace_all_uses_with(new)
 
 
-def _region_members(entry: fx.Node, output: fx.Node) -> list[fx.Node]:
-    """Nodes between ``entry`` (excluded) and ``output`` (included), in graph order."""
+def _is_identity(m: AffineConv) -> bool:
+    """Whether the map is the unpadded segment input itself."""
+    c = m.weight.shape[0]
+    return (m.crop_of_identity == 0 and m.pad == 0 and m.stride == 1 and m.groups == c and m.kernel == 1
+            and bool((m.weight == 1).all()) and not bool(m.bias.any()))
+
+
+def _sum_biases(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for source, matrix in b.items():
+        out[source] = out[source] + matrix if source in out else matrix
+    return out
+
+
+def _carry_biases(node: fx.Node, biases: dict, modules: dict[str, nn.Module]) -> dict:
+    """Bias terms of ``node``: {source b: M} meaning "+ M @ b" (b is (N, C_b, 1, 1), M [C, C_b]).
+
+    A per-channel constant stays constant through everything inside a segment (its padding
+    was moved to the segment input), so a conv maps it by the sum of its taps and a
+    BatchNorm scales it; identities, pads and crops leave it alone.
+    """
+    def of(n: Any) -> dict:
+        return biases.get(n, {}) if isinstance(n, fx.Node) else {}
+
+    op = classify(node, modules)
+    if op.kind is Kind.ADD:
+        return _sum_biases(of(node.args[0]), of(node.args[1]))
+    terms = of(node.args[0])
+    if not terms:
+        return {}
+    if op.kind is Kind.CONV:
+        conv = modules[str(node.target)]
+        taps = conv.weight.detach().to(torch.float64).sum(dim=(2, 3), keepdim=True)
+        dense = _regroup(taps, conv.groups, 1)[:, :, 0, 0]  # [C_out, C_in]
+        return {src: dense @ m for src, m in terms.items()}
+    if op.kind is Kind.NORM:
+        bn = modules[str(node.target)]
+        scale = torch.rsqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().to(torch.float64)
+        return {src: scale[:, None] * m for src, m in terms.items()}
+    return terms  # identity, pad, crop
+
+
+def _region_members(entry: fx.Node, output: fx.Node,
+                    modules: dict[str, nn.Module]) -> tuple[list[fx.Node], dict[fx.Node, fx.Node]]:
+    """Nodes between ``entry`` (excluded) and ``output`` (included), in graph order, and the
+    additions among them whose other operand comes from outside the segment (add -> operand).
+
+    Only an addition may read a value from outside (a per-channel bias such as a diffusion
+    UNet's time embedding, which ``trace`` checked is independent of the input).
+    """
+    downstream: set[fx.Node] = set()
+    stack = [entry]
+    while stack:
+        for user in stack.pop().users:
+            if user not in downstream:
+                downstream.add(user)
+                stack.append(user)
     members: set[fx.Node] = set()
+    external: dict[fx.Node, fx.Node] = {}
     stack = [output]
     while stack:
         node = stack.pop()
         if node is entry or node in members:
             continue
-        if node.op in ("placeholder", "output"):
+        if node.op in ("placeholder", "output") or node not in downstream:
             raise ValueError(f"segment ending at {output.name} reads a value from outside it ({node.name})")
         members.add(node)
-        stack.extend(n for n in node.all_input_nodes if n.op != "get_attr")
-    return [n for n in output.graph.nodes if n in members]
+        inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
+        outside = [n for n in inputs if n is not entry and n not in downstream]
+        if len(inputs) == 2 and len(outside) == 1 and classify(node, modules).kind is Kind.ADD:
+            external[node] = outside[0]
+            inputs.remove(outside[0])
+        stack.extend(inputs)
+    return [n for n in output.graph.nodes if n in members], external
+
+
 
 
 def _input_padding(members: list[fx.Node], entry: fx.Node, modules: dict[str, nn.Module]) -> int:

@@ -25,13 +25,20 @@ class Kind(enum.Enum):
     IDENTITY = "identity"  # identity in eval mode (Identity, Dropout, DropPath, ...)
     ACT = "act"  # element-wise non-linearity with one tensor input
     ADD = "add"  # sum of two tensors of the same shape
+    # x + b with b of shape (N or 1, C, 1, 1) computed independently of the data input
+    # (a diffusion UNet's time embedding): linear in x, and carried exactly through a merge.
+    # Assigned by the graph analysis, which knows shapes and dependencies.
+    BIAS = "bias"
+    # A normalisation with test-time statistics (GroupNorm): cannot be folded into a conv.
+    # Between convs that are merged it is moved after them (the paper's DDPM rule, App. A).
+    MOVABLE_NORM = "movable_norm"
     PAD = "pad"  # constant zero F.pad (inserted by `prune` to move padding)
     BARRIER = "barrier"  # anything else
     INPUT = "input"
     OUTPUT = "output"
 
 
-LINEAR_KINDS = frozenset({Kind.CONV, Kind.NORM, Kind.IDENTITY, Kind.ADD, Kind.PAD})
+LINEAR_KINDS = frozenset({Kind.CONV, Kind.NORM, Kind.IDENTITY, Kind.ADD, Kind.PAD, Kind.BIAS})
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ ACTIVATION_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", 
 IDENTITY_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
 )
+MOVABLE_NORM_MODULES: tuple[type[nn.Module], ...] = (nn.GroupNorm,)
 ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add})
 ADD_METHODS = frozenset({"add", "add_", "__add__", "__iadd__"})
 
@@ -104,7 +112,10 @@ def _is_zero_pad(node: fx.Node) -> bool:
     mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
     value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
     pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-    return mode == "constant" and not value and isinstance(pad, (tuple, list)) and len(pad) == 4
+    # Symmetric only: merging reads one amount for all four sides (an asymmetric pad, such
+    # as diffusers' Downsample2D (0, 1, 0, 1), is a barrier).
+    return (mode == "constant" and not value and isinstance(pad, (tuple, list)) and len(pad) == 4
+            and len(set(pad)) == 1)
 
 
 def classify(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
@@ -130,6 +141,8 @@ def _classify_module(mod: nn.Module, name: str) -> Op:
     if isinstance(mod, _BatchNorm):
         why = norm_unsupported_reason(mod)
         return Op(Kind.BARRIER, f"norm {label}: {why}") if why else Op(Kind.NORM)
+    if type(mod) in MOVABLE_NORM_MODULES:  # exact type: a subclass may compute something else
+        return Op(Kind.MOVABLE_NORM)
     if isinstance(mod, IDENTITY_MODULES) or any(p(mod) for p in IDENTITY_PREDICATES):
         return Op(Kind.IDENTITY)
     if isinstance(mod, ACTIVATION_MODULES) or any(p(mod) for p in ACTIVATION_PREDICATES):

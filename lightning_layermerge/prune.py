@@ -4,11 +4,18 @@ The result is a trainable ``torch.fx.GraphModule`` that computes, in every segme
 chain of *unpadded* convolutions on an input padded once (the paper: "move all padding of
 a merge block to its input"), so that :func:`~lightning_layermerge.merge.merge` is exact
 after any amount of fine-tuning.
+
+A GroupNorm (``Kind.MOVABLE_NORM``) between convs of one segment cannot be folded; it is
+moved after the segment's output, keeping only the last (the paper's DDPM rule). Dropout
+between merged convs stays where it is: active while fine-tuning the pruned network (it
+then regularises the still separate convs), the identity in eval mode, where ``merge`` is
+exact. A per-channel bias added between them (a UNet's time embedding) stays too.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +76,9 @@ def prune(
     _check_same_architecture(analysis, chain)
     rewriter = _Rewriter(cap.gm, analysis)
     regions = [rewriter.apply(seg) for seg in plan.segments]
+    # After every segment is in place: a moved norm changes which node the next segment reads.
+    for seg, region in zip(plan.segments, regions):
+        rewriter.move_norms(seg, region)
     if bottleneck_activation is not None:
         for seg in plan.segments:
             rewriter.add_bottleneck_activation(seg, bottleneck_activation)
@@ -223,12 +233,55 @@ class _Rewriter:
         if seg.j - seg.i < 2 or pos.activation is not None or seg.j == self.a.positions[-1].index:
             return
         cut = self.node(pos.cut)
+        anchor = self.new_entries.get(cut.name, cut)  # after a norm moved there, if any
         name = f"layermerge_act_{seg.j}"
         self.gm.add_submodule(name, factory())
-        with self.gm.graph.inserting_after(cut):
-            act = self.gm.graph.call_module(name, (cut,))
-        cut.replace_all_uses_with(act, delete_user_cb=lambda u: u is not act)
+        with self.gm.graph.inserting_after(anchor):
+            act = self.gm.graph.call_module(name, (anchor,))
+        anchor.replace_all_uses_with(act, delete_user_cb=lambda u: u is not act)
         self.new_entries[cut.name] = act  # the next segment reads the activation's output
+
+    def move_norms(self, seg: Segment, region: Region) -> None:
+        """Move the movable norms (GroupNorm) inside ``seg`` to after its output.
+
+        The paper's DDPM rule (Appendix A): a GroupNorm cannot be folded into a conv, so every
+        one that sits between convs to be merged is moved after them and only the last is
+        kept (its module, with its affine parameters). If the segment's end is already
+        followed by such a norm, that one is the last and none is inserted. If the channel
+        count differs at the new place, a fresh GroupNorm (same eps, affine; the largest
+        group count that divides both) takes its place; training adapts it.
+        """
+        a = self.a
+        norms = [n for p in range(seg.i + 1, seg.j) for n in a.positions[p].nodes
+                 if a.ops[n].kind is Kind.MOVABLE_NORM]
+        if not norms:
+            return
+        target = str(self.node(norms[-1]).target)
+        for name in norms:
+            self._bypass(name)
+        if self._norm_follows(seg, region):
+            return
+        out = self.node(region.output)
+        channels = a.cap.shapes[region.output][1]
+        module = self.gm.get_submodule(target)
+        if getattr(module, "num_channels", channels) != channels:
+            ref = next(module.parameters(), None)
+            fresh = nn.GroupNorm(math.gcd(module.num_groups, channels), channels, module.eps, module.affine)
+            target = f"layermerge_norm_{seg.i}_{seg.j}"
+            self.gm.add_submodule(target, fresh.to(ref) if ref is not None else fresh)
+        with self.gm.graph.inserting_after(out):
+            norm = self.gm.graph.call_module(target, (out,))
+        out.replace_all_uses_with(norm, delete_user_cb=lambda u: u is not norm)
+        self.new_entries[out.name] = norm  # a segment starting here reads the normalised value
+
+    def _norm_follows(self, seg: Segment, region: Region) -> bool:
+        """Whether a movable norm already follows the segment output (through identities)."""
+        pos = self.a.positions[seg.j]
+        if region.output != pos.cut:
+            return False
+        after = pos.nodes[pos.nodes.index(pos.cut) + 1:] if pos.cut in pos.nodes else pos.nodes
+        first = next((n for n in after if self.a.ops[n].kind is not Kind.IDENTITY), None)
+        return first is not None and self.a.ops[first].kind is Kind.MOVABLE_NORM
 
     def resolve_region(self, region: Region) -> dict:
         """The region with node names resolved to the final graph."""

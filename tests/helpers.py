@@ -1,8 +1,13 @@
-"""Shared test helpers: random plans and realistic random BatchNorm statistics."""
+"""Shared test helpers: random plans, realistic random BatchNorm statistics, recipe scripts."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import random
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -65,3 +70,47 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |a|."""
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / a.abs().max())
+
+
+def float_sensitivity(net: nn.Module, x: torch.Tensor, ulp: float = 2.0**-52, samples: int = 3, seed: int = 0) -> float:
+    """How far ``net``'s output moves when every parameter (and BatchNorm statistic) moves by
+    at most one unit in the last place of a floating-point format.
+
+    The largest relative change (as :func:`rel_err`) over ``samples`` random perturbations
+    ``p * (1 + u * ulp)``, u uniform in [-1, 1]; ``ulp`` is 2**-52 for float64, 2**-23 for
+    float32. Rounding anywhere in the network (in a forward pass or in composing merged
+    kernels) acts like such a perturbation, so an ill-conditioned network cannot be
+    reproduced in that format more closely than this by any other computation of the same
+    function. ``net`` is evaluated in its own dtype (use float64 to measure a float32 ulp).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        exact = net(x)
+        worst = 0.0
+        for _ in range(samples):
+            noisy = copy.deepcopy(net)
+            floats = [b for b in noisy.buffers() if b.is_floating_point()]
+            for p in [*noisy.parameters(), *floats]:
+                p.mul_(1 + ulp * (2 * torch.rand(p.shape, generator=gen, dtype=p.dtype) - 1))
+            worst = max(worst, rel_err(exact, noisy(x)))
+            del noisy
+    return worst
+
+
+def load_recipe(path: Path) -> ModuleType:
+    """Import a recipe script under a name unique to its folder.
+
+    Several recipes have a ``main.py``; importing them all as ``main`` in one pytest session
+    would return whichever came first. The script's folder goes on ``sys.path`` for its
+    sibling imports (``from classifier import ...``).
+    """
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = f"recipe_{path.parent.name}_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

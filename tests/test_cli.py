@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import load_recipe
 from lm_helpers import one_thread
 from torch import fx
 
@@ -16,8 +16,7 @@ from lightning_layermerge.subruns import ImportanceSettings
 from lightning_layermerge.tables.latency import LatencySettings
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-sys.path.insert(0, str(RECIPES / "cli"))
-from main import main  # noqa: E402
+main = load_recipe(RECIPES / "cli" / "main.py").main
 
 one_thread = pytest.fixture(autouse=True)(one_thread)
 

@@ -1,9 +1,10 @@
 """merge(prune(model)) == prune(model) on real torchvision/timm architectures.
 
 For each model: the keep-everything plan, the remove-everything plan and 20 random legal
-plans. The merged network is checked in float64 (relative error <= 1e-9) and, cast to
-float32, against the float32 pruned network (<= 1e-4 of max |output|). The keep-everything
-plan must also equal the original model.
+plans. The merged network is checked in float64 (relative error <= 1e-9, or within the
+pruned network's own float64 sensitivity where that is larger) and, cast to float32, against
+the float32 pruned network (<= 1e-4 of max |output|). The keep-everything plan must also
+equal the original model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import calibrate_batchnorm, randomize_batchnorm, random_plan, rel_err
+from helpers import calibrate_batchnorm, float_sensitivity, randomize_batchnorm, random_plan, rel_err
 from lightning_layermerge import Plan, merge, prune, trace
 
 MODELS = {
@@ -28,11 +29,9 @@ MODELS = {
     "vgg16_bn": lambda: torchvision.models.vgg16_bn(),
     "timm_resnet34": lambda: timm.create_model("resnet34"),
     "timm_mobilenetv2_100": lambda: timm.create_model("mobilenetv2_100"),
+    "timm_efficientnet_b0": lambda: timm.create_model("efficientnet_b0"),
 }
-# Known issue (see the issue note): one random, never fine-tuned efficientnet_b0 plan whose
-# pruned output explodes to ~1e4 merges with 8e-9 relative error in float64, above the 1e-9
-# target; kept out of the default run until it is understood.
-SLOW_MODELS = {"timm_efficientnet_b0": lambda: timm.create_model("efficientnet_b0")}
+SLOW_MODELS: dict = {}
 RANDOM_PLANS = 20
 
 
@@ -60,7 +59,7 @@ def test_merge_equals_pruned(name: str) -> None:
         merged = merge(pruned)
         with torch.no_grad():
             out_pruned, out_merged = pruned(x), merged(x)
-            assert rel_err(out_pruned, out_merged) <= 1e-9, f"plan {n} {plan}"
+            _check_float64(pruned, x, out_pruned, out_merged, f"plan {n} {plan}")
             _check_float32(pruned, merged, x, out_pruned, f"plan {n} {plan}")
         if n == 0:
             assert rel_err(reference, out_pruned) <= 1e-12
@@ -74,6 +73,28 @@ def test_merge_equals_pruned(name: str) -> None:
     assert not any(m.training for m in [model]), "the model must be left in eval mode as given"
 
 
+def _check_float64(pruned: nn.Module, x: torch.Tensor, exact: torch.Tensor, merged: torch.Tensor, what: str) -> None:
+    """float64: merged within 1e-9 of pruned, or within the pruned network's own sensitivity.
+
+    Random, never fine-tuned plans can make the pruned network ill-conditioned: removing
+    activations leaves BatchNorm statistics that no longer match their inputs, outputs grow
+    to ~1e4 and squeeze-excitation gates compound the growth block after block. Then moving
+    every weight of the *pruned* network by one ulp already changes its float64 output by
+    more than 1e-9 (efficientnet_b0 plan 15: 3.6e-9, against 8.1e-9 for the merged network,
+    while every merged region matches its pruned layers to 3e-15 on the same input, and
+    recalibrating the pruned network's BatchNorm brings the same plan to 4e-14). No float64
+    computation can be held to better than that, so there the merged network must stay within
+    a small multiple (10x) of this sensitivity; 10x covers the spread of the 3-sample estimate
+    (merged/sensitivity ratios 0.2-3 over efficientnet_b0's 22 plans). A real inexactness
+    (wrong padding, a dropped tap) gives errors many orders of magnitude above either bound.
+    """
+    err = rel_err(exact, merged)
+    if err <= 1e-9:
+        return
+    own = float_sensitivity(pruned, x)
+    assert err <= 10 * own, f"{what} (float64 error {err:.1e}, pruned network's own sensitivity {own:.1e})"
+
+
 def _check_float32(pruned: nn.Module, merged: nn.Module, x: torch.Tensor, exact: torch.Tensor, what: str) -> None:
     """float32: merged within 1e-4 of pruned (relative to max |output|).
 
@@ -81,7 +102,12 @@ def _check_float32(pruned: nn.Module, merged: nn.Module, x: torch.Tensor, exact:
     itself amplified beyond 1e-4 (the pruned network alone then differs from its own
     float64 value by more than that). There, no float32 network could match it within
     1e-4, and the check is instead that the merged network's float32 error against the
-    exact float64 output is of the same order (at most 5x) as the pruned network's own.
+    exact float64 output is of the same order (at most 5x) as the pruned network's own
+    float32 error. That error is one sample of the rounding; it can be far below what a
+    float32 ulp of the weights does to this network (efficientnet_b0 plan 21: 2.4e-3 against
+    2.2e-2 for the merged network and 1.5e-2 for float32-ulp weight noise), so the larger
+    of the two is the pruned network's float32 accuracy (ratios <= 2.6 over efficientnet_b0's
+    22 plans).
     """
     out_pruned32 = pruned.float()(x.float()).double()
     out_merged32 = merged.float()(x.float()).double()
@@ -89,6 +115,8 @@ def _check_float32(pruned: nn.Module, merged: nn.Module, x: torch.Tensor, exact:
     if rel_err(out_pruned32, out_merged32) <= 1e-4:
         return
     own_error = rel_err(exact, out_pruned32)
+    if rel_err(exact, out_merged32) > 5 * own_error:  # the sensitivity costs 3 forwards: only when needed
+        own_error = max(own_error, float_sensitivity(pruned, x, ulp=2.0**-23))
     assert own_error > 5e-5, f"{what} (float32)"
     assert rel_err(exact, out_merged32) <= 5 * own_error, f"{what} (float32, pruned error {own_error:.1e})"
 

@@ -153,3 +153,59 @@ def test_errors() -> None:
 
     with pytest.raises(ValueError, match=r"inside submodule block \(DataDependent\).*trace a submodule"):
         trace(Outer(), torch.randn(1, 3, 8, 8))
+
+
+class SplitMix(nn.Module):
+    """MixNet/Res2Net style: a feature map split into a tuple, each part convolved, concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 1)
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 5, padding=2)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c4 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.c2(torch.relu(self.c1(x)))
+        left, right = torch.split(x, 4, dim=1)  # one node with a tuple value, read by getitem
+        x = torch.relu(torch.cat([self.a(left), self.b(right)], dim=1))
+        return self.c4(torch.relu(self.c3(x)))
+
+
+def test_tuple_valued_nodes_are_barriers_not_dead_ends() -> None:
+    """A split's tuple has no tensor shape; the main path used to stop there ("no tensor path
+    from the input to the output", timm mixnet_s / res2net). It is a barrier on the path."""
+    from helpers import random_plan, rel_err
+    import random
+    from lightning_layermerge import Plan, merge, prune
+
+    torch.manual_seed(0)
+    model = SplitMix().double().eval()
+    x = torch.randn(1, 3, 10, 10, dtype=torch.float64)
+    chain = trace(model, x)
+    assert [layer.name for layer in chain.layers] == ["c1", "c2", "a", "c3", "c4"]
+    assert "split" in chain.positions[2].forced and "cat" in chain.positions[3].forced
+    rng = random.Random(0)
+    for plan in [Plan.keep_all(chain), Plan.remove_all(chain)] + [random_plan(chain, rng) for _ in range(5)]:
+        pruned = prune(model, chain, plan).eval()
+        with torch.no_grad():
+            assert rel_err(pruned(x), merge(pruned)(x)) <= 1e-9
+
+
+def test_untraceable_error_names_the_failing_line() -> None:
+    """The error names the submodule and the line of model code fx stopped at (the op)."""
+
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3)
+
+        def forward(self, x):
+            if x.mean() > 0:  # data-dependent branch: the op that cannot be traced
+                return self.conv(x)
+            return x
+
+    with pytest.raises(ValueError, match=r"inside submodule <root> \(Gate\) at test_graph\.py:\d+ \(`if x\.mean\(\) > 0:"):
+        trace(Gate(), torch.randn(1, 3, 8, 8))

@@ -161,3 +161,33 @@ def test_merge_rejects_foreign_input() -> None:
     merged = merge(prune(Plain().eval(), chain, Plan.keep_all(chain)))
     with pytest.raises(ValueError, match="already merged"):
         merge(merged)
+
+
+class ThreeWaySum(nn.Module):
+    """MobileOne/FastViT style: out = (scale(x) + bn(x)) + conv_kxk(x). The second add's
+    shortcut cannot be folded; keep_all used to fail ("crosses the residual add")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = ConvBN(3, 8)
+        self.kxk = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.scale = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.identity = nn.BatchNorm2d(8)
+        self.head = ConvBN(8, 8)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.scale(x) + self.identity(x)
+        out = out + self.kxk(x)
+        return self.head(torch.relu(out))
+
+
+def test_unfoldable_shortcut_from_the_segment_input_ends_the_segment() -> None:
+    torch.manual_seed(0)
+    model = ThreeWaySum()
+    chain = trace(model, torch.randn(1, 3, 9, 9))
+    # ties go to the first operand: the main path runs through scale, kxk is the shortcut
+    assert [l.name for l in chain.layers] == ["stem.0", "scale.0", "head.0"]
+    assert [s.foldable for s in chain.skips] == [True, False]  # bn(x) folds; padded kxk does not
+    assert chain.segments_between(1, 2) and not chain.segments_between(1, 3)  # never across the add
+    assert _check_all_plans(model, torch.randn(2, 3, 9, 9)) >= 3

@@ -78,3 +78,25 @@ def test_min_chain_ms_is_the_fastest_covering(setting) -> None:
                                       table.chain_ms), rel=1.0)  # never above the keep-all chain
     # depth keeps every conv, so it can never be faster than layermerge
     assert min_chain_ms(table, chain, "depth") >= floor - 1e-9
+
+
+def test_depth_skips_pairs_without_an_all_kept_segment() -> None:
+    """A strided conv followed by a 3x3 cannot merge with both kept (the strided-conv rule), so the
+    pair has segments but none keeps every conv; Depth must plan around it (it used to raise)."""
+    from lightning_layermerge.planner import solve_for
+    from lightning_layermerge.tables.latency import LatencySettings, LatencyTable
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    chain = trace(model, torch.randn(1, 3, 16, 16))
+    kept = chain.all_kept_kernels()
+    assert any(s.key[:2] not in kept for s in chain.segments)  # the case this test is about
+    entries = {s.key: 1.0 + 0.1 * s.k for s in chain.segments}
+    table = LatencyTable(entries, total_ms=10.0, chain_ms=sum(entries[k] for k in Plan.keep_all(chain).keys),
+                         settings=LatencySettings())
+    importance = {s.key: 1.0 for s in chain.segments}
+    sol = solve_for(table, importance, chain, budget_ms=sum(entries.values()), method="depth")
+    plan = Plan.from_segments(chain, sol.segments)
+    assert plan.kept_convs == frozenset(range(1, chain.num_layers + 1))
+    assert all(k[:2] in kept for k in sol.segments)

@@ -4,12 +4,16 @@ An adapter can
 - mark a module class as a *leaf* (captured as one node instead of being traced through),
 - register a leaf class as identity-in-eval or as an element-wise activation,
 - register a *decomposition*: a composite leaf (e.g. timm's ``BatchNormAct2d``) replaced,
-  after tracing, by a sequence of plain modules that the core understands.
+  after tracing, by a sequence of plain modules that the core understands,
+- register a traceable *forward* for a module class whose own forward fx cannot trace
+  (e.g. diffusers' ``UNet2DModel``); it must compute the same function, which ``capture``
+  checks on the example input.
 A family that needs none of this needs no adapter at all.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +33,7 @@ class _Decomposition:
 
 _LEAVES: list[Predicate] = []
 _DECOMPOSITIONS: list[_Decomposition] = []
+_FORWARDS: list[tuple[Predicate, Callable]] = []
 
 
 def register_leaf(applies: Predicate) -> None:
@@ -57,6 +62,38 @@ def register_decomposition(applies: Predicate, parts: Decomposer) -> None:
     """
     register_leaf(applies)
     _DECOMPOSITIONS.append(_Decomposition(applies, parts))
+
+
+def register_forward(applies: Predicate, forward: Callable) -> None:
+    """Trace ``forward(module, *args, **kwargs)`` instead of the forward of matching modules.
+
+    Used only on the deep copy that ``capture`` traces; the graph it yields must compute
+    what the module computes (``capture`` compares them on the example input).
+    """
+    _FORWARDS.append((applies, forward))
+
+
+def install_forwards(model: nn.Module) -> list[str]:
+    """Bind registered traceable forwards on ``model`` (a throwaway copy) and its submodules.
+
+    fx traces the root through ``type(root).forward``, so the root gets a one-off subclass;
+    submodules are called through ``Module.__call__`` and get an instance attribute.
+
+    Returns:
+        Qualified names of the modules whose forward was replaced ("" for the root).
+    """
+    replaced = []
+    for name, module in list(model.named_modules()):
+        forward = next((f for applies, f in _FORWARDS if applies(module)), None)
+        if forward is None or is_leaf(module):
+            continue
+        if module is model:
+            cls = type(model)
+            model.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+        else:
+            module.forward = types.MethodType(forward, module)
+        replaced.append(name)
+    return replaced
 
 
 def is_leaf(module: nn.Module) -> bool:
@@ -92,4 +129,5 @@ def _decompose(gm: fx.GraphModule, node: fx.Node, parts: list[tuple[str, nn.Modu
     gm.graph.erase_node(node)
 
 
+from . import diffusers as _diffusers  # noqa: E402,F401  (registers diffusers' modules)
 from . import timm as _timm  # noqa: E402,F401  (registers timm's modules)

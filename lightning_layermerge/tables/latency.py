@@ -422,8 +422,8 @@ def _node_pass(gm: fx.GraphModule, args: tuple, device: torch.device,
     for node in gm.graph.nodes:
         a = fx.node.map_arg(node.args, lambda n: env[n])
         kw = fx.node.map_arg(node.kwargs, lambda n: env[n])
-        if node.op == "placeholder":
-            env[node] = next(inputs)
+        if node.op == "placeholder":  # an argument not given takes its default (e.g. return_dict=True)
+            env[node] = next(inputs, node.args[0] if node.args else None)
         elif node.op == "get_attr":
             env[node] = _fetch_attr(gm, str(node.target))
         elif node.op == "output":

@@ -1,0 +1,69 @@
+"""LayerMergeCallback inside a diffusion training loop: a tiny diffusers UNet, end to end."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lm_helpers import FAST_LATENCY, one_thread, quiet_trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_layermerge import Distillation, ImportanceSettings, LayerMergeCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "ddpm"))
+from diffusion import DiffusionModule, sample  # noqa: E402
+
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+TINY_UNET = {
+    "sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
+    "block_out_channels": (8, 16), "norm_num_groups": 4,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+}
+
+
+class KeepPruned(Callback):
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.pruned = copy.deepcopy(pl_module.unet)
+
+
+def test_callback_compresses_a_unet_in_a_diffusion_loop(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    images = torch.rand(96, 1, 8, 8) * 2 - 1
+    train = DataLoader(TensorDataset(images[:64]), batch_size=16, shuffle=True)
+    val = DataLoader(TensorDataset(images[64:]), batch_size=16)
+    module = DiffusionModule(TINY_UNET, num_train_timesteps=50, lr=1e-3, example_batch=4)
+    original = copy.deepcopy(module.unet).eval()
+    cb = LayerMergeCallback(budget=0.95, target="unet", importance=ImportanceSettings(fraction=0.25, steps=2,
+                            batch_size=8, relative=True), latency=FAST_LATENCY, distill=Distillation(alpha=1.0),
+                            cache_dir=str(tmp_path / "cache"), verbose=False)
+    keep = KeepPruned()
+    trainer = quiet_trainer(max_steps=3, callbacks=[cb, keep], limit_val_batches=1)
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+
+    report = cb.report
+    assert report.monitor == "val_loss" and report.merged
+    assert trainer.callback_metrics["layermerge/kd_loss"] > 0  # MSE to the teacher's predicted noise
+    assert set(cb.importance_table) == {s.key for s in cb.chain.segments}
+    merged = module.unet
+    # Same call signature and output type as the UNet; equal to the fine-tuned pruned network.
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 7, 23, 49])
+    with torch.no_grad():
+        want, got = keep.pruned.eval()(x, t).sample, merged(x, t).sample
+        ref = original(x, t)
+    assert type(merged(x, t)) is type(ref)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # One conv per segment (plus a 1x1 conv on the (N, C, 1, 1) time embedding where a block's temb add was merged).
+    def spatial_convs(net):
+        return sum(isinstance(m, torch.nn.Conv2d) and "_bias" not in n for n, m in net.named_modules())
+
+    folded = sum(len(cb.chain.segment(*k).convs) - 1 for k in cb.plan.keys if cb.chain.segment(*k).convs)
+    assert spatial_convs(merged) == spatial_convs(keep.pruned) - folded
+    # A DDPMPipeline-style sampling loop runs on the merged UNet.
+    out = sample(merged, 50, (2, 1, 8, 8), steps=5)
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
