@@ -81,11 +81,16 @@ class BasicBlock(nn.Module):
 
 
 class DigitsResNet(nn.Module):
-    """A small ResNet: stem conv, two stages of BasicBlocks (width, then 2x width at stride 2)."""
+    """A small ResNet: stem conv, stages of BasicBlocks (width, then 2x width at stride 2, ...).
 
-    def __init__(self, width: int = 32, blocks: tuple[int, int] = (2, 2), num_classes: int = 10) -> None:
+    ``in_channels=3`` runs the same network on colour images (``benchmarks/compare.py`` on CIFAR-10).
+    """
+
+    def __init__(self, width: int = 32, blocks: tuple[int, ...] = (2, 2), num_classes: int = 10,
+                 in_channels: int = 1) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
         layers: list[nn.Module] = []
         cin = width
         for stage, count in enumerate(blocks):
@@ -101,25 +106,22 @@ class DigitsResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
-class DigitsClassifier(L.LightningModule):
-    """Cross-entropy classifier with SGD + cosine schedule; logs ``val_loss``/``val_acc``/``test_acc``.
+class Classifier(L.LightningModule):
+    """Cross-entropy classifier around ``model``; SGD (Nesterov) + one-cycle cosine schedule.
+
+    Logs ``val_loss`` (the Perf metric of the importance table), ``val_acc`` and ``test_acc``.
 
     Args:
-        width: Channels of the first stage.
-        blocks: BasicBlocks per stage.
-        lr: Peak learning rate (cosine-decayed over the run).
+        model: The network (``self.model``, the callback's default target).
+        lr: Peak learning rate.
         weight_decay: SGD weight decay.
-        weights: Optional state_dict file to load (the trained network to compress).
     """
 
-    def __init__(self, width: int = 32, blocks: tuple[int, int] = (2, 2), lr: float = 0.1,
-                 weight_decay: float = 5e-4, weights: str | None = None) -> None:
+    def __init__(self, model: nn.Module, lr: float = 0.1, weight_decay: float = 5e-4) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.model = DigitsResNet(width, tuple(blocks))
+        self.model = model
         self.lr = lr
-        if weights is not None:  # start from trained weights (a state_dict file, e.g. from quickstart.py)
-            self.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.weight_decay = weight_decay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -144,7 +146,26 @@ class DigitsClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, nesterov=True,
-                              weight_decay=self.hparams.weight_decay)
+                              weight_decay=self.weight_decay)
         steps = max(int(self.trainer.estimated_stepping_batches), 1)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps, pct_start=0.15)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class DigitsClassifier(Classifier):
+    """:class:`Classifier` around a :class:`DigitsResNet` (the quickstart and CLI network).
+
+    Args:
+        width: Channels of the first stage.
+        blocks: BasicBlocks per stage.
+        lr: Peak learning rate (cosine-decayed over the run).
+        weight_decay: SGD weight decay.
+        weights: Optional state_dict file to load (the trained network to compress).
+    """
+
+    def __init__(self, width: int = 32, blocks: tuple[int, int] = (2, 2), lr: float = 0.1,
+                 weight_decay: float = 5e-4, weights: str | None = None) -> None:
+        super().__init__(DigitsResNet(width, tuple(blocks)), lr, weight_decay)
+        self.save_hyperparameters()
+        if weights is not None:  # start from trained weights (a state_dict file, e.g. from quickstart.py)
+            self.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

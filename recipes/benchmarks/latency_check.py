@@ -53,6 +53,9 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from helpers import randomize_batchnorm  # noqa: E402  (realistic BN statistics, shared with the tests)
+
 from lightning_layermerge import Chain, Plan, merge, prune, solve, trace  # noqa: E402
 from lightning_layermerge.tables.latency import (  # noqa: E402
     LatencySettings,
@@ -101,20 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stem", default="latency_check", help="file name stem of the .md and .png written")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so that the network is a realistic one to fold."""
-    gen = torch.Generator().manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            with torch.no_grad():
-                n = mod.num_features
-                mod.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-                mod.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                mod.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                mod.bias.copy_(torch.rand(n, generator=gen) - 0.5)
-    return model
 
 
 def l1_importance(chain: Chain) -> dict[tuple[int, int, int], float]:

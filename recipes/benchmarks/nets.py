@@ -1,16 +1,14 @@
 """Small networks, data and a classifier module for ``compare.py`` (digits at 16 px, or CIFAR-10).
 
-* :class:`SmallResNet`: the quickstart's ResNet (``recipes/digits.py``: stem conv + BasicBlock
-  stages, identity / 1x1-projection shortcuts) with a configurable number of input channels,
-  so the same network runs on 1-channel digits and 3-channel CIFAR-10.
+* ``build_net("resnet")``: the quickstart's ``digits.DigitsResNet`` (stem conv + BasicBlock
+  stages, identity / 1x1-projection shortcuts), 1-channel for digits or 3-channel for CIFAR-10.
 * :class:`SmallMobileNetV2`: a MobileNetV2 in miniature: stem conv, inverted-residual blocks
   (1x1 expansion + ReLU6, 3x3 depthwise + ReLU6, linear 1x1 projection, identity shortcut when
   the shape is kept), a final 1x1 conv + ReLU6, global pooling, linear classifier. Same block
   structure as torchvision's ``mobilenet_v2``, so the chain (depthwise convs, linear
   bottlenecks, skips ending on the projection) is the one the paper compresses.
-* :class:`Classifier`: cross-entropy training with SGD + one-cycle cosine, logging
-  ``val_loss`` / ``val_acc`` / ``test_acc`` (the same recipe as ``digits.DigitsClassifier``,
-  for any network).
+* ``Classifier`` (from ``digits.py``): cross-entropy training with SGD + one-cycle cosine,
+  logging ``val_loss`` / ``val_acc`` / ``test_acc``, for any network.
 * :class:`Cifar10DataModule`: CIFAR-10 from a local copy in torchvision's format (never
   downloaded), same train / val / test interface as ``digits.DigitsDataModule``.
 """
@@ -27,39 +25,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from digits import BasicBlock, DigitsDataModule  # noqa: E402
+from digits import Classifier, DigitsDataModule, DigitsResNet  # noqa: E402
 
-__all__ = ["Cifar10DataModule", "Classifier", "DigitsDataModule", "SmallMobileNetV2", "SmallResNet", "build_net"]
-
-
-class SmallResNet(nn.Module):
-    """Stem conv3x3-BN-ReLU, then stages of BasicBlocks (width, 2x width at stride 2, ...).
-
-    Args:
-        in_channels: Image channels (1 for digits, 3 for CIFAR-10).
-        width: Channels of the first stage.
-        blocks: BasicBlocks per stage.
-        num_classes: Classifier outputs.
-    """
-
-    def __init__(self, in_channels: int = 1, width: int = 16, blocks: tuple[int, ...] = (2, 2),
-                 num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU())
-        layers: list[nn.Module] = []
-        cin = width
-        for stage, count in enumerate(blocks):
-            cout = width * 2**stage
-            for b in range(count):
-                layers.append(BasicBlock(cin, cout, stride=2 if stage > 0 and b == 0 else 1))
-                cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+__all__ = ["Cifar10DataModule", "Classifier", "DigitsDataModule", "SmallMobileNetV2", "build_net"]
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
@@ -122,59 +90,11 @@ def build_net(name: str, in_channels: int) -> nn.Module:
     """``"resnet"`` or ``"mobilenetv2"``: the two networks of the comparison (fixed sizes)."""
     if name == "resnet":
         # The quickstart's network: 9 chain convs (stem + 4 BasicBlocks), 2 stages.
-        return SmallResNet(in_channels, width=16, blocks=(2, 2))
+        return DigitsResNet(width=16, blocks=(2, 2), in_channels=in_channels)
     if name == "mobilenetv2":
         # 1 stem + 2 (t=1 block) + 4 x 3 (expanded blocks) + 1 final = 16 chain convs.
         return SmallMobileNetV2(in_channels)
     raise ValueError(f"unknown network {name!r}; use 'resnet' or 'mobilenetv2'")
-
-
-class Classifier(L.LightningModule):
-    """Cross-entropy classifier around ``model``; SGD (Nesterov) + one-cycle cosine schedule.
-
-    Same training recipe as ``digits.DigitsClassifier``; the network is passed in, so both
-    benchmark networks share it. Logs ``val_loss`` (the Perf metric of the importance
-    table), ``val_acc`` and ``test_acc``.
-
-    Args:
-        model: The network (``self.model``, the callback's default target).
-        lr: Peak learning rate.
-        weight_decay: SGD weight decay.
-    """
-
-    def __init__(self, model: nn.Module, lr: float = 0.1, weight_decay: float = 5e-4) -> None:
-        super().__init__()
-        self.model = model
-        self.lr = lr
-        self.weight_decay = weight_decay
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log(f"{prefix}_loss", F.cross_entropy(logits, y))
-        self.log(f"{prefix}_acc", (logits.argmax(1) == y).float().mean())
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def configure_optimizers(self) -> dict:
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, nesterov=True,
-                              weight_decay=self.weight_decay)
-        steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps, pct_start=0.15)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class Cifar10DataModule(L.LightningDataModule):
