@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ddpm"))
 from diffusion import DDPM_CIFAR10_UNET, build_unet  # noqa: E402
 
 from lightning_layermerge import LatencySettings, Plan, build_latency_table, merge, prune, solve, trace  # noqa: E402
+from lightning_layermerge.planner import min_chain_ms  # noqa: E402
 from lightning_layermerge.report import measure_side_by_side  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -47,8 +48,7 @@ def main() -> None:
     settings = LatencySettings(device="cpu", batch_size=args.batch, threads=1, warmup=3, repeats=10, reference=True)
     table = build_latency_table(unet, chain, settings, cache_dir=args.cache)
     importance = {s.key: 1.0 + len(s.convs) for s in chain.segments}
-    floor = solve(table.entries, {k: -v for k, v in table.entries.items()}, chain.num_layers,
-                  sum(table.entries.values()) + 1).latency
+    floor = min_chain_ms(table, chain, "layermerge")
     floor_fraction = (table.outside_ms + floor) / table.total_ms
     rows = []
     original = merge(prune(unet, chain, Plan.keep_all(chain)))

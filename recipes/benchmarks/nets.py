@@ -18,14 +18,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from digits import Classifier, DigitsDataModule, DigitsResNet  # noqa: E402
+from digits import Classifier, DigitsDataModule, DigitsResNet, SplitDataModule  # noqa: E402
 
 __all__ = ["Cifar10DataModule", "Classifier", "DigitsDataModule", "SmallMobileNetV2", "build_net"]
 
@@ -97,7 +95,7 @@ def build_net(name: str, in_channels: int) -> nn.Module:
     raise ValueError(f"unknown network {name!r}; use 'resnet' or 'mobilenetv2'")
 
 
-class Cifar10DataModule(L.LightningDataModule):
+class Cifar10DataModule(SplitDataModule):
     """CIFAR-10 from a local torchvision-format copy (``cifar-10-batches-py`` under ``root``).
 
     The 50,000 training images are split into train / val (``val_size``, fixed seed); the
@@ -137,11 +135,3 @@ class Cifar10DataModule(L.LightningDataModule):
         self.train_set, self.val_set = TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
         self.test_set = TensorDataset(*self._tensors(train=False))
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=256)
