@@ -7,6 +7,8 @@ Planning (no Lightning): :func:`build_latency_table`, :func:`build_importance_ta
 :func:`solve`, :class:`LatencySettings`, :class:`LayerMergeReport`.
 Lightning (imported on first use): :class:`LayerMergeCallback`, :class:`Distillation`,
 :class:`ImportanceSettings`, :func:`restore_pruned`.
+diffusers (imported on first use): :class:`LayerMergeUNet2DModel` (a compressed UNet2DModel
+as a diffusers model: pipelines, ``save_pretrained`` / ``from_pretrained``).
 """
 
 from .graph import Chain, Layer, Position, Segment, Skip, trace
@@ -21,18 +23,18 @@ from .tables.latency import LatencySettings, LatencyTable, build_latency_table
 
 __all__ = [
     "Chain", "Distillation", "ImportanceSettings", "LatencySettings", "LatencyTable", "Layer", "LayerMergeCallback",
-    "LayerMergeReport", "Plan", "Position", "Segment", "Skip", "Solution", "build_importance_table",
+    "LayerMergeReport", "LayerMergeUNet2DModel", "Plan", "Position", "Segment", "Skip", "Solution", "build_importance_table",
     "build_latency_table", "export_onnx", "export_torchscript", "load_compressed", "merge", "prune",
     "restore_pruned", "save_compressed", "solve", "trace",
 ]
 
-# Names of the Lightning layer, by the module that defines them.
+# Names of the Lightning layer (and of the diffusers model), by the module that defines them.
 _LAZY = {"LayerMergeCallback": "callback", "restore_pruned": "callback", "Distillation": "distill",
-         "ImportanceSettings": "subruns"}
+         "ImportanceSettings": "subruns", "LayerMergeUNet2DModel": "adapters.diffusers_model"}
 
 
 def __getattr__(name: str):
-    """Import the Lightning layer lazily: the surgery and planning layers need no Lightning."""
+    """Import the Lightning layer (and diffusers) lazily: the surgery and planning layers need neither."""
     if name in _LAZY:
         import importlib
 

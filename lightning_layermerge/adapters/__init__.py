@@ -7,7 +7,9 @@ An adapter can
   after tracing, by a sequence of plain modules that the core understands,
 - register a traceable *forward* for a module class whose own forward fx cannot trace
   (e.g. diffusers' ``UNet2DModel``); it must compute the same function, which ``capture``
-  checks on the example input.
+  checks on the example input,
+- register a *wrapper*: how a compressed network is handed back in its library's own model
+  type (e.g. a diffusers model that pipelines and ``save_pretrained`` accept).
 A family that needs none of this needs no adapter at all.
 """
 
@@ -34,6 +36,7 @@ class _Decomposition:
 _LEAVES: list[Predicate] = []
 _DECOMPOSITIONS: list[_Decomposition] = []
 _FORWARDS: list[tuple[Predicate, Callable]] = []
+_WRAPPERS: list[tuple[Predicate, Callable[[nn.Module, fx.GraphModule], nn.Module]]] = []
 
 
 def register_leaf(applies: Predicate) -> None:
@@ -94,6 +97,23 @@ def install_forwards(model: nn.Module) -> list[str]:
             module.forward = types.MethodType(forward, module)
         replaced.append(name)
     return replaced
+
+
+def register_wrapper(applies: Predicate, wrap: Callable[[nn.Module, fx.GraphModule], nn.Module]) -> None:
+    """Hand compressed networks of originals matching ``applies`` back as ``wrap(original, network)``."""
+    _WRAPPERS.append((applies, wrap))
+
+
+def wrap_compressed(original: nn.Module, network: nn.Module) -> nn.Module:
+    """``network`` (from ``prune``/``merge`` of ``original``) in the original's library type, if an
+    adapter registered one (a diffusers ``UNet2DModel`` -> ``LayerMergeUNet2DModel``); else ``network``.
+
+    The wrapper must call like ``network`` and hold its parameters (it is used in its place).
+    """
+    if not isinstance(network, fx.GraphModule):
+        return network
+    wrap = next((w for applies, w in _WRAPPERS if applies(original)), None)
+    return network if wrap is None else wrap(original, network)
 
 
 def is_leaf(module: nn.Module) -> bool:

@@ -17,6 +17,10 @@ gives the capture
 ``ResnetBlock2D`` is traced as it is: GroupNorm is a movable norm and the time-embedding
 add a per-channel bias in the core (``ops.Kind``), which is all the paper's DDPM rules need.
 
+The compressed UNet is handed back as a diffusers model by ``wrap_compressed``
+(:class:`~lightning_layermerge.adapters.diffusers_model.LayerMergeUNet2DModel`: pipelines,
+``save_pretrained`` / ``from_pretrained``).
+
 Matched by class name and module, so importing this file does not import diffusers.
 """
 
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import register_forward, register_leaf
+from . import register_forward, register_leaf, register_wrapper
 
 
 def _diffusers_class(m: nn.Module, *names: str) -> bool:
@@ -131,3 +135,12 @@ def _downsample2d_forward(self: nn.Module, hidden_states: torch.Tensor, *args: A
 register_forward(lambda m: _diffusers_class(m, "UNet2DModel"), _unet2d_forward)
 register_forward(lambda m: _diffusers_class(m, "Upsample2D"), _upsample2d_forward)
 register_forward(lambda m: _diffusers_class(m, "Downsample2D"), _downsample2d_forward)
+
+
+def _wrap_unet(original: nn.Module, network: fx.GraphModule) -> nn.Module:
+    from .diffusers_model import wrap_unet  # imports diffusers: only reached with a diffusers model
+
+    return wrap_unet(original, network)
+
+
+register_wrapper(lambda m: _diffusers_class(m, "UNet2DModel"), _wrap_unet)
