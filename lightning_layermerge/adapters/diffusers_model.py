@@ -277,8 +277,8 @@ def _placeholder_weights(model: nn.Module) -> None:
 def _rebuild(unet_config: Mapping[str, Any], layermerge: Mapping[str, Any]) -> fx.GraphModule:
     """``UNet2DModel(**config)`` -> trace -> prune(plan) (-> merge): the architecture, placeholder weights.
 
-    Built in float32 whatever the default dtype (``from_pretrained(torch_dtype=...)`` changes
-    it while constructing); the loaded weights and ``.to()`` set the dtype afterwards.
+    Traced in float32, then cast to the default dtype, as any module is built in it
+    (``from_pretrained(torch_dtype=...)`` sets it while constructing, then loads into it).
 
     Raises:
         ValueError: the ``layermerge`` entry is missing or of another format, or its plan
@@ -290,6 +290,7 @@ def _rebuild(unet_config: Mapping[str, Any], layermerge: Mapping[str, Any]) -> f
     if layermerge.get("format", FORMAT) != FORMAT:
         raise ValueError(f"the 'layermerge' config entry has format {layermerge.get('format')}; this version reads "
                          f"{FORMAT}")
+    dtype = torch.get_default_dtype()
     with _default_dtype(torch.float32):
         unet = UNet2DModel(**unet_config).float().eval()
         _placeholder_weights(unet)
@@ -303,7 +304,7 @@ def _rebuild(unet_config: Mapping[str, Any], layermerge: Mapping[str, Any]) -> f
         if layermerge["kind"] == "merged":
             network = merge(network.eval())
     attach_input_spec(network, example)
-    return network
+    return network.to(dtype)
 
 
 def _own_memory(model: nn.Module) -> None:
