@@ -39,6 +39,7 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import fx, nn
 
+from .adapters import unwrap_compressed, wrap_compressed
 from .checks import check_budget, check_cache_dir, check_choice, check_monitor, check_plan, check_target, check_type
 from .distill import Distillation, DistillationPatch, frozen_teacher
 from .graph import Chain
@@ -164,7 +165,8 @@ class LayerMergeCallback(Callback):
         _check_trainer(trainer, self)
         path = resolve_target(pl_module, self.target)
         target = get_path(pl_module, path)
-        if isinstance(target, fx.GraphModule) and META_KEY in target.meta:
+        compressed = unwrap_compressed(target)  # e.g. a LayerMergeUNet2DModel from an earlier fit
+        if isinstance(compressed, fx.GraphModule) and META_KEY in compressed.meta:
             rank_zero_warn(f"LayerMergeCallback: '{path}' is already compressed; this fit fine-tunes it as it is.")
             return
         example = example_input(pl_module, target, lambda: next(iter(check_loader(train_loader(trainer)))))
@@ -324,6 +326,7 @@ class LayerMergeCallback(Callback):
             # only synced at the start of a forward); merge rank 0's, so all ranks end identical.
             pruned.load_state_dict(trainer.strategy.broadcast(pruned.state_dict(), src=0))
         final, merged, error = merge_checked(pruned, self.chain.example)
+        final = wrap_compressed(self._original, final)  # a diffusers UNet comes back as a diffusers model
         set_path(pl_module, self._target_path, final)
         self.report = self._build_report(trainer, pl_module, final, merged, error)
         self._publish(trainer, self.report)

@@ -175,10 +175,18 @@ def test_callback_output_is_a_pipeline_unet(tmp_path: Path) -> None:
     trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(images[:32]), batch_size=8),
                 val_dataloaders=DataLoader(TensorDataset(images[32:]), batch_size=8))
     assert cb.report.merged
-    # Until LayerMergeCallback wraps it itself, adapters.wrap_compressed is the one call it needs.
-    unet = adapters.wrap_compressed(original, module.unet)
+    unet = module.unet  # handed back as a diffusers model (adapters.wrap_compressed)
     assert isinstance(unet, LayerMergeUNet2DModel) and unet.kind == "merged"
+    assert adapters.unwrap_compressed(unet) is unet.network
+    x, t = module.example_input_array
+    with torch.no_grad():
+        assert type(unet(x, t)) is type(original(x, t))
     assert unet.config.sample_size == 8 and unet.config.layermerge["plan"]["segments"] == plan.to_dict()["segments"]
+    # A further fit with the callback recognises the wrapped network as compressed and only fine-tunes it.
+    with pytest.warns(UserWarning, match="already compressed"):
+        quiet_trainer(max_steps=1, callbacks=[LayerMergeCallback(budget=0.9, target="unet")],
+                      limit_val_batches=0).fit(module, train_dataloaders=DataLoader(TensorDataset(images), batch_size=8))
+    assert module.unet is unet
     for pipe in _pipelines(unet):
         want = _images(pipe, batch=3)
         assert want.shape == (3, 8, 8, 1) and torch.isfinite(want).all()
@@ -197,6 +205,7 @@ def test_wrap_compressed_leaves_other_networks_alone(compressed) -> None:
     convnet = nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU())
     assert adapters.wrap_compressed(convnet, pruned) is pruned  # no adapter wraps a plain Sequential
     assert adapters.wrap_compressed(_unet(), convnet) is convnet  # not a compressed network
+    assert adapters.unwrap_compressed(pruned) is pruned and adapters.unwrap_compressed(convnet) is convnet
 
 
 def test_errors_are_clear(compressed, tmp_path: Path) -> None:

@@ -108,12 +108,23 @@ def wrap_compressed(original: nn.Module, network: nn.Module) -> nn.Module:
     """``network`` (from ``prune``/``merge`` of ``original``) in the original's library type, if an
     adapter registered one (a diffusers ``UNet2DModel`` -> ``LayerMergeUNet2DModel``); else ``network``.
 
-    The wrapper must call like ``network`` and hold its parameters (it is used in its place).
+    The wrapper must call like ``network``, hold it as ``.network`` and own no other
+    parameters (it is used in its place; :func:`unwrap_compressed` takes it out again).
     """
     if not isinstance(network, fx.GraphModule):
         return network
     wrap = next((w for applies, w in _WRAPPERS if applies(original)), None)
     return network if wrap is None else wrap(original, network)
+
+
+def unwrap_compressed(module: nn.Module) -> nn.Module:
+    """The network inside a wrapper made by :func:`wrap_compressed` (its ``.network``); else ``module``."""
+    from ..prune import META_KEY  # not at import time: prune imports this package
+
+    inner = getattr(module, "network", None)
+    if not isinstance(module, fx.GraphModule) and isinstance(inner, fx.GraphModule) and META_KEY in inner.meta:
+        return inner
+    return module
 
 
 def is_leaf(module: nn.Module) -> bool:
