@@ -101,7 +101,7 @@ def sample(unet: nn.Module, num_train_timesteps: int, shape: tuple[int, ...], *,
     """Ancestral DDPM sampling (as ``DDPMPipeline``) with any module called ``unet(x, t).sample``.
 
     Works with the original ``UNet2DModel`` and with the merged network the callback returns
-    (a ``torch.fx.GraphModule`` with the same signature). ``steps`` < ``num_train_timesteps``
+    (a ``LayerMergeUNet2DModel``, which diffusers' ``DDPMPipeline`` also accepts). ``steps`` < ``num_train_timesteps``
     uses the scheduler's strided schedule. Returns images in [-1, 1] (clamped).
     """
     scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps)
