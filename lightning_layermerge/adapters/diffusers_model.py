@@ -201,7 +201,7 @@ class LayerMergeUNet2DModel(ModelMixin, ConfigMixin):
         """
         if self.kind == "merged":
             raise ValueError("this LayerMergeUNet2DModel is already merged")
-        merged = merge(self.network.eval())
+        merged = merge(self.network)  # a merged copy; self stays as it is (also its train/eval mode)
         meta = self.network.meta[META_KEY]
         if meta.get("inputs"):
             merged.meta[META_KEY]["inputs"] = meta["inputs"]
