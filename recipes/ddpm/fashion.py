@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--importance-steps", type=int, default=10)
     p.add_argument("--classifier-steps", type=int, default=500)
     p.add_argument("--methods", nargs="+", default=["layermerge", "layeronly", "depth"])
-    p.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.8])
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.95, 0.9, 0.87, 0.8])
     p.add_argument("--samples", type=int, default=1000, help="generated images per FID")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--batch-size", type=int, default=64)
@@ -309,34 +309,49 @@ def write_outputs(runs: list[dict], meta: dict, grids: dict[str, torch.Tensor], 
         f"in the 64-d feature space of a classifier trained here (test accuracy {meta['classifier_acc']:.3f}). "
         "Latency: the UNet forward (batch 16, CPU, 1 thread), merged vs original timed side by side by the "
         "callback (ratio < 1 is faster).", "",
-        "| run | budget | measured latency ratio | speed-up | kept convs | FID proxy | vs original | val loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | budget | measured latency ratio | speed-up | kept convs | FID proxy | vs original | vs fine-tuned control | val loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    control = next((r for r in runs if r["name"] == "uncompressed, fine-tuned"), None)
     for r in runs:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['budget']} | — | — | — | — | — | {r['error'][:90]} |")
+            lines.append(f"| {r['name']} | {r['budget']} | — | — | — | — | — | — | {_short(r['error'])} |")
             continue
         ratio = r.get("measured_ratio") or 1.0
         kept = f"{r['kept_convs']}/{r['num_layers']}" if "kept_convs" in r else "all"
         rel = r["fid"] / base["fid"] - 1
         loss = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else ""
+        rel_control = f"{r['fid'] / control['fid'] - 1:+.1%}" if control else ""
         lines.append(f"| {r['name']} | {r['budget']} | {ratio:.3f} | {1 / ratio:.2f}x | {kept} | {r['fid']:.3f} | "
-                     f"{rel:+.1%} | {loss} |")
-    within = [r for r in runs if "error" not in r and r.get("kept_convs") is not None and r["fid"] <= 1.1 * base["fid"]]
-    lines += ["", _verdict(within, base), ""]
+                     f"{rel:+.1%} | {rel_control} | {loss} |")
+    compressed = [r for r in runs if "error" not in r and r.get("kept_convs") is not None]
+    lines += ["", _verdict([r for r in compressed if r["fid"] <= 1.1 * base["fid"]], base, "original")]
+    if control:
+        lines += ["", _verdict([r for r in compressed if r["fid"] <= 1.1 * control["fid"]], control,
+                               "uncompressed UNet fine-tuned for the same steps")]
+    lines.append("")
     if meta.get("seconds"):
-        lines.append(f"Total time: {meta['seconds'] / 60:.0f} min on this machine (2 shared CPU cores).")
+        lines.append(f"Time of the last invocation: {meta['seconds'] / 60:.0f} min on this machine (2 shared CPU "
+                     "cores; runs already on disk are not repeated).")
     (out / "fashion.md").write_text("\n".join(lines) + "\n")
     _plot(runs, base, out / "fashion.png")
-    _grids(grids, out / "fashion_samples.png")
+    if grids:
+        _grids(grids, out / "fashion_samples.png")
 
 
-def _verdict(within: list[dict], base: dict) -> str:
+def _short(error: str) -> str:
+    """The reachable floor out of the callback's 'budget below the smallest latency' message."""
+    if "can reach" in error and "Raise budget to at least" in error:
+        return "unreachable: floor " + error.split("Raise budget to at least")[1].split()[0]
+    return error[:90]
+
+
+def _verdict(within: list[dict], ref: dict, what: str) -> str:
     if not within:
-        return "No compressed run keeps the FID proxy within 10 % of the original's."
+        return f"No compressed run keeps the FID proxy within 10 % of that of the {what} ({ref['fid']:.3f})."
     best = min(within, key=lambda r: r["measured_ratio"])
-    return (f"Lowest budget whose FID proxy stays within 10 % of the original's ({base['fid']:.3f}): "
-            f"{best['name']} at budget {best['budget']}, FID proxy {best['fid']:.3f}, measured latency ratio "
+    return (f"Fastest run whose FID proxy stays within 10 % of that of the {what} ({ref['fid']:.3f}): "
+            f"{best['name']} (budget {best['budget']}), FID proxy {best['fid']:.3f}, measured latency ratio "
             f"{best['measured_ratio']:.3f} ({1 / best['measured_ratio']:.2f}x faster).")
 
 
@@ -410,8 +425,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = []
     for name, method, budget in plan:
         path = work / "runs" / (name.replace(" ", "_").replace(",", "") + ".json")
+        grid_path = path.with_suffix(".pt")
         if path.is_file():
             runs.append(json.loads(path.read_text()))
+            if grid_path.is_file():
+                grids[name] = torch.load(grid_path, weights_only=True)
             continue
         if args.report_only:
             continue
@@ -424,6 +442,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run["name"] = name
         if unet is not None:
             score(run, unet, fid, args, scheduler_config, grids)
+            torch.save(grids[name], grid_path)
         path.write_text(json.dumps(run, indent=2, default=str))
         runs.append(run)
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
