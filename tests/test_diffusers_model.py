@@ -90,6 +90,26 @@ def test_wrapper_has_the_unet_config_dtype_device_and_output(compressed) -> None
     model.to(torch.float32)
 
 
+def test_state_dict_keys_are_the_networks(compressed) -> None:
+    # A module holding the wrapper checkpoints the same keys as one holding the bare network
+    # (checkpoints written after LayerMergeCallback's fit load into the rebuilt network).
+    unet, example, pruned, merged = compressed
+    model = LayerMergeUNet2DModel.from_compressed(copy.deepcopy(merged), unet, example_input=example)
+    want = merged.state_dict()
+    assert list(model.state_dict()) == list(want)
+    holder = nn.ModuleDict({"unet": model})
+    assert list(holder.state_dict()) == [f"unet.{k}" for k in want]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    holder.load_state_dict({f"unet.{k}": v for k, v in want.items()}, strict=True)
+    x, t = example
+    with torch.no_grad():
+        assert torch.equal(model(x, t).sample, merged(x, t).sample)
+    copied = copy.deepcopy(model)
+    assert list(copied.state_dict()) == list(want)
+
+
 def test_pruned_and_merged_sample_through_ddpm_and_ddim_pipelines(compressed) -> None:
     unet, example, pruned, merged = compressed
     as_pruned = LayerMergeUNet2DModel.from_compressed(pruned, unet, example_input=example)

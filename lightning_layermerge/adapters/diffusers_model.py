@@ -109,6 +109,10 @@ class LayerMergeUNet2DModel(ModelMixin, ConfigMixin):
         if network is None:
             network = _rebuild(_unet_config(self.config), self.config[CONFIG_KEY])
         self.network = network
+        # State-dict keys are the network's own ("conv_in.weight", not "network.conv_in.weight"):
+        # a module holding the wrapper checkpoints the same keys as one holding the bare network.
+        self._register_state_dict_hook(_strip_network_prefix)
+        self._register_load_state_dict_pre_hook(_add_network_prefix)
 
     # Declared before register_to_config reads it: every UNet2DModel argument, plus layermerge.
     __init__.__signature__ = _init_signature()  # type: ignore[attr-defined]
@@ -305,6 +309,23 @@ def _rebuild(unet_config: Mapping[str, Any], layermerge: Mapping[str, Any]) -> f
             network = merge(network.eval())
     attach_input_spec(network, example)
     return network.to(dtype)
+
+
+_NETWORK = "network."
+
+
+def _strip_network_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` hook: ``{prefix}network.X`` -> ``{prefix}X`` (order kept)."""
+    inner = prefix + _NETWORK
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _add_network_prefix(state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: ``{prefix}X`` -> ``{prefix}network.X`` (both key forms load)."""
+    inner = prefix + _NETWORK
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
 
 
 def _own_memory(model: nn.Module) -> None:
