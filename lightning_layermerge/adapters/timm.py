@@ -8,7 +8,8 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import register_activation, register_decomposition, register_identity
+from ..modules import DropPath
+from . import register_activation, register_decomposition, register_identity, register_portable
 
 
 def _from_timm(m: nn.Module, package: str) -> bool:
@@ -54,3 +55,10 @@ def _is_timm_activation(m: nn.Module) -> bool:
 
 register_identity(_is_drop_path)
 register_activation(_is_timm_activation)
+
+
+def _portable_drop_path(m: nn.Module) -> nn.Module:
+    return DropPath(float(m.drop_prob), bool(getattr(m, "scale_by_keep", True))).train(m.training)
+
+
+register_portable(lambda m: _from_timm(m, "timm.layers") and type(m).__name__ == "DropPath", _portable_drop_path)
