@@ -19,12 +19,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
 from .graph import trace
 from .plan import Plan
 from .prune import prune
-from .serialization import attach_input_spec, example_from_spec
+from .serialization import attach_input_spec, example_from_spec, read_checkpoint
 from .subruns import get_path, set_path
 
 __all__ = ["CHECKPOINT_KEY", "STATE_KEY", "LoadCheckpointPatch", "restore_pruned", "state_from_checkpoint"]
@@ -35,10 +34,13 @@ CHECKPOINT_KEY = "layermerge"
 STATE_KEY = "LayerMergeCallback"
 
 
-def state_from_checkpoint(checkpoint: str | os.PathLike | Mapping) -> dict | None:
-    """The LayerMerge state of a checkpoint (path or loaded dict); ``None`` if it has none."""
+def state_from_checkpoint(checkpoint: str | os.PathLike | Mapping, *, trusted: bool = False) -> dict | None:
+    """The LayerMerge state of a checkpoint (path or loaded dict); ``None`` if it has none.
+
+    A path is read with ``weights_only=True`` unless ``trusted`` (see ``read_checkpoint``).
+    """
     if not isinstance(checkpoint, Mapping):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint, trusted=trusted)
     state = checkpoint.get(CHECKPOINT_KEY) or checkpoint.get("callbacks", {}).get(STATE_KEY)
     return dict(state) if state else None
 
@@ -74,7 +76,7 @@ class LoadCheckpointPatch:
 
 
 def restore_pruned(pl_module: pl.LightningModule, checkpoint: str | os.PathLike | Mapping, *,
-                   strict: bool = True) -> pl.LightningModule:
+                   strict: bool = True, trusted: bool = False) -> pl.LightningModule:
     """Rebuild the pruned architecture of a checkpoint written by a LayerMergeCallback fit and load it.
 
     ``Module.load_from_checkpoint`` builds the *original* architecture and fails on the
@@ -84,16 +86,20 @@ def restore_pruned(pl_module: pl.LightningModule, checkpoint: str | os.PathLike 
         pl_module: A freshly constructed module (original architecture).
         checkpoint: A checkpoint path or an already loaded checkpoint dict.
         strict: Passed to ``load_state_dict``.
+        trusted: Read a checkpoint path with ``weights_only=False``, which runs code from the
+            file; needed only for checkpoints holding custom objects (e.g. in
+            ``hyper_parameters``). Default: ``weights_only=True``, no code from the file runs.
 
     Returns:
         ``pl_module``, with its target pruned as in the checkpoint and the weights loaded
         (the fine-tuned, not yet merged network; call ``merge`` on the target for inference).
 
     Raises:
-        ValueError: The checkpoint was not written during a LayerMergeCallback fit.
+        ValueError: The checkpoint was not written during a LayerMergeCallback fit, or holds
+            objects other than tensors and plain data and ``trusted`` is false.
     """
     if not isinstance(checkpoint, Mapping):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint, trusted=trusted)
     state = state_from_checkpoint(checkpoint)
     if not state:
         raise ValueError("the checkpoint holds no LayerMerge plan; it was not written during a LayerMergeCallback fit")
