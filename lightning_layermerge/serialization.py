@@ -267,10 +267,12 @@ def _load_legacy(path: str | os.PathLike, original: nn.Module | None, example_in
 
 
 def _refusal(path: Any, err: Exception) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    """What torch's weights-only unpickler refused (the line naming the object) and what to do."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    what = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
     return (f"refusing to read {path}: it holds objects other than tensors and plain data, and reading them would "
-            f"run code from the file (torch.load(weights_only=True) said: {first}). Pass trusted=True only if "
-            "you trust the file's source")
+            f"run code from the file (torch.load(weights_only=True): {what}). Pass trusted=True only if you trust "
+            "the file's source")
 
 
 def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
