@@ -112,7 +112,7 @@ _CLASS_NAMES: dict[type, str] = {cls: name for name, cls in MODULE_CLASSES.items
 #: What ``nn.Module.__init__`` sets up itself; not stored, never overwritten.
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PATH_PART = re.compile(r"[A-Za-z0-9_]+")
+_PATH_PART = re.compile(r"(?!__)[A-Za-z0-9_]+")  # a module or parameter name: no dunders
 
 
 class NotPortableError(ValueError):
@@ -419,9 +419,10 @@ def _decode(v: Any, where: str, nodes: dict[str, fx.Node] | None, reader: _Modul
     if tag == "$memory_format":
         return _torch_constant(x, torch.memory_format, where)
     if tag == "$device":
-        if not isinstance(x, str):
-            raise ValueError(f"{where}: bad device {x!r}")
-        return torch.device(x)
+        try:
+            return torch.device(x)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"{where}: bad device {x!r}") from err
     if tag == "$size":
         return torch.Size([int(i) for i in x])
     if tag == "$slice":
