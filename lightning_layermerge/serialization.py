@@ -266,13 +266,13 @@ def _load_legacy(path: str | os.PathLike, original: nn.Module | None, example_in
     return model
 
 
-def _refusal(path: Any, err: Exception) -> str:
+def _refusal(path: Any, err: Exception, hint: str = "") -> str:
     """What torch's weights-only unpickler refused (the line naming the object) and what to do."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     what = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
     return (f"refusing to read {path}: it holds objects other than tensors and plain data, and reading them would "
             f"run code from the file (torch.load(weights_only=True): {what}). Pass trusted=True only if you trust "
-            "the file's source")
+            f"the file's source{hint}")
 
 
 def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
@@ -298,7 +298,9 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:
-        raise ValueError(_refusal(path, err)) from err
+        hint = (" (read_checkpoint, state_from_checkpoint and restore_pruned take it; for "
+                "LayerMergeCallback(plan=...) pass plan=state_from_checkpoint(path, trusted=True))")
+        raise ValueError(_refusal(path, err, hint)) from err
 
 
 def _restore_meta(meta: dict, saved_nodes: list[str], model: fx.GraphModule) -> dict:

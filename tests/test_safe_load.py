@@ -8,6 +8,7 @@ in a fresh process where their library cannot be imported and compute the same o
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -307,6 +308,10 @@ def test_unet_round_trip_in_fresh_process(tmp_path: Path) -> None:
         # Without diffusers the output is lightning_layermerge's UNetOutput (.sample, [0]).
         assert got["err"] <= 1e-6 and got["kind"] == "UNetOutput", got
     path = cases[-1][0]
+    def parameters(fn) -> list:  # names, kinds and defaults (type annotations are not stored)
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert parameters(load_compressed(path).forward) == parameters(merged.forward)
     with torch.no_grad():  # with diffusers installed, the loaded network answers like the UNet
         out = load_compressed(path)(x, t)
         assert type(out) is type(unet(x, t)) and load_compressed(path)(x, t, return_dict=False)[0].shape == x.shape
