@@ -13,7 +13,7 @@ tensors; :func:`from_data` rebuilds it. The description holds
 Why loading runs nothing from the file: every name in the description is looked up in a
 table written in this module, never imported. Functions (``call_function``) must be in
 :data:`FUNCTIONS` (arithmetic operators, selected ``torch`` and ``torch.nn.functional``
-functions, two functions of this package); methods (``call_method``) in :data:`METHODS`
+functions, three functions of this package); methods (``call_method``) in :data:`METHODS`
 (tensor methods); attributes read with ``getattr`` in :data:`ATTRIBUTES`; module classes
 in :data:`MODULE_CLASSES` (``torch.nn`` modules and this package's ``modules``). A module is
 created with ``cls.__new__`` and ``nn.Module.__init__`` (no constructor runs), and only plain
@@ -68,7 +68,8 @@ def _function_table() -> dict[str, Callable]:
     table["builtins.getattr"] = builtins.getattr
     table.update({f"torch.{n}": getattr(torch, n) for n in _TORCH if hasattr(torch, n)})
     table.update({f"torch.nn.functional.{n}": getattr(F, n) for n in _FUNCTIONAL if hasattr(F, n)})
-    for fn in (_diffusers_adapter._broadcast_timesteps, _diffusers_adapter._unet_output):
+    for fn in (_diffusers_adapter._broadcast_timesteps, _diffusers_adapter._unet_output,
+               portable_modules.stochastic_depth):
         table[f"{fn.__module__}.{fn.__name__}"] = fn
     return table
 
@@ -101,7 +102,7 @@ def _module_classes() -> dict[str, type[nn.Module]]:
             table[f"torch.nn.{name}"] = cls
     for name in portable_modules.__all__:
         cls = getattr(portable_modules, name)
-        if issubclass(cls, nn.Module):
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
             table[f"lightning_layermerge.modules.{name}"] = cls
     return table
 
@@ -112,7 +113,9 @@ _CLASS_NAMES: dict[type, str] = {cls: name for name, cls in MODULE_CLASSES.items
 #: What ``nn.Module.__init__`` sets up itself; not stored, never overwritten.
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PATH_PART = re.compile(r"(?!__)[A-Za-z0-9_]+")  # a module or parameter name: no dunders
+# A module or parameter name (torchvision's RegNet has "block1-0"): fx writes it into its code
+# as `getattr(self, "name")` when it is no identifier, so no quotes or backslashes; no dunders.
+_PATH_PART = re.compile(r"(?!__)[A-Za-z0-9_-]+")
 
 
 class NotPortableError(ValueError):
@@ -171,11 +174,11 @@ class _Writer:
         plain ``nn.Module`` container is enough (fx only looks attributes up in it)."""
         leaf = leaf or path in called
         if leaf and type(m) not in _CLASS_NAMES:
-            stand_in = adapters.portable(m)
-            if stand_in is None:
-                raise NotPortableError(f"module {path or '<root>'} is a {type(m).__module__}.{type(m).__qualname__}, "
-                                       "not a torch.nn or lightning_layermerge module")
-            m = stand_in
+            m = _stand_in(m, path)
+        bad = [k for k in (*m._parameters, *m._buffers, *m._modules) if not _PATH_PART.fullmatch(k)]
+        if bad:
+            raise NotPortableError(f"module {path or '<root>'} has a member named {bad[0]!r}; saved names may hold "
+                                   "letters, digits, '_' and '-' only")
         prefix = f"{path}." if path else ""
         out: dict[str, Any] = {"class": _CLASS_NAMES[type(m)] if leaf else "torch.nn.Module",
                                "training": m.training}
@@ -194,14 +197,35 @@ class _Writer:
         return out
 
 
+def _stand_in(m: nn.Module, path: str) -> nn.Module:
+    """The ``lightning_layermerge.modules`` / ``torch.nn`` equivalent an adapter registered for ``m``."""
+    what = f"module {path or '<root>'} is a {type(m).__module__}.{type(m).__qualname__}"
+    try:
+        stand_in = adapters.portable(m)
+    except ValueError as err:
+        raise NotPortableError(f"{what}: {err}") from err
+    if stand_in is None:
+        raise NotPortableError(f"{what}, not a torch.nn or lightning_layermerge module")
+    return stand_in
+
+
+#: Library functions saved as an equivalent function of this package, by qualified name.
+_STAND_IN_FUNCTIONS = {"torchvision.ops.stochastic_depth.stochastic_depth": portable_modules.stochastic_depth}
+
+
+def _qualified(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+
+
 def _node_to_data(node: fx.Node) -> dict:
     out: dict[str, Any] = {"op": node.op, "name": node.name}
     where = f"node {node.name}"
     if node.op == "call_function":
-        name = _FUNCTION_NAMES.get(id(node.target))
+        target = _STAND_IN_FUNCTIONS.get(_qualified(node.target), node.target)
+        name = _FUNCTION_NAMES.get(id(target))
         if name is None:
-            what = f"{getattr(node.target, '__module__', '?')}.{getattr(node.target, '__qualname__', node.target)}"
-            raise NotPortableError(f"{where} calls {what}, which is not on the list of functions a saved graph may use")
+            raise NotPortableError(f"{where} calls {_qualified(node.target)}, which is not on the list of functions a "
+                                   "saved graph may use")
         if name == "builtins.getattr":
             _check_getattr(node.args, where)
         out["target"] = name

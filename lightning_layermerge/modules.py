@@ -5,8 +5,8 @@ and ``Timesteps``, timm's ``DropPath``). :func:`~lightning_layermerge.save_compr
 stores the network as data, and data can only name classes on an allow-list; so before
 saving, an adapter replaces such a leaf by the equivalent module defined here, which holds
 the *same* child modules and parameters (same state-dict keys) and computes the same
-function with the same torch calls. The loaded network then needs neither the library nor
-any code from the file.
+function with the same torch calls (torchvision's ``stochastic_depth`` function likewise).
+The loaded network then needs neither the library nor any code from the file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DropPath", "SelfAttention", "SinusoidalTimesteps", "UNetOutput"]
+__all__ = ["DropPath", "SelfAttention", "SinusoidalTimesteps", "UNetOutput", "stochastic_depth"]
 
 
 class SelfAttention(nn.Module):
@@ -138,6 +138,22 @@ class DropPath(nn.Module):
         if keep_prob > 0.0 and self.scale_by_keep:
             random_tensor.div_(keep_prob)
         return x * random_tensor
+
+
+def stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    """torchvision's ``stochastic_depth``: drop whole samples ("row") or the batch with probability ``p``."""
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"drop probability has to be between 0 and 1, but got {p}")
+    if mode not in ("batch", "row"):
+        raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
+    if not training or p == 0.0:
+        return input
+    survival_rate = 1.0 - p
+    size = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    noise = torch.empty(size, dtype=input.dtype, device=input.device).bernoulli_(survival_rate)
+    if survival_rate > 0.0:
+        noise.div_(survival_rate)
+    return input * noise
 
 
 @dataclass

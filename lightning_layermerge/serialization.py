@@ -223,7 +223,9 @@ def _read_safetensors(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+        # Own, aligned memory per tensor: the file's are views at 8-byte offsets, on which CPU
+        # kernels may take other code paths and round differently than on the saved network.
+        tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
     except Exception as err:  # safetensors raises its own error types for foreign files
         raise ValueError(f"{path} was not written by lightning_layermerge.save_compressed ({err})") from err
     if metadata.get("format") != _MAGIC:

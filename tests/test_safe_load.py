@@ -317,6 +317,38 @@ def test_unet_round_trip_in_fresh_process(tmp_path: Path) -> None:
         assert type(out) is type(unet(x, t)) and load_compressed(path)(x, t, return_dict=False)[0].shape == x.shape
 
 
+def test_library_pieces_are_saved_as_stand_ins(tmp_path: Path) -> None:
+    torchvision, timm = pytest.importorskip("torchvision"), pytest.importorskip("timm")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            # A member name that is no identifier (torchvision's RegNet has "block1-0").
+            self.add_module("block1-0", nn.Sequential(nn.Conv2d(8, 8, 3, padding=1),
+                                                      timm.layers.activations.GELU()))
+            self.drop = torchvision.ops.StochasticDepth(0.2, "row")  # a torchvision function in the graph
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            return self.head(x + self.drop(getattr(self, "block1-0")(x)))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    chain = trace(model, x)
+    for net in (prune(model, chain, Plan.keep_all(chain)).eval(), merge(prune(model, chain, Plan.keep_all(chain)))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # all portable
+            path = save_compressed(net, tmp_path / "net.safetensors", example_input=x)
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata()["header"]
+        assert "lightning_layermerge.modules.stochastic_depth" in header and "torch.nn.GELU" in header
+        assert "torchvision" not in header and "timm" not in header
+        with torch.no_grad():
+            assert torch.equal(load_compressed(path)(x), net(x))
+
+
 def test_loaded_network_exports_to_torchscript_and_onnx(tmp_path: Path) -> None:
     x, _, merged = _tiny()
     loaded = load_compressed(save_compressed(merged, tmp_path / "net.safetensors"))

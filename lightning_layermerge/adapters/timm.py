@@ -62,3 +62,17 @@ def _portable_drop_path(m: nn.Module) -> nn.Module:
 
 
 register_portable(lambda m: _from_timm(m, "timm.layers") and type(m).__name__ == "DropPath", _portable_drop_path)
+
+
+#: timm activations whose forward is exactly a torch.nn module's (saved as that module).
+_TIMM_ACTIVATIONS = {"GELU": lambda m: nn.GELU(), "GELUTanh": lambda m: nn.GELU(approximate="tanh"),
+                     "Sigmoid": lambda m: nn.Sigmoid(), "Tanh": lambda m: nn.Tanh()}
+
+
+def _portable_activation(m: nn.Module) -> nn.Module:
+    if getattr(m, "inplace", False):
+        raise ValueError("an in-place timm activation has no out-of-place torch.nn equivalent")
+    return _TIMM_ACTIVATIONS[type(m).__name__](m).train(m.training)
+
+
+register_portable(lambda m: _is_timm_activation(m) and type(m).__name__ in _TIMM_ACTIVATIONS, _portable_activation)
