@@ -2,9 +2,10 @@
 
 Builds merged networks (a random plan, fixed seed) of torchvision ResNet-18 and
 MobileNetV3-small and a small diffusers UNet, saves each with ``save_compressed``, loads it
-back, and times both side by side: one thread, interleaved runs, median of ``RUNS``. The
+back, and times both side by side: one thread, alternating runs, median of ``RUNS`` pairs. The
 loaded network is rebuilt from the same graph with the same modules, so the ratio should be
-1 up to timing noise. Writes ``results/loaded_latency.md``.
+1 up to timing noise, which the control (a deep copy of the in-memory network, timed the
+same way) shows. Writes ``results/loaded_latency.md``.
 
 Usage::
 
@@ -17,6 +18,7 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import copy  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -29,7 +31,7 @@ from torch import nn  # noqa: E402
 
 from lightning_layermerge import Plan, load_compressed, merge, prune, save_compressed, trace  # noqa: E402
 
-RUNS = 31
+RUNS = 61
 WARMUP = 3
 RESULTS = Path(__file__).parent / "results" / "loaded_latency.md"
 
@@ -47,17 +49,23 @@ def random_plan(chain, rng: random.Random) -> Plan:
     return Plan.from_segments(chain, keys)
 
 
-def side_by_side(a: Callable[[], object], b: Callable[[], object]) -> tuple[float, float]:
-    """Median milliseconds of ``a`` and ``b``, runs interleaved so load drifts hit both alike."""
-    times: tuple[list[float], list[float]] = ([], [])
+def side_by_side(a: Callable[[], object], b: Callable[[], object]) -> tuple[float, float, float]:
+    """Median milliseconds of ``a`` and ``b`` and the median of the per-pair ratios b / a.
+
+    Runs alternate (a b, b a, ...), so a load change on a shared machine hits both alike; the
+    ratio of each back-to-back pair cancels slow drifts.
+    """
+    ta: list[float] = []
+    tb: list[float] = []
     with torch.inference_mode():
         for i in range(WARMUP + RUNS):
-            for fn, out in ((a, times[0]), (b, times[1])) if i % 2 else ((b, times[1]), (a, times[0])):
+            order = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
+            for fn, out in order:
                 start = time.perf_counter()
                 fn()
-                if i >= WARMUP:
-                    out.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+                out.append((time.perf_counter() - start) * 1e3)
+    ta, tb = ta[WARMUP:], tb[WARMUP:]
+    return statistics.median(ta), statistics.median(tb), statistics.median(y / x for x, y in zip(ta, tb))
 
 
 def networks() -> list[tuple[str, nn.Module, tuple]]:
@@ -78,18 +86,22 @@ def networks() -> list[tuple[str, nn.Module, tuple]]:
 def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    rows = ["| network | in memory (ms) | loaded (ms) | loaded / in memory |", "|---|---|---|---|"]
+    rows = ["| network | in memory (ms) | loaded (ms) | loaded / in memory | control: copy / in memory |",
+            "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, args in networks():
             model.eval()
             chain = trace(model, args)
             merged = merge(prune(model, chain, random_plan(chain, random.Random(0))))
             loaded = load_compressed(save_compressed(merged, Path(tmp) / "net.safetensors"))
-            ms_mem, ms_loaded = side_by_side(lambda: merged(*args), lambda: loaded(*args))
-            rows.append(f"| {name} | {ms_mem:.2f} | {ms_loaded:.2f} | {ms_loaded / ms_mem:.3f} |")
+            ms_mem, ms_loaded, ratio = side_by_side(lambda: merged(*args), lambda: loaded(*args))
+            twin = copy.deepcopy(merged)  # control: the same network twice shows the timing noise
+            control = side_by_side(lambda: merged(*args), lambda: twin(*args))[2]
+            rows.append(f"| {name} | {ms_mem:.2f} | {ms_loaded:.2f} | {ratio:.3f} | {control:.3f} |")
             print(rows[-1], flush=True)
-    text = (f"One thread, interleaved, median of {RUNS} runs after {WARMUP} warm-up "
-            f"(torch {torch.__version__}).\n\n" + "\n".join(rows) + "\n")
+    text = (f"One thread, runs alternating, {RUNS} pairs after {WARMUP} warm-up; times are medians, the ratio "
+            f"is the median of the per-pair ratios (torch {torch.__version__}, {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.1f}).\n\n" + "\n".join(rows) + "\n")
     RESULTS.write_text(text)
     print(text)
 
