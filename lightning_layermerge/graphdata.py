@@ -185,8 +185,8 @@ class _Writer:
         if leaf:
             out["attrs"] = {k: _value(v, f"attribute {prefix}{k}", self, f"{prefix}{k}")
                             for k, v in vars(m).items() if k not in _MODULE_INTERNALS and k != "training"}
-        elif path == "":  # the root: plain tensor attributes (fx constants) only
-            out["attrs"] = {k: {"$tensor": self.tensor(v, k)} for k, v in vars(m).items()
+        else:  # a container: only plain tensor attributes (constants fx reads with get_attr)
+            out["attrs"] = {k: {"$tensor": self.tensor(v, prefix + k)} for k, v in vars(m).items()
                             if isinstance(v, torch.Tensor) and k not in _MODULE_INTERNALS}
         out["params"] = {k: None if v is None else [self.tensor(v, prefix + k), v.requires_grad]
                          for k, v in m._parameters.items()}
@@ -254,8 +254,10 @@ def _check_getattr(args: tuple, where: str) -> None:
 
 def _value(v: Any, where: str, writer: _Writer | None = None, key: str = "") -> Any:
     """Plain-data form of an argument or module attribute."""
-    if v is None or isinstance(v, (bool, int, float, str)):
+    if v is None or type(v) in (bool, int, float, str):
         return v
+    if isinstance(v, float):  # e.g. numpy.float64
+        return float(v)
     if isinstance(v, fx.Node):
         return {"$node": v.name}
     if isinstance(v, torch.dtype):

@@ -199,7 +199,7 @@ def load_compressed(path: str | os.PathLike, original: nn.Module | None = None, 
                          "load_compressed(path, original=<the uncompressed model>)")
     try:
         model = from_data(header["graph"], tensors)
-    except ValueError as err:
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:  # refused or malformed
         raise ValueError(f"{path}: refusing to load the stored graph: {err}") from err
     saved_names = [n["name"] for n in header["graph"]["nodes"]]
     model.meta[META_KEY] = _restore_meta(header["meta"], saved_names, model)

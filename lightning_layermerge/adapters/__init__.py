@@ -85,9 +85,16 @@ def register_portable(applies: Predicate, convert: Callable[[nn.Module], nn.Modu
 
 
 def portable(module: nn.Module) -> nn.Module | None:
-    """The registered stand-in for ``module`` (see :func:`register_portable`), or ``None``."""
+    """The registered stand-in for ``module`` (see :func:`register_portable`), or ``None``.
+
+    The stand-in gets ``module``'s train/eval flag (set on it alone: shared children keep theirs).
+    """
     convert = next((c for applies, c in _PORTABLE if applies(module)), None)
-    return None if convert is None else convert(module)
+    if convert is None:
+        return None
+    stand_in = convert(module)
+    stand_in.training = module.training
+    return stand_in
 
 
 def install_forwards(model: nn.Module) -> list[str]:

@@ -151,11 +151,11 @@ def _portable_attention(m: nn.Module) -> nn.Module:
     out = SelfAttention(m.heads, bool(m.residual_connection), float(m.rescale_output_factor))
     out.group_norm = m.group_norm
     out.to_q, out.to_k, out.to_v, out.to_out = m.to_q, m.to_k, m.to_v, m.to_out
-    return out.train(m.training)
+    return out
 
 
 def _portable_timesteps(m: nn.Module) -> nn.Module:
-    return SinusoidalTimesteps(m.num_channels, m.flip_sin_to_cos, m.downscale_freq_shift, m.scale).train(m.training)
+    return SinusoidalTimesteps(m.num_channels, m.flip_sin_to_cos, m.downscale_freq_shift, m.scale)
 
 
 register_portable(lambda m: _diffusers_class(m, "Attention"), _portable_attention)

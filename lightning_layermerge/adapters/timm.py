@@ -33,7 +33,7 @@ def _split_norm_act(m: nn.Module) -> list[tuple[str, nn.Module]]:
         setattr(bn, name, getattr(m, name))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         setattr(bn, name, getattr(m, name))
-    bn.train(m.training)
+    bn
     parts: list[tuple[str, nn.Module]] = [("", bn)]
     if not isinstance(m.drop, nn.Identity):
         parts.append(("_drop", m.drop))
@@ -58,7 +58,7 @@ register_activation(_is_timm_activation)
 
 
 def _portable_drop_path(m: nn.Module) -> nn.Module:
-    return DropPath(float(m.drop_prob), bool(getattr(m, "scale_by_keep", True))).train(m.training)
+    return DropPath(float(m.drop_prob), bool(getattr(m, "scale_by_keep", True)))
 
 
 register_portable(lambda m: _from_timm(m, "timm.layers") and type(m).__name__ == "DropPath", _portable_drop_path)
@@ -72,7 +72,7 @@ _TIMM_ACTIVATIONS = {"GELU": lambda m: nn.GELU(), "GELUTanh": lambda m: nn.GELU(
 def _portable_activation(m: nn.Module) -> nn.Module:
     if getattr(m, "inplace", False):
         raise ValueError("an in-place timm activation has no out-of-place torch.nn equivalent")
-    return _TIMM_ACTIVATIONS[type(m).__name__](m).train(m.training)
+    return _TIMM_ACTIVATIONS[type(m).__name__](m)
 
 
 register_portable(lambda m: _is_timm_activation(m) and type(m).__name__ in _TIMM_ACTIVATIONS, _portable_activation)
