@@ -188,7 +188,12 @@ def test_callback_checkpoints_are_plain_data(tmp_path: Path) -> None:
 
     from lightning_layermerge import LayerMergeCallback
 
-    module = LitTiny(example=True)
+    class WithHyperparameters(LitTiny):
+        def __init__(self, width: int = 8, example: bool = True, blocks: tuple = (1, 2)) -> None:
+            super().__init__(width=width, example=example)
+            self.save_hyperparameters()  # plain values: still weights_only-readable
+
+    module = WithHyperparameters()
     chain = trace(module.model, module.example_input_array)
     plan = random_plan(chain, random.Random(1)).to_dict()
     cb = LayerMergeCallback(budget=0.9, plan=plan, cache_dir=False, verbose=False)
@@ -197,7 +202,8 @@ def test_callback_checkpoints_are_plain_data(tmp_path: Path) -> None:
     quiet_trainer(max_steps=2, callbacks=[cb, ckpt], enable_checkpointing=True).fit(module, train_dataloaders=train)
     path = tmp_path / "ckpt" / "last.ckpt"
     saved = read_checkpoint(path)  # weights_only=True
-    assert saved["layermerge"]["plan"] == plan
+    assert saved["layermerge"]["plan"] == plan and saved["hyper_parameters"]["blocks"] == (1, 2)
+    assert saved["callbacks"]["LayerMergeCallback"]["plan"] == plan
     assert state_from_checkpoint(path)["plan"] == plan
     restored = restore_pruned(LitTiny(example=True), path)
     with torch.no_grad():  # after fit the callback has merged module.model; the restored one is pruned
