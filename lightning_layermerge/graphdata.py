@@ -40,7 +40,8 @@ from torch import fx, nn
 from . import adapters, modules as portable_modules
 from .adapters import diffusers as _diffusers_adapter
 
-__all__ = ["ATTRIBUTES", "FUNCTIONS", "METHODS", "MODULE_CLASSES", "NotPortableError", "from_data", "state_dict_data", "to_data"]
+__all__ = ["ATTRIBUTES", "FUNCTIONS", "METHODS", "MODULE_CLASSES", "NotPortableError", "from_data", "state_dict_data",
+           "to_data"]
 
 _OPERATORS = (
     "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "matmul", "getitem",
@@ -340,7 +341,8 @@ class _ModuleReader:
         nn.Module.__init__(m)  # the bookkeeping only; cls's own constructor does not run
         m.training = bool(data.get("training", False))
         for key, raw in data.get("attrs", {}).items():
-            if not _is_name(key) or key in _MODULE_INTERNALS or key.startswith("__") or callable(getattr(cls, key, None)):
+            shadows_method = callable(getattr(cls, key, None))
+            if not _is_name(key) or key in _MODULE_INTERNALS or key.startswith("__") or shadows_method:
                 raise ValueError(f"{where}: attribute name {key!r} is not allowed")
             m.__dict__[key] = _decode(raw, f"{where}.{key}", None, self)
         for key, entry in data.get("params", {}).items():

@@ -199,7 +199,7 @@ def load_compressed(path: str | os.PathLike, original: nn.Module | None = None, 
                          "load_compressed(path, original=<the uncompressed model>)")
     try:
         model = from_data(header["graph"], tensors)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:  # refused or malformed
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as err:  # refused/malformed
         raise ValueError(f"{path}: refusing to load the stored graph: {err}") from err
     saved_names = [n["name"] for n in header["graph"]["nodes"]]
     model.meta[META_KEY] = _restore_meta(header["meta"], saved_names, model)
@@ -231,7 +231,12 @@ def _read_safetensors(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     if metadata.get("format") != _MAGIC:
         raise ValueError(f"{path} was not written by lightning_layermerge.save_compressed (a safetensors file "
                          "without its header)")
-    header = json.loads(metadata["header"])
+    try:
+        header = json.loads(metadata["header"])
+    except (KeyError, ValueError, RecursionError) as err:
+        raise ValueError(f"{path} has a damaged header ({type(err).__name__}: {err})") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a damaged header (not a JSON object)")
     if header.get("format") != FORMAT:
         raise ValueError(f"{path} has format version {header.get('format')}; this version reads {FORMAT}")
     return header, tensors

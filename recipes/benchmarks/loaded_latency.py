@@ -79,7 +79,8 @@ def networks() -> list[tuple[str, nn.Module, tuple]]:
         ("torchvision resnet18, 8x3x64x64", torchvision.models.resnet18(num_classes=10), (torch.randn(8, 3, 64, 64),)),
         ("torchvision mobilenet_v3_small, 8x3x64x64", torchvision.models.mobilenet_v3_small(num_classes=10),
          (torch.randn(8, 3, 64, 64),)),
-        ("diffusers UNet2DModel (32, 64), 4x3x32x32", unet, (torch.randn(4, 3, 32, 32), torch.tensor([10, 20, 30, 40]))),
+        ("diffusers UNet2DModel (32, 64), 4x3x32x32", unet,
+         (torch.randn(4, 3, 32, 32), torch.tensor([10, 20, 30, 40]))),
     ]
 
 
