@@ -17,10 +17,11 @@ functions, three functions of this package); methods (``call_method``) in :data:
 (tensor methods); attributes read with ``getattr`` in :data:`ATTRIBUTES`; module classes
 in :data:`MODULE_CLASSES` (``torch.nn`` modules and this package's ``modules``). A module is
 created with ``cls.__new__`` and ``nn.Module.__init__`` (no constructor runs), and only plain
-values are assigned to it. Anything else is refused with an error that names it. Node and
-module names, which ``torch.fx`` writes into the Python code it generates for the graph,
-must be identifiers; values reach that code only as ``repr`` of plain data. The tensors come
-from a safetensors file, which holds raw numbers only.
+values are assigned to it; so a file can make torch's own code compute, but adds no code.
+Anything else is refused with an error that names it. Names that ``torch.fx`` writes into
+the Python code it generates for the graph are checked: node names must be identifiers,
+module paths letters, digits, ``_`` and ``-`` (no dunders); values reach that code only as
+``repr`` of plain data. The tensors come from a safetensors file, which holds raw numbers only.
 """
 
 from __future__ import annotations
