@@ -32,7 +32,9 @@ Hooks (each does one thing; the work lives in the planning and surgery layers):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -87,7 +89,11 @@ class LayerMergeCallback(Callback):
         mode: ``"min"`` or ``"max"``: whether a lower or a higher ``monitor`` is better.
         importance: How each importance entry is estimated (:class:`ImportanceSettings`).
         latency: How latency is measured (:class:`~lightning_layermerge.tables.latency.LatencySettings`);
-            the final side-by-side measurement uses the same settings.
+            the final side-by-side measurement uses the same settings. With a ``*-true``
+            trainer precision (``"bf16-true"``, ``"16-true"``, ``"64-true"``) the default
+            float32 timing follows the trainer's dtype, since those weights are what gets
+            deployed; with mixed precision the weights stay float32 and timing stays in
+            ``latency.dtype``. The report states dtype and precision.
         distill: Optional :class:`~lightning_layermerge.distill.Distillation` from the
             original network during fine-tuning.
         cache_dir: Directory for the latency and importance table caches. ``None``:
@@ -163,6 +169,7 @@ class LayerMergeCallback(Callback):
         self._load_patch: LoadCheckpointPatch | None = None
         self._resumed_from: str | None = None
         self._evaluating: str | None = None  # target path restored for validate/test/predict
+        self._timing: LatencySettings = self.latency_settings  # resolved against the trainer's precision
 
     @property
     def state_key(self) -> str:
@@ -180,6 +187,7 @@ class LayerMergeCallback(Callback):
         original_module = self._original  # kept from a previous fit on this callback, if any
         self._reset_run()
         _check_trainer(trainer, self)
+        self._timing = timing_settings(self.latency_settings, trainer.precision)
         self._check_module(pl_module)
         path = resolve_target(pl_module, self.target)
         target = get_path(pl_module, path)
@@ -252,7 +260,7 @@ class LayerMergeCallback(Callback):
               chain: Chain) -> tuple[Plan, dict]:
         """Tables -> solve -> calibrate (``planner.Planner``); keeps its results on the callback."""
         planner = Planner(budget=self.budget, method=self.method, monitor=self.monitor, mode=self.mode,
-                          importance=self.importance_settings, latency=self.latency_settings,
+                          importance=self.importance_settings, latency=self._timing,
                           calibrate=self.calibrate, cache_dir=self._cache(trainer), verbose=self.verbose)
         try:
             return planner.run(trainer, pl_module, path, target, chain)
@@ -431,7 +439,9 @@ class LayerMergeCallback(Callback):
         if self._load_patch is not None:
             self._load_patch.remove()
         if self._active and self.distill is not None:
-            self._teacher.to(pl_module.device)
+            student = get_path(pl_module, self._target_path)
+            dtype = next(student.parameters()).dtype  # a "*-true" precision converted the student's weights
+            self._teacher.to(device=pl_module.device, dtype=dtype if dtype.is_floating_point else None)
             self._kd = DistillationPatch(self.distill, self._teacher, pl_module, get_path(pl_module, self._target_path))
             self._kd.attach()
 
@@ -480,7 +490,7 @@ class LayerMergeCallback(Callback):
             budget=self.budget, method=self.method, target=self._target_path, num_layers=chain.num_layers,
             layer_names=[l.name for l in chain.layers], segments=plan.keys,
             kept_activations=sorted(plan.kept_activations), kept_convs=sorted(plan.kept_convs),
-            irreducible=sorted(chain.irreducible), latency_settings=settings_dict(self.latency_settings),
+            irreducible=sorted(chain.irreducible), latency_settings={**settings_dict(self._timing), "precision": str(trainer.precision)},
             table_original_ms=st.get("table_original_ms"), predicted_ms=st.get("predicted_ms"),
             params_before=count_parameters(self._original), params_after=count_parameters(final),
             monitor=st.get("monitor"), mode=st.get("mode", self.mode), metric_before=st.get("metric_before"),
@@ -492,10 +502,17 @@ class LayerMergeCallback(Callback):
         return report
 
     def _measure(self, report: LayerMergeReport, final: nn.Module) -> None:
+        settings = self._timing
+        if self.verbose:
+            rank_zero_info(f"LayerMerge: timing the compressed network against the original (BatchNorm folded), "
+                           f"interleaved, {settings.warmup} + {settings.repeats} passes each ...")
+        start = time.perf_counter()
         folded = merge(prune(self._original, self.chain, Plan.keep_all(self.chain)))
-        inputs = batched_example(self.chain, self.latency_settings.batch_size)
-        times = measure_side_by_side({"original": folded, "compressed": final}, inputs, self.latency_settings)
+        inputs = batched_example(self.chain, settings.batch_size)
+        times = measure_side_by_side({"original": folded, "compressed": final}, inputs, settings)
         report.measured_original_ms, report.measured_ms = times["original"], times["compressed"]
+        if self.verbose:
+            rank_zero_info(f"LayerMerge: timed in {time.perf_counter() - start:.1f} s")
 
     def _score_after(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: LayerMergeReport,
                      final: nn.Module) -> None:
@@ -527,6 +544,24 @@ _NOT_COMPRESSED = (
     "LayerMergeCallback: the checkpoint being resumed holds no LayerMerge plan (it is an uncompressed model). Load "
     "its weights into the module before fit (e.g. Module.load_from_checkpoint) and call fit without ckpt_path"
 )
+
+
+#: Trainer precisions that store the weights in another dtype (what gets deployed), and that dtype.
+_TRUE_PRECISION_DTYPES = {"bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64", "64": "float64"}
+
+
+def timing_settings(settings: LatencySettings, precision: Any) -> LatencySettings:
+    """The latency settings for a trainer ``precision``.
+
+    With a ``*-true`` precision the weights themselves are bf16/fp16/fp64, which is what gets
+    deployed, so the default ``dtype="float32"`` becomes that dtype. Mixed precision keeps
+    float32 weights and leaves the inference dtype a deployment choice: timed in
+    ``settings.dtype`` (float32 unless you pass ``LatencySettings(dtype=...)``).
+    """
+    dtype = _TRUE_PRECISION_DTYPES.get(str(precision))
+    if dtype is not None and settings.dtype == "float32":
+        return dataclasses.replace(settings, dtype=dtype)
+    return settings
 
 
 def _like(net: nn.Module, reference: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
+from tqdm.auto import tqdm
 
 from .graph import Chain
 from .merge import merge
@@ -208,8 +209,12 @@ class Planner:
         floor, ceiling = min_chain_ms(table, chain, self.method), table.chain_ms * 2
         fits, over = 0.0, math.inf  # largest table budget known to fit / smallest known not to
         tried: dict[tuple, float] = {}
+        bar = tqdm(total=1 + MAX_REPLANS, desc="calibration (timed candidates)", unit="plan",
+                   disable=not (self.verbose and trainer.is_global_zero))
         for _ in range(1 + MAX_REPLANS):
             ratio = self.measured_ratio(trainer, folded, merge(prune(target, chain, plan)), inputs)
+            bar.update()
+            bar.set_postfix(measured=f"{ratio:.3f}", budget=self.budget)
             tried[tuple(plan.keys)] = ratio
             self.calibration.append({"segments": plan.keys, "measured": ratio, "table_budget_ms": budget_ms,
                                      "predicted": table.predicted_ms(plan.keys) / table.total_ms})
@@ -228,6 +233,7 @@ class Planner:
             if found is None:
                 break
             plan, budget_ms = found
+        bar.close()
         within = [k for k, r in tried.items() if r <= self.budget]
         if not within:
             best = min(tried, key=tried.get)

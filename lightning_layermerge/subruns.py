@@ -182,6 +182,11 @@ def _entry_seed(seed: int, seg: Segment | None) -> int:
 
 def _training_loss_step(module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
     """``validation_step`` stand-in: the class's ``training_step`` loss, logged."""
+    if not module.automatic_optimization:
+        raise TypeError(
+            "the module uses manual optimization and has no validation loss to score with (its training_step steps "
+            "the optimizers); log a metric in validation_step (e.g. self.log('val_loss', ...)) and pass monitor="
+        )
     out = type(module).training_step(module, batch, batch_idx)
     loss = out.get("loss") if isinstance(out, Mapping) else out
     if not isinstance(loss, torch.Tensor):
