@@ -54,8 +54,9 @@ from .plan import Plan
 from .prune import META_KEY, prune
 from .planner import Planner, make_runner, train_loader
 from .report import LayerMergeReport, count_parameters, measure_side_by_side, settings_dict
-from .resume import (CHECKPOINT_KEY, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path, is_compressed,
-                     read_checkpoint, rebuild_pruned, restore_pruned, state_from_checkpoint)
+from .resume import (CHECKPOINT_KEY, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
+                     fit_weights_only, is_compressed, read_checkpoint, rebuild_pruned, restore_pruned,
+                     state_from_checkpoint)
 from .serialization import attach_input_spec, example_from_spec, input_spec
 from .solve import METHODS
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader, get_path, set_path
@@ -227,7 +228,7 @@ class LayerMergeCallback(Callback):
         path = fit_checkpoint_path(trainer)
         if path is None:
             return None
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path, trusted=fit_weights_only(trainer) is False)  # fit(weights_only=False)
         if state_from_checkpoint(checkpoint) is None:
             raise ValueError(_NOT_COMPRESSED)
         self._resumed_from = path

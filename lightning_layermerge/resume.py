@@ -35,7 +35,7 @@ from .serialization import read_checkpoint as read_checkpoint_file
 from .subruns import get_path, set_path
 
 __all__ = ["CHECKPOINT_KEY", "STATE_KEY", "TEACHER_KEY", "LoadCheckpointPatch", "fit_checkpoint_path",
-           "read_checkpoint", "rebuild_pruned", "restore_pruned", "state_from_checkpoint"]
+           "fit_weights_only", "read_checkpoint", "rebuild_pruned", "restore_pruned", "state_from_checkpoint"]
 
 #: Top-level checkpoint key of the plan state.
 CHECKPOINT_KEY = "layermerge"
@@ -83,13 +83,24 @@ def fit_checkpoint_path(trainer: pl.Trainer) -> str | None:
     """
     if trainer.ckpt_path:
         return str(trainer.ckpt_path)
+    path = _run_locals(trainer).get("ckpt_path")
+    return str(path) if path else None
+
+
+def fit_weights_only(trainer: pl.Trainer) -> bool | None:
+    """The ``weights_only`` the running ``trainer.fit``/``test``/... was given (``None``: Lightning's
+    default, or not found). ``False`` means the user trusts the checkpoint file."""
+    return _run_locals(trainer).get("weights_only")
+
+
+def _run_locals(trainer: pl.Trainer) -> dict[str, Any]:
+    """The locals of ``trainer._run`` on the current call stack (empty if it is not there)."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
-            path = frame.f_locals.get("ckpt_path")
-            return str(path) if path else None
+            return dict(frame.f_locals)
         frame = frame.f_back
-    return None
+    return {}
 
 
 class LoadCheckpointPatch:

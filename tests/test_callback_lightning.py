@@ -105,7 +105,7 @@ def test_resume_with_a_fresh_module_equals_an_uninterrupted_run(tmp_path: Path, 
     quiet_trainer(max_epochs=1, max_steps=-1, enable_checkpointing=True,
                   callbacks=[callback(tmp_path, plan=plan, distill=distill), ckpt]).fit(first, train_dataloaders=loader)
     last = tmp_path / "ckpt" / "last.ckpt"
-    saved = torch.load(last, weights_only=False)
+    saved = torch.load(last, weights_only=True)
     assert (TEACHER_KEY in saved) == (distill is not None)
 
     fresh = LitTiny(seed=123)
