@@ -412,12 +412,13 @@ class LayerMergeCallback(Callback):
         path, self._evaluating = self._evaluating, None
         if path is None or trainer.state.fn == "fit":
             return
-        net = get_path(pl_module, path)
+        net = unwrap_compressed(get_path(pl_module, path))
         if net.meta[META_KEY].get("merged"):
             return
         training = net.training
         final, merged, _ = merge_checked(net, example_from_spec(net.meta[META_KEY]["inputs"]))
-        set_path(pl_module, path, _like(final.to(pl_module.device), net).train(training) if merged else net)
+        final = _like(final.to(pl_module.device), net).train(training) if merged else net
+        set_path(pl_module, path, final if self._original is None else wrap_compressed(self._original, final))
         rank_zero_info(f"LayerMerge: evaluating the checkpoint's compressed '{path}' "
                        f"({'merged' if merged else 'pruned, not merged'})")
 

@@ -26,6 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import fx, nn
 
+from .adapters import unwrap_compressed
 from .graph import trace
 from .merge import merge
 from .plan import Plan
@@ -134,7 +135,8 @@ class LoadCheckpointPatch:
 
 
 def is_compressed(module: nn.Module) -> bool:
-    """Whether ``module`` was made by ``prune`` (and possibly ``merge``)."""
+    """Whether ``module`` was made by ``prune`` (and possibly ``merge``), or wraps such a network."""
+    module = unwrap_compressed(module)
     return isinstance(module, fx.GraphModule) and META_KEY in getattr(module, "meta", {})
 
 

@@ -52,6 +52,7 @@ from torch import fx, nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .adapters import unwrap_compressed
 from .capture import ExampleInput, as_args
 from .graph import trace
 from .graphdata import NotPortableError, from_data, state_dict_data, to_data
@@ -134,6 +135,7 @@ def save_compressed(model: fx.GraphModule, path: str | os.PathLike, *,
             cannot name; the file then holds plan and weights only (load it with
             ``original=``). The warning names what was not portable.
     """
+    model = unwrap_compressed(model)  # e.g. a LayerMergeUNet2DModel holds the network as .network
     meta = _meta(model)
     inputs = input_spec(example_input) if example_input is not None else meta.get("inputs")
     try:
