@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from .prune import prune
 from .report import measure_side_by_side
 from .solve import Solution, solve
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader
-from .tables.cache import fingerprint
+from .tables.cache import TableCache, fingerprint
 from .tables.importance import build_importance_table, combine_shards, weights_fingerprint
+from .tables.noise import NoiseLevel, noise_level, warn_if_noisy
 from .tables.latency import LatencySettings, LatencyTable, batched_example, build_latency_table
 
 __all__ = ["CALIBRATION_AIM", "CALIBRATION_SLACK", "MAX_REPLANS", "Planner", "make_runner", "train_loader"]
@@ -57,6 +59,8 @@ class Planner:
         importance_shard: Keys of the importance entries this rank computed.
         calibration: One record per calibration round (predicted and measured ratio).
         monitor / base: The Perf metric and its value on the original network.
+        importance_noise: Noise level, entry count, steps per entry and build time of the
+            importance table (``tables.noise.NoiseLevel``).
         runner: The sub-run machinery (reused to score the final network).
     """
 
@@ -73,6 +77,7 @@ class Planner:
         self.monitor: Monitor | None = None
         self.base: float | None = None
         self.runner: SubRunner | None = None
+        self.importance_noise: NoiseLevel | None = None
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, target: nn.Module,
             chain: Chain) -> tuple[Plan, dict[str, Any]]:
@@ -92,7 +97,8 @@ class Planner:
         plan = _same_on_all_ranks(trainer, plan)
         state = {"predicted_ms": table.predicted_ms(plan.keys), "table_original_ms": table.total_ms,
                  "metric_before": self.base, "monitor": self.monitor.key, "mode": self.monitor.mode,
-                 "training_loss": self.monitor.training_loss, "calibration": self.calibration}
+                 "training_loss": self.monitor.training_loss, "calibration": self.calibration,
+                 "importance": self.importance_noise.as_dict() if self.importance_noise else None}
         return plan, state
 
     # ------------------------------------------------------------------ tables
@@ -128,14 +134,17 @@ class Planner:
         runner, monitor = self.runner, self.monitor
         key = {"weights": weights_fingerprint(target), "module": type(runner.shell).__qualname__,
                "monitor": monitor.key, "mode": monitor.mode, "data": len(runner.loader.dataset),
+               "score_samples": runner.score_samples, "score_on_val": runner.subsets.on_val,
                **vars(self.importance_settings)}
-        score, base = runner.score, monitor.perf(self.base)
+        self._importance_key = key
+        score, base, scale = runner.score, monitor.perf(self.base), 1.0
         if self.importance_settings.relative:
             if base == 0 or not math.isfinite(base):
                 raise ValueError(f"ImportanceSettings(relative=True) needs a finite, non-zero {monitor.key} for the "
                                  f"original network, got {self.base}; use relative=False")
             scale = abs(base)
             score, base = (lambda net: runner.score(net) / scale), base / scale
+        started = time.perf_counter()
         shard = build_importance_table(target, chain, runner.finetune, score,
                                        shard=(trainer.global_rank, trainer.world_size), cache_dir=self.cache_dir,
                                        cache_key=key, base_score=base,
@@ -146,7 +155,39 @@ class Planner:
             err = runner.first_error
             cause = f": first error {type(err).__name__}: {err}" if err else ""
             raise RuntimeError(f"LayerMergeCallback: every importance run failed{cause}")
+        self.importance_noise = self.measure_noise(trainer, target, table, scale, time.perf_counter() - started)
         return table
+
+    def measure_noise(self, trainer: pl.Trainer, target: nn.Module, table: dict, scale: float,
+                      build_seconds: float) -> NoiseLevel:
+        """The table's noise level (unmodified network re-run on rank 0, broadcast); warns if most
+        entries are within it. ``build_seconds``: this rank's table build time."""
+        runner, settings = self.runner, self.importance_settings
+        perfs = None
+        if trainer.is_global_zero:
+            perfs = self._cached_null_perfs(target, scale)
+        if trainer.world_size > 1:
+            perfs = trainer.strategy.broadcast(perfs, src=0)
+        level = noise_level(table, perfs, steps_per_entry=runner.steps, score_samples=runner.score_samples,
+                            build_seconds=build_seconds)
+        if trainer.is_global_zero:
+            warn_if_noisy(level)
+        return level
+
+    def _cached_null_perfs(self, target: nn.Module, scale: float) -> list[float]:
+        """``runner.null_perfs`` divided by ``scale``, through the table cache (a repeated run re-trains nothing)."""
+        cache = None
+        if self.cache_dir is not None:
+            key = {"table": "importance-noise", **self._importance_key}
+            cache = TableCache(Path(self.cache_dir) / f"importance-noise-{fingerprint(key)[:12]}.json", key)
+            stored = [cache.get((-2, r, 0)) for r in range(self.importance_settings.noise_repeats)]
+            if stored and all(v is not None for v in stored):
+                return [float(v) for v in stored]
+        perfs = [p / scale for p in self.runner.null_perfs(target)]
+        if cache is not None:
+            for r, value in enumerate(perfs):
+                cache.put((-2, r, 0), value)
+        return perfs
 
     # ------------------------------------------------------------------ solving
 
@@ -275,6 +316,19 @@ def train_loader(trainer: pl.Trainer) -> Any:
     return trainer.fit_loop._data_source.dataloader()
 
 
+def val_loader(trainer: pl.Trainer) -> Any:
+    """The first validation dataloader, as the fit loop will see it (``None`` if there is none)."""
+    try:
+        loaders = trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
+    except Exception:  # noqa: BLE001 - no val_dataloader hook, or it fails before setup: score on train data
+        return None
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    elif isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    return loaders
+
+
 def make_runner(trainer: pl.Trainer, pl_module: pl.LightningModule, path: str,
                 settings: ImportanceSettings) -> SubRunner:
     """Sub-runs on this process's device (one device per rank), at the trainer's precision."""
@@ -282,7 +336,8 @@ def make_runner(trainer: pl.Trainer, pl_module: pl.LightningModule, path: str,
     accelerator = {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
     devices = [device.index or 0] if device.type == "cuda" else 1
     return SubRunner(pl_module, path, check_loader(train_loader(trainer)), settings,
-                     accelerator=accelerator, devices=devices, precision=trainer.precision)
+                     accelerator=accelerator, devices=devices, precision=trainer.precision,
+                     val_loader=val_loader(trainer))
 
 
 def min_chain_ms(table: LatencyTable, chain: Chain, method: str) -> float:
