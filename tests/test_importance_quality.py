@@ -84,7 +84,7 @@ def test_subrun_trains_the_floor_of_steps_and_scores_on_the_validation_set() -> 
     explicit = _runner(ImportanceSettings(fraction=0.04, steps=3, batch_size=16), val=False)
     assert explicit.steps == 3 and not explicit.subsets.on_val
     assert explicit.score_samples == 240  # min(1000, 480 // 2)
-    assert len(explicit.train_idx) == 19  # 4 % of 480: no floor when steps is explicit
+    assert len(explicit.train_idx) == 8 * 16  # no floor of steps when steps is explicit; 8 BN batches
 
 
 def test_settings_are_validated() -> None:
@@ -246,3 +246,23 @@ def test_subrunner_null_perfs_vary_with_the_repeat() -> None:
     perfs = runner.null_perfs(original)
     assert len(perfs) == 3 and len(set(perfs)) == 3 and all(math.isfinite(p) for p in perfs)
     assert runner.score_samples == 48 and runner.subsets.on_val  # max(10 % of 480, 40) of the 120 val images
+
+
+def test_report_shows_the_noise_level_steps_and_build_time() -> None:
+    from lightning_layermerge.report import LayerMergeReport
+
+    level = noise_level({(0, 1, 1): math.exp(-0.5), (0, 2, 1): math.exp(-0.001)}, [-0.30, -0.31, -0.29],
+                        steps_per_entry=30, score_samples=270, build_seconds=123.4)
+    report = LayerMergeReport(budget=0.7, method="layermerge", target="model", num_layers=2, layer_names=["a", "b"],
+                              segments=[(0, 2, 1)], kept_activations=[], kept_convs=[1], irreducible=[1],
+                              importance=level.as_dict())
+    text = str(report)
+    assert ("importance table : 2 entries, 30 steps each, scored on 270 samples, built in 123 s; "
+            "noise sigma 0.01 of Perf (3 repeats), 1 entries beyond 2 sigma") in text
+    metrics = report.metrics()
+    assert metrics["layermerge/importance_sigma"] == pytest.approx(0.01)
+    assert metrics["layermerge/importance_distinguishable"] == 1.0
+    assert metrics["layermerge/importance_build_seconds"] == pytest.approx(123.4)
+    assert "not built here" in str(LayerMergeReport(budget=0.7, method="layermerge", target="model", num_layers=2,
+                                                    layer_names=["a", "b"], segments=[(0, 2, 1)],
+                                                    kept_activations=[], kept_convs=[1], irreducible=[1]))
