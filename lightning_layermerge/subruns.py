@@ -460,6 +460,9 @@ class SubRunner:
             kd = Distillation(alpha=self.settings.kd_alpha, temperature=self.settings.kd_temperature)
             patch = DistillationPatch(kd, self.teacher, module, get_path(module, self.target_path), log_name=None)
             patch.attach()
+        # Lightning 2.6 keeps each module's mode at the start of fit: a pruned copy of a network
+        # in eval() would fine-tune with frozen BatchNorm statistics (and diverge).
+        module.train()
         try:
             trainer = self._trainer(max_steps=self.steps, max_epochs=-1, limit_val_batches=0)
             trainer.fit(module, train_dataloaders=loader)

@@ -266,3 +266,13 @@ def test_report_shows_the_noise_level_steps_and_build_time() -> None:
     assert "not built here" in str(LayerMergeReport(budget=0.7, method="layermerge", target="model", num_layers=2,
                                                     layer_names=["a", "b"], segments=[(0, 2, 1)],
                                                     kept_activations=[], kept_convs=[1], irreducible=[1]))
+
+
+def test_subrun_trains_a_target_given_in_eval_mode() -> None:
+    """Lightning keeps module modes at fit start; a sub-run must still train BatchNorm normally."""
+    runner = _runner(ImportanceSettings(steps=3, batch_size=16, lr=0.05, bn_batches=0, noise_repeats=0))
+    original = LitTinyVal().model.eval()
+    trained = runner.finetune(copy.deepcopy(original))
+    bn = trained.stem[1]
+    assert int(bn.num_batches_tracked) == 3  # statistics updated by the 3 training steps
+    assert not torch.equal(bn.running_mean, original.stem[1].running_mean)

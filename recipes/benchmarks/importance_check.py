@@ -142,7 +142,7 @@ def oracle(model: nn.Module, chain: Any, key: tuple[int, int, int], epochs: int)
     pruned = prune(model, chain, Plan.replacing(chain, chain.segment(*key)))
     L.seed_everything(0, workers=True)
     recalibrate_batchnorm(pruned, dm.train_dataloader(), 8)
-    module = Classifier(pruned, lr=0.02)
+    module = Classifier(pruned.train(), lr=0.02)  # Lightning keeps eval() modules in eval mode
     with quiet():
         _trainer(epochs).fit(module, train_dataloaders=dm.train_dataloader())
     return evaluate(pruned, dm.val_dataloader())
