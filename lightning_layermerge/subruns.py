@@ -453,6 +453,18 @@ class SubRunner:
             self.first_error = self.first_error or err
             raise
 
+    def recalibrate(self, target: nn.Module, batches: int | None = None) -> int:
+        """Re-estimate the BatchNorm statistics of ``target`` (in place) through the module's
+        ``training_step`` on training batches; e.g. for the pruned network before the user's
+        fine-tuning. ``batches``: default ``settings.bn_batches`` (at least 1). Returns the
+        number of batches used (0: no BatchNorm)."""
+        module = self.with_target(target)
+        loader = self._subset_loader(self.train_idx, shuffle=True, seed=self.settings.seed)
+        with quiet(), isolate_rng(), torch.no_grad():
+            torch.manual_seed(self.settings.seed)
+            return recalibrate_batchnorm(module, loader, max(1, batches or self.settings.bn_batches),
+                                         forward=_training_forward)
+
     def _fit(self, module: pl.LightningModule, loader: DataLoader) -> None:
         """``self.steps`` optimizer steps, with distillation if configured."""
         patch = None

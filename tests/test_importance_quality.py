@@ -276,3 +276,12 @@ def test_subrun_trains_a_target_given_in_eval_mode() -> None:
     bn = trained.stem[1]
     assert int(bn.num_batches_tracked) == 3  # statistics updated by the 3 training steps
     assert not torch.equal(bn.running_mean, original.stem[1].running_mean)
+
+
+def test_runner_recalibrate_for_the_users_fine_tuning() -> None:
+    runner = _runner(ImportanceSettings(bn_batches=3, batch_size=16))
+    target = LitTinyVal().model.eval()
+    before = target.stem[1].running_mean.clone()
+    assert runner.recalibrate(target) == 3
+    assert int(target.stem[1].num_batches_tracked) == 3 and not torch.equal(target.stem[1].running_mean, before)
+    assert not target.training  # mode kept
