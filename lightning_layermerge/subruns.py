@@ -486,7 +486,7 @@ class SubRunner:
         """Scalar metrics logged while validating a copy of the module with ``target`` on the scoring subset.
 
         ``repeat > 0`` scores on another draw of the scoring subset (the same one when the
-        whole scoring set is used).
+        whole scoring set is used) with other random numbers (a DDPM's timesteps and noise).
         """
         module = self.with_target(target)
         if training_loss:
@@ -494,7 +494,9 @@ class SubRunner:
         indices = self.subsets.score_draw(repeat, self.settings.seed)
         loader = self._subset_loader(indices, shuffle=False, seed=0, val=self.subsets.on_val)
         with quiet(), isolate_rng():
-            torch.manual_seed(self.settings.seed)
+            # Every entry is scored with the same random numbers (e.g. a DDPM's timesteps and
+            # noise), so their differences are not noise; a noise repeat draws others.
+            torch.manual_seed(self.settings.seed + 7919 * repeat)
             trainer = self._trainer()
             trainer.validate(module, dataloaders=loader, verbose=False)
         return {k: float(v) for k, v in trainer.callback_metrics.items()

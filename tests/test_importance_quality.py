@@ -285,3 +285,33 @@ def test_runner_recalibrate_for_the_users_fine_tuning() -> None:
     assert runner.recalibrate(target) == 3
     assert int(target.stem[1].num_batches_tracked) == 3 and not torch.equal(target.stem[1].running_mean, before)
     assert not target.training  # mode kept
+
+
+def test_callback_records_the_noise_level_in_its_state(tmp_path) -> None:
+    """End to end: the planner measures sigma (cached with the table) and hands it to the state."""
+    import dataclasses
+
+    from lm_helpers import FAST_IMPORTANCE, FAST_LATENCY, pretrained
+
+    from lightning_layermerge.callback import LayerMergeCallback
+
+    settings = dataclasses.replace(FAST_IMPORTANCE, noise_repeats=2)
+    state = pretrained(LitTinyVal(), steps=30).state_dict()
+    train, val = loaders()
+    records = []
+    for _ in range(2):
+        module = LitTinyVal()
+        module.load_state_dict(state)
+        cb = LayerMergeCallback(budget=0.8, importance=settings, latency=FAST_LATENCY, cache_dir=str(tmp_path),
+                                verbose=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quiet_trainer(max_steps=1, callbacks=[cb]).fit(module, train_dataloaders=train, val_dataloaders=val)
+        records.append(cb.state_dict()["importance"])
+    first = records[0]
+    assert first["entries"] == sum(1 for v in cb.importance_table.values() if v > 0)
+    assert first["steps_per_entry"] == 2 and first["score_samples"] == 120  # the whole validation set
+    assert len(first["perfs"]) == 2 and first["sigma"] == pytest.approx(statistics.stdev(first["perfs"]))
+    assert first["build_seconds"] > 0 and 0 <= first["distinguishable"] <= first["entries"]
+    assert records[1]["perfs"] == first["perfs"]  # the repeats come from the cache the second time
+    assert len(list(tmp_path.glob("importance-noise-*.json"))) == 1
