@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from .bn_recalibration import recalibrate_batchnorm
+from .bn_recalibration import default_forward, recalibrate_batchnorm
 from .distill import Distillation, DistillationPatch, frozen_teacher
 from .graph import Segment
 from .tables.noise import measure_null_perfs
@@ -337,10 +337,15 @@ def _training_forward(module: pl.LightningModule, batch: Any) -> None:
 
     The batch is moved to the module's device first. ``training_step`` is used rather than
     ``forward`` because it is what feeds the target during training (``forward`` may not be
-    defined, or may take other inputs).
+    defined, or may take other inputs). With manual optimization (a ``training_step`` that
+    steps its optimizers) ``module(batch[0])`` is used instead.
     """
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    type(module).training_step(module, move_data_to_device(batch, device), 0)
+    batch = move_data_to_device(batch, device)
+    if not module.automatic_optimization:  # its training_step steps optimizers itself: plain forward
+        default_forward(module, batch)
+        return
+    type(module).training_step(module, batch, 0)
 
 
 def _sgd_cosine(module: pl.LightningModule, lr: float, steps: int) -> dict:
