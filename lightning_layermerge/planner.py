@@ -30,7 +30,7 @@ from .solve import Solution, solve
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader
 from .tables.cache import TableCache, fingerprint
 from .tables.importance import build_importance_table, combine_shards, weights_fingerprint
-from .tables.noise import NoiseLevel, noise_level, warn_if_noisy
+from .tables.noise import NoiseLevel, noise_level, pick_noise_entries, warn_if_noisy
 from .tables.latency import LatencySettings, LatencyTable, batched_example, build_latency_table
 
 __all__ = ["CALIBRATION_AIM", "CALIBRATION_SLACK", "MAX_REPLANS", "Planner", "make_runner", "train_loader"]
@@ -155,39 +155,52 @@ class Planner:
             err = runner.first_error
             cause = f": first error {type(err).__name__}: {err}" if err else ""
             raise RuntimeError(f"LayerMergeCallback: every importance run failed{cause}")
-        self.importance_noise = self.measure_noise(trainer, target, table, scale, time.perf_counter() - started)
+        self.importance_noise = self.measure_noise(trainer, target, chain, table, base, scale,
+                                                   time.perf_counter() - started)
         return table
 
-    def measure_noise(self, trainer: pl.Trainer, target: nn.Module, table: dict, scale: float,
-                      build_seconds: float) -> NoiseLevel:
-        """The table's noise level (unmodified network re-run on rank 0, broadcast); warns if most
-        entries are within it. ``build_seconds``: this rank's table build time."""
-        runner, settings = self.runner, self.importance_settings
-        perfs = None
-        if trainer.is_global_zero:
-            perfs = self._cached_null_perfs(target, scale)
+    def measure_noise(self, trainer: pl.Trainer, target: nn.Module, chain: Chain, table: dict, base: float,
+                      scale: float, build_seconds: float) -> NoiseLevel:
+        """The table's noise level (re-runs on rank 0, broadcast); warns if most entries are within
+        it. ``base``/``scale``: Perf(original) and the divisor of a relative table;
+        ``build_seconds``: this rank's table build time."""
+        runs = self._noise_runs(target, chain, table, base, scale) if trainer.is_global_zero else None
         if trainer.world_size > 1:
-            perfs = trainer.strategy.broadcast(perfs, src=0)
-        level = noise_level(table, perfs, steps_per_entry=runner.steps, score_samples=runner.score_samples,
-                            build_seconds=build_seconds)
+            runs = trainer.strategy.broadcast(runs, src=0)
+        perfs, entry_perfs = runs
+        level = noise_level(table, perfs, entry_perfs=entry_perfs, steps_per_entry=self.runner.steps,
+                            score_samples=self.runner.score_samples, build_seconds=build_seconds)
         if trainer.is_global_zero:
             warn_if_noisy(level)
         return level
 
-    def _cached_null_perfs(self, target: nn.Module, scale: float) -> list[float]:
-        """``runner.null_perfs`` divided by ``scale``, through the table cache (a repeated run re-trains nothing)."""
+    def _noise_runs(self, target: nn.Module, chain: Chain, table: dict, base: float,
+                    scale: float) -> tuple[list[float], dict]:
+        """Perf of the unmodified network and of a few entries over the noise repeats, through
+        the table cache (a repeated run re-trains nothing)."""
+        repeats, runner = self.importance_settings.noise_repeats, self.runner
         cache = None
         if self.cache_dir is not None:
             key = {"table": "importance-noise", **self._importance_key}
             cache = TableCache(Path(self.cache_dir) / f"importance-noise-{fingerprint(key)[:12]}.json", key)
-            stored = [cache.get((-2, r, 0)) for r in range(self.importance_settings.noise_repeats)]
-            if stored and all(v is not None for v in stored):
-                return [float(v) for v in stored]
-        perfs = [p / scale for p in self.runner.null_perfs(target)]
-        if cache is not None:
-            for r, value in enumerate(perfs):
-                cache.put((-2, r, 0), value)
-        return perfs
+
+        def cached(entry: tuple[int, int, int], compute: Any) -> float:
+            if cache is not None and entry in cache:
+                return float(cache.get(entry))
+            value = float(compute()) / scale
+            if cache is not None:
+                cache.put(entry, value)
+            return value
+
+        if repeats < 2:
+            return [], {}
+        perfs = [cached((-2, r, 0), lambda r=r: runner.null_perf(target, r)) for r in range(repeats)]
+        entry_perfs = {}
+        for index, key in enumerate(pick_noise_entries(table, self.importance_settings.noise_entries)):
+            entry_perfs[key] = [base + math.log(table[key])] + [
+                cached((-3, index, r), lambda r=r, key=key: runner.entry_perf(target, chain, key, r))
+                for r in range(1, repeats)]
+        return perfs, entry_perfs
 
     # ------------------------------------------------------------------ solving
 

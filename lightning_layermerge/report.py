@@ -195,8 +195,10 @@ class LayerMergeReport:
         if imp.get("build_seconds") is not None:
             text += f", built in {imp['build_seconds']:.0f} s"
         if imp.get("perfs"):
-            text += (f"; noise sigma {imp['sigma']:.3g} of Perf ({len(imp['perfs'])} repeats), "
-                     f"{imp.get('distinguishable')} entries beyond 2 sigma")
+            text += f"; noise sigma {imp['sigma']:.3g} of Perf ({len(imp['perfs'])} repeats"
+            if imp.get("sigma_entries") is not None:
+                text += f"; unmodified {imp['sigma_original']:.3g}, {len(imp['entry_perfs'])} entries {imp['sigma_entries']:.3g}"
+            text += f"), {imp.get('distinguishable')} entries beyond 2 sigma"
         return text
 
     def _calibration_text(self) -> str:

@@ -35,7 +35,9 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from .bn_recalibration import default_forward, recalibrate_batchnorm
 from .distill import Distillation, DistillationPatch, frozen_teacher
-from .graph import Segment
+from .graph import Chain, Segment
+from .plan import Plan
+from .prune import prune
 from .tables.noise import measure_null_perfs
 
 __all__ = [
@@ -110,6 +112,9 @@ class ImportanceSettings:
         noise_repeats: Runs of the unmodified network through the entry protocol (another
             seed and scoring subset each) to measure the table's noise level (0: not measured;
             otherwise at least 2).
+        noise_entries: Table entries (spread over the importance range) also re-run
+            ``noise_repeats - 1`` times: a damaged network's short fine-tune is much noisier
+            than the intact one's, and only this spread tracks how well the table ranks.
     """
 
     fraction: float = 0.04
@@ -125,6 +130,7 @@ class ImportanceSettings:
     kd_alpha: float = 0.0
     kd_temperature: float = 4.0
     noise_repeats: int = 3
+    noise_entries: int = 2
 
     def __post_init__(self) -> None:
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
@@ -137,7 +143,8 @@ class ImportanceSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
                 raise ValueError(f"ImportanceSettings.{name} must be None or an int >= {minimum}, got {value!r}")
-        for name, minimum in (("min_steps", 0), ("min_score_samples", 1), ("bn_batches", 0), ("noise_repeats", 0)):
+        for name, minimum in (("min_steps", 0), ("min_score_samples", 1), ("bn_batches", 0), ("noise_repeats", 0),
+                               ("noise_entries", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"ImportanceSettings.{name} must be an int >= {minimum}, got {value!r}")
@@ -520,6 +527,19 @@ class SubRunner:
             return []
         return measure_null_perfs(original, lambda net, r: self.finetune(net, None, repeat=r),
                                   lambda net, r: self.score(net, repeat=r), self.settings.noise_repeats)
+
+    def null_perf(self, original: nn.Module, repeat: int) -> float:
+        """Perf of the unmodified target through the entry protocol with the seeds of ``repeat``."""
+        return self.score(self.finetune(copy.deepcopy(original), None, repeat=repeat), repeat=repeat)
+
+    def entry_perf(self, original: nn.Module, chain: Chain, key: tuple[int, int, int], repeat: int) -> float:
+        """Perf of table entry ``key`` re-run with the seeds of ``repeat`` (NaN if the run fails)."""
+        seg = chain.segment(*key)
+        try:
+            pruned = prune(original, chain, Plan.replacing(chain, seg))
+            return self.score(self.finetune(pruned, seg, repeat=repeat), repeat=repeat)
+        except Exception:  # noqa: BLE001 - a failed re-run only leaves a gap in the noise estimate
+            return float("nan")
 
     # ------------------------------------------------------------------ monitor
 

@@ -28,6 +28,8 @@ from lightning_layermerge.tables.noise import (
     ImportanceNoiseWarning,
     measure_null_perfs,
     noise_level,
+    pick_noise_entries,
+    pooled_sigma,
     warn_if_noisy,
 )
 
@@ -230,12 +232,28 @@ def test_noise_level_on_a_synthetic_noisy_metric() -> None:
     assert level.as_dict()["steps_per_entry"] == 30 and level.as_dict()["perfs"] == perfs
     with pytest.warns(ImportanceNoiseWarning, match=r"only 2 of 10 entries.*min_score_samples.*min_steps"):
         assert warn_if_noisy(level)
+    # Damaged networks are noisier than the intact one: the entries' pooled spread decides.
+    noisy_entries = {(1, 2, 1): [-2.00, -0.60, -1.30], (1, 3, 1): [-1.80, -1.20, -1.50]}
+    level = noise_level(table, perfs, entry_perfs=noisy_entries)
+    expected = math.sqrt((0.49 + 0.09) / 2)  # the two groups' sample variances
+    assert level.sigma_entries == pytest.approx(expected, rel=1e-12) and level.sigma == level.sigma_entries
+    assert level.sigma_original == pytest.approx(statistics.stdev(perfs), rel=1e-12)
+    assert (level.entries, level.distinguishable) == (10, 1)  # only ln I = -1.5 is beyond 2 x 0.539
+    assert level.as_dict()["entry_perfs"] == {"(1, 2, 1)": [-2.0, -0.6, -1.3], "(1, 3, 1)": [-1.8, -1.2, -1.5]}
     # A quiet metric: every changed entry stands out, no warning.
     quiet = noise_level(table, [true_perf, true_perf + 1e-6, true_perf - 1e-6])
     assert quiet.distinguishable == 10
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not warn_if_noisy(quiet)
+
+
+def test_noise_entries_are_spread_over_the_changed_entries() -> None:
+    table = {(0, i, 1): math.exp(-0.1 * i) for i in range(10)}  # (0, 0, 1) = 1.0: unchanged network
+    table[(5, 6, 1)] = -math.inf
+    assert pick_noise_entries(table, 2) == [(0, 3, 1), (0, 6, 1)]  # 9 changed entries, at 1/3 and 2/3
+    assert pick_noise_entries(table, 0) == [] and pick_noise_entries({(0, 1, 1): 1.0}, 2) == []
+    assert pooled_sigma([[1.0]]) is None and pooled_sigma([[1.0, 3.0], [0.0, 0.0]]) == pytest.approx(1.0)
 
 
 def test_subrunner_null_perfs_vary_with_the_repeat() -> None:
@@ -252,13 +270,14 @@ def test_report_shows_the_noise_level_steps_and_build_time() -> None:
     from lightning_layermerge.report import LayerMergeReport
 
     level = noise_level({(0, 1, 1): math.exp(-0.5), (0, 2, 1): math.exp(-0.001)}, [-0.30, -0.31, -0.29],
-                        steps_per_entry=30, score_samples=270, build_seconds=123.4)
+                        entry_perfs={(0, 2, 1): [-0.301, -0.303]}, steps_per_entry=30, score_samples=270,
+                        build_seconds=123.4)
     report = LayerMergeReport(budget=0.7, method="layermerge", target="model", num_layers=2, layer_names=["a", "b"],
                               segments=[(0, 2, 1)], kept_activations=[], kept_convs=[1], irreducible=[1],
                               importance=level.as_dict())
     text = str(report)
     assert ("importance table : 2 entries, 30 steps each, scored on 270 samples, built in 123 s; "
-            "noise sigma 0.01 of Perf (3 repeats), 1 entries beyond 2 sigma") in text
+            "noise sigma 0.01 of Perf (3 repeats; unmodified 0.01, 1 entries 0.00141), 1 entries beyond 2 sigma") in text
     metrics = report.metrics()
     assert metrics["layermerge/importance_sigma"] == pytest.approx(0.01)
     assert metrics["layermerge/importance_distinguishable"] == 1.0
@@ -313,5 +332,8 @@ def test_callback_records_the_noise_level_in_its_state(tmp_path) -> None:
     assert first["steps_per_entry"] == 2 and first["score_samples"] == 120  # the whole validation set
     assert len(first["perfs"]) == 2 and first["sigma"] == pytest.approx(statistics.stdev(first["perfs"]))
     assert first["build_seconds"] > 0 and 0 <= first["distinguishable"] <= first["entries"]
+    assert len(first["entry_perfs"]) == 2 and all(len(v) == 2 for v in first["entry_perfs"].values())
+    assert first["sigma"] == pytest.approx(max(first["sigma_original"], first["sigma_entries"]))
     assert records[1]["perfs"] == first["perfs"]  # the repeats come from the cache the second time
+    assert records[1]["entry_perfs"] == first["entry_perfs"]
     assert len(list(tmp_path.glob("importance-noise-*.json"))) == 1

@@ -1,13 +1,20 @@
 """How much of an importance table is signal: the measured noise level (torch only, no Lightning).
 
 Every entry is ``exp(Perf(entry) - Perf(original))``, where ``Perf(entry)`` comes from a short,
-seeded fine-tune scored on a finite sample. Running the *unmodified* network through the
-same protocol several times (another fine-tuning seed and scoring subset each time) gives
-Perf values whose spread ``sigma`` is the noise floor of the table: entries whose
-``|ln I| = |Perf(entry) - Perf(original)|`` is below ``2 sigma`` cannot be told apart from
-the original network, nor reliably from each other, and the solver's choice among them is
-a coin toss. :func:`noise_level` counts them; :func:`warn_if_noisy` warns when they are
-the majority, naming the settings that reduce the noise.
+seeded fine-tune scored on a finite sample. Re-running networks through the same protocol
+with other seeds (another fine-tuning seed and scoring draw each time) measures the noise:
+
+* the *unmodified* network (``sigma_original``): the noise of ``Perf(original)``;
+* a few *modified* networks, i.e. table entries (``sigma_entries``, pooled over them). A
+  damaged network's short fine-tune is far less repeatable than the intact one's: on the
+  digits nets of ``recipes/benchmarks/importance_check.py`` ``sigma_entries`` was 10 to 1000
+  times ``sigma_original``, and only it tracked how well the table ranked entries.
+
+``sigma`` is the larger of the two. Entries whose ``|ln I| = |Perf(entry) - Perf(original)|``
+is below ``2 sigma`` cannot be told apart from the original network, nor reliably from each
+other, and the solver's choice among them is a coin toss. :func:`noise_level` counts them;
+:func:`warn_if_noisy` warns when they are the majority, naming the settings that reduce the
+noise.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ImportanceNoiseWarning", "NoiseLevel", "measure_null_perfs", "noise_level", "warn_if_noisy"]
+__all__ = [
+    "ImportanceNoiseWarning", "NoiseLevel", "measure_null_perfs", "noise_level", "pick_noise_entries", "pooled_sigma",
+    "warn_if_noisy",
+]
 
 #: Entries count as distinguishable from the original when ``|ln I| > SIGMAS * sigma``.
 SIGMAS = 2.0
@@ -39,11 +49,14 @@ class NoiseLevel:
     """The noise of an importance table and what it was built with.
 
     Attributes:
-        sigma: Sample standard deviation of Perf of the unmodified network over ``perfs``
-            (same units as the table's Perf, i.e. of ``ln I``); 0 with fewer than 2 repeats.
+        sigma: ``max(sigma_original, sigma_entries)``, in the table's Perf units (of ``ln I``).
         perfs: Perf of the unmodified network, once per repeat (fine-tuning seed + scoring subset).
         entries: Finite entries of the table.
         distinguishable: Entries with ``|ln I| > 2 sigma``.
+        sigma_original: Sample standard deviation of ``perfs``; 0 with fewer than 2 repeats.
+        sigma_entries: Pooled sample standard deviation of Perf of the re-run entries
+            (``None``: none re-run).
+        entry_perfs: Perf of each re-run entry (``"(i, j, k)"``), once per repeat.
         steps_per_entry: Optimizer steps of each entry's fine-tune (``None``: unknown).
         score_samples: Samples each entry is scored on (``None``: unknown).
         build_seconds: Wall time of the table build on this process (``None``: unknown).
@@ -56,6 +69,9 @@ class NoiseLevel:
     steps_per_entry: int | None = None
     score_samples: int | None = None
     build_seconds: float | None = None
+    sigma_original: float = 0.0
+    sigma_entries: float | None = None
+    entry_perfs: dict[str, list[float]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -67,6 +83,7 @@ class NoiseLevel:
         """JSON-friendly copy (for the report and the checkpoint state)."""
         out = asdict(self)
         out["perfs"] = list(self.perfs)
+        out["entry_perfs"] = {k: list(v) for k, v in self.entry_perfs.items()}
         out["share_distinguishable"] = self.share_distinguishable
         return out
 
@@ -95,9 +112,26 @@ def measure_null_perfs(model: nn.Module, finetune: Callable[[nn.Module, int], nn
     return perfs
 
 
+def pick_noise_entries(table: Mapping[Any, float], count: int) -> list[Any]:
+    """``count`` entries to re-run for the noise level: evenly spread over the finite entries
+    that changed the network (``0 < I < 1``) sorted by importance, excluding both ends."""
+    changed = sorted((v, k) for k, v in table.items() if 0 < v < 1 and math.isfinite(v))
+    if count <= 0 or not changed:
+        return []
+    step = len(changed) / (count + 1)
+    picks = {changed[min(len(changed) - 1, int(step * (i + 1)))][1] for i in range(count)}
+    return sorted(picks)
+
+
+def pooled_sigma(groups: Sequence[Sequence[float]]) -> float | None:
+    """Pooled sample standard deviation of several groups of repeats (``None``: no group of 2+)."""
+    variances = [statistics.variance(g) for g in groups if len(g) >= 2]
+    return math.sqrt(statistics.mean(variances)) if variances else None
+
+
 def noise_level(table: Mapping[Any, float], perfs: Sequence[float], *, sigmas: float = SIGMAS,
-                **known: Any) -> NoiseLevel:
-    """Count the entries of ``table`` that stand out of the noise measured by ``perfs``.
+                entry_perfs: Mapping[Any, Sequence[float]] | None = None, **known: Any) -> NoiseLevel:
+    """Count the entries of ``table`` that stand out of the measured noise.
 
     Args:
         table: ``{key: importance}`` with importance ``exp(Perf - Perf(original))``;
@@ -105,18 +139,21 @@ def noise_level(table: Mapping[Any, float], perfs: Sequence[float], *, sigmas: f
         perfs: Perf of the unmodified network over repeats (see :func:`measure_null_perfs`),
             on the same scale as the table (divided by ``|Perf(original)|`` for a relative table).
         sigmas: Entries with ``|ln I| > sigmas * sigma`` are distinguishable.
+        entry_perfs: ``{key: [Perf per repeat]}`` of re-run entries (same scale), if any.
         **known: ``steps_per_entry``, ``score_samples``, ``build_seconds``, ``extra`` to record.
 
     Returns:
         The :class:`NoiseLevel`.
     """
-    values = [float(p) for p in perfs]
-    if not all(math.isfinite(p) for p in values):
-        raise ValueError(f"the unmodified network's Perf over the repeats is not finite: {values}")
-    sigma = statistics.stdev(values) if len(values) >= 2 else 0.0
+    values = [float(p) for p in perfs if math.isfinite(p)]  # a diverged repeat has no spread to offer
+    sigma_original = statistics.stdev(values) if len(values) >= 2 else 0.0
+    groups = {str(tuple(k)): [float(p) for p in v if math.isfinite(p)] for k, v in (entry_perfs or {}).items()}
+    sigma_entries = pooled_sigma(list(groups.values()))
+    sigma = max(sigma_original, sigma_entries or 0.0)
     logs = [math.log(v) for v in table.values() if v > 0 and math.isfinite(v)]
     distinguishable = sum(abs(x) > sigmas * sigma for x in logs)
-    return NoiseLevel(sigma=sigma, perfs=tuple(values), entries=len(logs), distinguishable=distinguishable, **known)
+    return NoiseLevel(sigma=sigma, perfs=tuple(values), entries=len(logs), distinguishable=distinguishable,
+                      sigma_original=sigma_original, sigma_entries=sigma_entries, entry_perfs=groups, **known)
 
 
 def warn_if_noisy(level: NoiseLevel, *, below: float = WARN_BELOW, settings: str = "ImportanceSettings") -> bool:
@@ -129,8 +166,9 @@ def warn_if_noisy(level: NoiseLevel, *, below: float = WARN_BELOW, settings: str
         return False
     warnings.warn(
         f"importance table: only {level.distinguishable} of {level.entries} entries differ from the unmodified "
-        f"network by more than {SIGMAS:g} sigma (sigma = {level.sigma:.4g} of Perf, measured over "
-        f"{len(level.perfs)} repeats of the unmodified network), so the solver cannot tell most segments apart. "
+        f"network by more than {SIGMAS:g} sigma (sigma = {level.sigma:.4g} of Perf, from re-running the "
+        f"unmodified network and {len(level.entry_perfs)} entries with other seeds), so the solver cannot tell "
+        f"most segments apart. "
         f"Reduce the noise: raise {settings}.min_score_samples (score on more, e.g. validation, samples) and "
         f"{settings}.min_steps or steps (longer fine-tunes), or fraction",
         ImportanceNoiseWarning, stacklevel=2)

@@ -68,7 +68,15 @@ SETTINGS: dict[str, ImportanceSettings] = {
     "bn_only": ImportanceSettings(steps=0),
     "new_10_steps": ImportanceSettings(steps=10),
     "new_kd": ImportanceSettings(kd_alpha=1.0),
+    # old_compare's fine-tune (20 steps of 32, lr 0.02, no BN re-estimation), scored on the
+    # validation set: separates the effect of the scoring set from that of the steps.
+    "old_compare_val": ImportanceSettings(fraction=0.15, steps=20, batch_size=32, lr=0.02, bn_batches=0),
+    "new_60_steps": ImportanceSettings(min_steps=60),
 }
+
+#: Entries (positions in the sorted sample) re-run with 2 more seeds to measure the noise of
+#: damaged networks (the noise level of the unmodified network alone underestimates it).
+REPEATED = (0, 7, 14)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -241,6 +249,21 @@ def run(args: argparse.Namespace) -> None:
                 store.add({"id": rid, "net": net, "kind": "entry", "setting": name, "key": list(key),
                            "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
                            "seconds": time.perf_counter() - t})
+            for pos in REPEATED:
+                if pos >= len(keys):
+                    continue
+                key = keys[pos]
+                for r in (1, 2):
+                    rid = f"{net}/{name}/{key}/r{r}"
+                    if rid in store:
+                        continue
+                    if out_of_time():
+                        return
+                    seg = chain.segment(*key)
+                    trained_net = runner.finetune(prune(model, chain, Plan.replacing(chain, seg)), seg, repeat=r)
+                    metrics = runner.metrics(trained_net, training_loss=False, repeat=r)
+                    store.add({"id": rid, "net": net, "kind": "repeat", "setting": name, "key": list(key),
+                               "repeat": r, "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"]})
             print(f"[{net}] {name} done ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
@@ -261,6 +284,18 @@ def _perf(values: list[float]) -> list[float]:
     finite = [v for v in values if math.isfinite(v)]
     floor = (min(finite) if finite else 0.0) - 1.0
     return [v if math.isfinite(v) else floor for v in values]
+
+
+def _entry_sigma(store: Store, net: str, name: str, entries: dict) -> float:
+    """Pooled standard deviation of -val_loss over the seeds of the re-run entries."""
+    groups: dict[tuple, list[float]] = {}
+    for r in store.rows.values():
+        if r["net"] == net and r.get("setting") == name and r["kind"] == "repeat":
+            key = tuple(r["key"])
+            if key in entries and math.isfinite(r["val_loss"]) and math.isfinite(entries[key]["val_loss"]):
+                groups.setdefault(key, [-entries[key]["val_loss"]]).append(-r["val_loss"])
+    variances = [statistics.variance(v) for v in groups.values() if len(v) >= 2]
+    return math.sqrt(statistics.mean(variances)) if variances else math.nan
 
 
 def summarise(store: Store) -> list[dict]:
@@ -285,13 +320,16 @@ def summarise(store: Store) -> list[dict]:
             sigma = statistics.stdev(null_loss) if len(null_loss) >= 2 else math.nan
             base_perf = -null["base"]["val_loss"]
             distinct = sum(abs(p - base_perf) > 2 * sigma for p in t_loss)
+            sigma_entry = _entry_sigma(store, net, name, entries)
+            distinct_entry = sum(abs(p - base_perf) > 2 * sigma_entry for p in t_loss) \
+                if math.isfinite(sigma_entry) else None
             sec = statistics.mean(entries[k]["seconds"] for k in common)
             epochs_per_entry = null["steps"] * null["batch_size"] / base["train_size"] if base else math.nan
             rows.append({
                 "net": net, "setting": name, "entries": len(common),
                 "rho_loss": spearman(t_loss, o_loss), "rho_acc": spearman(t_acc, o_acc),
                 "rho_loss_vs_oracle_acc": spearman(t_loss, o_acc),
-                "sigma": sigma, "distinct": distinct, "steps": null["steps"], "score_samples": null["score_samples"],
+                "sigma": sigma, "distinct": distinct, "sigma_entry": sigma_entry, "distinct_entry": distinct_entry, "steps": null["steps"], "score_samples": null["score_samples"],
                 "epochs_per_entry": epochs_per_entry,
                 "table_epochs": epochs_per_entry * base["segments"] if base else math.nan,
                 "seconds_per_entry": sec,
@@ -316,12 +354,15 @@ def write_report(store: Store, args: argparse.Namespace) -> None:
                   f"{base['segments']} table entries; {n_oracle} sampled entries with an oracle "
                   f"({args.oracle_epochs} epochs of fine-tuning after BatchNorm re-estimation, whole val set of "
                   f"{base['val_size']}).", "",
-                  "| setting | entries | Spearman (-loss) | Spearman (acc) | sigma of Perf | entries > 2 sigma | "
-                  "steps/entry | scored on | epochs/entry | whole table, epochs | s/entry |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| setting | entries | Spearman (-loss) | Spearman (acc) | sigma, original | > 2 sigma | "
+                  "sigma, entries | > 2 sigma | steps/entry | scored on | epochs/entry | whole table, epochs | "
+                  "s/entry |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in rows if r["net"] == net):
+            de = "-" if r["distinct_entry"] is None else f"{r['distinct_entry']}/{r['entries']}"
             lines.append(f"| {r['setting']} | {r['entries']} | {r['rho_loss']:.3f} | {r['rho_acc']:.3f} | "
-                         f"{r['sigma']:.4f} | {r['distinct']}/{r['entries']} | {r['steps']} | {r['score_samples']} | "
+                         f"{r['sigma']:.4f} | {r['distinct']}/{r['entries']} | {r['sigma_entry']:.4f} | {de} | "
+                         f"{r['steps']} | {r['score_samples']} | "
                          f"{r['epochs_per_entry']:.2f} | {r['table_epochs']:.0f} | {r['seconds_per_entry']:.1f} |")
         lines.append("")
     lines += ["Settings:", ""]
