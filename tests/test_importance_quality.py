@@ -86,7 +86,9 @@ def test_subrun_trains_the_floor_of_steps_and_scores_on_the_validation_set() -> 
     explicit = _runner(ImportanceSettings(fraction=0.04, steps=3, batch_size=16), val=False)
     assert explicit.steps == 3 and not explicit.subsets.on_val
     assert explicit.score_samples == 240  # min(1000, 480 // 2)
-    assert len(explicit.train_idx) == 8 * 16  # no floor of steps when steps is explicit; 8 BN batches
+    assert len(explicit.train_idx) == 19  # 4 % of 480: no floor of steps when steps is explicit
+    with_bn = _runner(ImportanceSettings(fraction=0.04, steps=0, bn_batches=8, batch_size=16))
+    assert len(with_bn.train_idx) == 8 * 16  # enough distinct samples for the BN batches
 
 
 def test_settings_are_validated() -> None:
@@ -330,7 +332,7 @@ def test_callback_records_the_noise_level_in_its_state(tmp_path) -> None:
     first = records[0]
     assert first["entries"] == sum(1 for v in cb.importance_table.values() if v > 0)
     assert first["steps_per_entry"] == 2 and first["score_samples"] == 120  # the whole validation set
-    assert len(first["perfs"]) == 2 and first["sigma"] == pytest.approx(statistics.stdev(first["perfs"]))
+    assert len(first["perfs"]) == 2 and first["sigma_original"] == pytest.approx(statistics.stdev(first["perfs"]))
     assert first["build_seconds"] > 0 and 0 <= first["distinguishable"] <= first["entries"]
     assert len(first["entry_perfs"]) == 2 and all(len(v) == 2 for v in first["entry_perfs"].values())
     assert first["sigma"] == pytest.approx(max(first["sigma_original"], first["sigma_entries"]))

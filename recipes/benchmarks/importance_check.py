@@ -63,15 +63,16 @@ SETTINGS: dict[str, ImportanceSettings] = {
     # compare.py's settings before issue 13: 20 SGD steps on 15 %, scored on another 15 %.
     "old_compare": ImportanceSettings(fraction=0.15, steps=20, batch_size=32, lr=0.02, min_score_samples=1,
                                       score_on="train", bn_batches=0, noise_repeats=3),
-    "new_default": ImportanceSettings(),
-    "new_no_bn": ImportanceSettings(bn_batches=0),
-    "bn_only": ImportanceSettings(steps=0),
-    "new_10_steps": ImportanceSettings(steps=10),
-    "new_kd": ImportanceSettings(kd_alpha=1.0),
-    # old_compare's fine-tune (20 steps of 32, lr 0.02, no BN re-estimation), scored on the
-    # validation set: separates the effect of the scoring set from that of the steps.
+    # old_compare's fine-tune scored on the validation set: the scoring set's effect alone.
     "old_compare_val": ImportanceSettings(fraction=0.15, steps=20, batch_size=32, lr=0.02, bn_batches=0),
-    "new_60_steps": ImportanceSettings(min_steps=60),
+    # The default chosen from this study: floors of 30 steps and 1000 (here: all 270 val) samples.
+    "default": ImportanceSettings(),
+    # The same + BatchNorm re-estimation (8 batches) before each fine-tune, and variants of it.
+    "floors_bn8": ImportanceSettings(bn_batches=8),
+    "bn8_only": ImportanceSettings(steps=0, bn_batches=8),
+    "bn8_10_steps": ImportanceSettings(steps=10, bn_batches=8),
+    "floors_bn8_60_steps": ImportanceSettings(min_steps=60, bn_batches=8),
+    "floors_bn8_kd": ImportanceSettings(bn_batches=8, kd_alpha=1.0),
 }
 
 #: Entries (positions in the sorted sample) re-run with 2 more seeds to measure the noise of
@@ -342,7 +343,10 @@ def write_report(store: Store, args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     lines = ["# Importance table vs long fine-tunes (digits, CPU)", "",
              "<!-- notes -->", _notes(), "<!-- /notes -->", "",
-             f"Command: `python recipes/benchmarks/importance_check.py {' '.join(sys.argv[1:])}`".rstrip() + ".",
+             f"Command: `python recipes/benchmarks/importance_check.py --entries {args.entries} --oracle-epochs "
+             f"{args.oracle_epochs} --train-epochs {args.train_epochs}` (run here in 300-s chunks with "
+             "`--budget-s 300`, resuming from `results.jsonl`). Spearman is over the sampled entries: -val_loss "
+             "(the recipe's monitor) or val_acc of the setting's table entry vs the same of the oracle.",
              f"Machine: {platform.machine()}, 2 shared CPU cores, 1 torch thread; torch {torch.__version__}.", ""]
     for net in NETS:
         base = store.rows.get(f"{net}/base")
@@ -351,7 +355,7 @@ def write_report(store: Store, args: argparse.Namespace) -> None:
         n_oracle = sum(1 for r in store.rows.values() if r["net"] == net and r["kind"] == "oracle")
         lines += [f"## {net}", "",
                   f"Trained: val acc {base['val_acc']:.4f}, val_loss {base['val_loss']:.4f}; L = {base['num_layers']}, "
-                  f"{base['segments']} table entries; {n_oracle} sampled entries with an oracle "
+                  f"{base['segments']} table entries; {min(n_oracle, args.entries)} sampled entries with an oracle "
                   f"({args.oracle_epochs} epochs of fine-tuning after BatchNorm re-estimation, whole val set of "
                   f"{base['val_size']}).", "",
                   "| setting | entries | Spearman (-loss) | Spearman (acc) | sigma, original | > 2 sigma | "
