@@ -78,6 +78,7 @@ class Planner:
         self.base: float | None = None
         self.runner: SubRunner | None = None
         self.importance_noise: NoiseLevel | None = None
+        self._importance_key: dict[str, Any] = {}
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, target: nn.Module,
             chain: Chain) -> tuple[Plan, dict[str, Any]]:
