@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--oracle-epochs", type=int, default=3)
     p.add_argument("--work", default="runs/importance_check")
     p.add_argument("--budget-s", type=float, default=None, help="stop (resumably) after this many seconds")
+    p.add_argument("--plans", type=int, default=0,
+                   help="random plans per network whose summed table importance (default setting, whole "
+                        "table) is compared with their accuracy after the oracle's fine-tuning")
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -266,6 +269,82 @@ def run(args: argparse.Namespace) -> None:
                     store.add({"id": rid, "net": net, "kind": "repeat", "setting": name, "key": list(key),
                                "repeat": r, "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"]})
             print(f"[{net}] {name} done ({time.perf_counter() - start:.0f} s)", flush=True)
+        if args.plans and not plans_stage(store, net, model, chain, args, out_of_time):
+            return
+
+
+def random_plan(chain: Any, rng: random.Random) -> Plan:
+    """A uniformly random walk over legal segments from position 0 to L."""
+    by_start: dict[int, list] = {}
+    for seg in chain.segments:
+        by_start.setdefault(seg.i, []).append(seg)
+    at, keys = 0, []
+    while at < chain.num_layers:
+        seg = rng.choice(by_start[at])
+        keys.append(seg.key)
+        at = seg.j
+    return Plan.from_segments(chain, keys)
+
+
+def plans_stage(store: Store, net: str, model: nn.Module, chain: Any, args: argparse.Namespace,
+                out_of_time: Any) -> bool:
+    """The whole ``default`` table, then random plans fine-tuned like the oracle; False if out of time."""
+    runner = runner_for(model, SETTINGS["default"])
+    for seg in chain.segments:
+        rid = f"{net}/default/{seg.key}"
+        if rid in store:
+            continue
+        if out_of_time():
+            return False
+        t = time.perf_counter()
+        trained_net = runner.finetune(prune(model, chain, Plan.replacing(chain, seg)), seg)
+        metrics = runner.metrics(trained_net, training_loss=False)
+        store.add({"id": rid, "net": net, "kind": "entry", "setting": "default", "key": list(seg.key),
+                   "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
+                   "seconds": time.perf_counter() - t})
+    rng = random.Random(1)
+    for index in range(args.plans):
+        plan = random_plan(chain, rng)
+        rid = f"{net}/plan/{index}"
+        if rid in store:
+            continue
+        if out_of_time():
+            return False
+        dm = datamodule()
+        pruned = prune(model, chain, plan)
+        L.seed_everything(0, workers=True)
+        recalibrate_batchnorm(pruned, dm.train_dataloader(), 8)
+        with quiet():
+            _trainer(args.oracle_epochs).fit(Classifier(pruned.train(), lr=0.02),
+                                             train_dataloaders=dm.train_dataloader())
+        store.add({"id": rid, "net": net, "kind": "plan", "segments": [list(k) for k in plan.keys],
+                   **evaluate(pruned, dm.val_dataloader())})
+    return True
+
+
+def plan_rows(store: Store) -> list[dict]:
+    """Spearman of the plans' summed log-importance (default table) with their accuracy."""
+    out = []
+    for net in NETS:
+        null = store.rows.get(f"{net}/default/null")
+        plans = [r for r in store.rows.values() if r["net"] == net and r["kind"] == "plan"]
+        table = {tuple(r["key"]): r for r in store.rows.values()
+                 if r["net"] == net and r.get("setting") == "default" and r["kind"] == "entry"}
+        if null is None or len(plans) < 3:
+            continue
+        base = -null["base"]["val_loss"]
+        summed = []
+        for r in plans:
+            perf = [-table[tuple(k)]["val_loss"] for k in r["segments"] if tuple(k) in table]
+            if len(perf) != len(r["segments"]):
+                break
+            summed.append(sum(_perf(perf)) - base * len(perf))
+        else:
+            out.append({"net": net, "plans": len(plans),
+                        "rho_loss": spearman(summed, _perf([-r["val_loss"] for r in plans])),
+                        "rho_acc": spearman(summed, [r["val_acc"] for r in plans]),
+                        "acc_range": (min(r["val_acc"] for r in plans), max(r["val_acc"] for r in plans))})
+    return out
 
 
 # ---------------------------------------------------------------------- report
@@ -368,6 +447,18 @@ def write_report(store: Store, args: argparse.Namespace) -> None:
                          f"{r['sigma']:.4f} | {r['distinct']}/{r['entries']} | {r['sigma_entry']:.4f} | {de} | "
                          f"{r['steps']} | {r['score_samples']} | "
                          f"{r['epochs_per_entry']:.2f} | {r['table_epochs']:.0f} | {r['seconds_per_entry']:.1f} |")
+        lines.append("")
+    prow = plan_rows(store)
+    if prow:
+        lines += ["## Plans: summed importance vs accuracy after fine-tuning", "",
+                  "Random plans (uniform walks over legal segments, seed 1); each pruned, BatchNorm re-estimated and "
+                  f"fine-tuned like the oracle ({args.oracle_epochs} epochs); summed importance = sum of ln I over the "
+                  "plan's segments from the whole `default` table.", "",
+                  "| network | plans | Spearman vs -val_loss | Spearman vs val_acc | val acc range |",
+                  "|---|---:|---:|---:|---|"]
+        for r in prow:
+            lines.append(f"| {r['net']} | {r['plans']} | {r['rho_loss']:.3f} | {r['rho_acc']:.3f} | "
+                         f"{r['acc_range'][0]:.3f}-{r['acc_range'][1]:.3f} |")
         lines.append("")
     lines += ["Settings:", ""]
     for name, s in SETTINGS.items():
