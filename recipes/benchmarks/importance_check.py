@@ -423,7 +423,7 @@ def write_report(store: Store, args: argparse.Namespace) -> None:
     lines = ["# Importance table vs long fine-tunes (digits, CPU)", "",
              "<!-- notes -->", _notes(), "<!-- /notes -->", "",
              f"Command: `python recipes/benchmarks/importance_check.py --entries {args.entries} --oracle-epochs "
-             f"{args.oracle_epochs} --train-epochs {args.train_epochs}` (run here in 300-s chunks with "
+             f"{args.oracle_epochs} --train-epochs {args.train_epochs} --plans {args.plans}` (run here in 300-s chunks with "
              "`--budget-s 300`, resuming from `results.jsonl`). Spearman is over the sampled entries: -val_loss "
              "(the recipe's monitor) or val_acc of the setting's table entry vs the same of the oracle.",
              f"Machine: {platform.machine()}, 2 shared CPU cores, 1 torch thread; torch {torch.__version__}.", ""]
