@@ -197,7 +197,8 @@ class LayerMergeReport:
         if imp.get("perfs"):
             text += f"; noise sigma {imp['sigma']:.3g} of Perf ({len(imp['perfs'])} repeats"
             if imp.get("sigma_entries") is not None:
-                text += f"; unmodified {imp['sigma_original']:.3g}, {len(imp['entry_perfs'])} entries {imp['sigma_entries']:.3g}"
+                text += (f"; unmodified {imp['sigma_original']:.3g}, "
+                         f"{len(imp['entry_perfs'])} entries {imp['sigma_entries']:.3g}")
             text += f"), {imp.get('distinguishable')} entries beyond 2 sigma"
         return text
 

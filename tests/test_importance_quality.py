@@ -165,7 +165,8 @@ def test_bn_reestimation_recovers_pruned_networks() -> None:
     for seg in chain.segments:
         pruned = prune(net, chain, Plan.replacing(chain, seg))
         stale = acc(pruned)
-        weights = {k: v.clone() for k, v in pruned.state_dict().items() if "running" not in k and "num_batches" not in k}
+        weights = {k: v.clone() for k, v in pruned.state_dict().items()
+                   if "running" not in k and "num_batches" not in k}
         recalibrate_batchnorm(pruned, train, batches=8)
         gains.append(acc(pruned) - stale)
         for k, v in weights.items():
@@ -279,7 +280,8 @@ def test_report_shows_the_noise_level_steps_and_build_time() -> None:
                               importance=level.as_dict())
     text = str(report)
     assert ("importance table : 2 entries, 30 steps each, scored on 270 samples, built in 123 s; "
-            "noise sigma 0.01 of Perf (3 repeats; unmodified 0.01, 1 entries 0.00141), 1 entries beyond 2 sigma") in text
+            "noise sigma 0.01 of Perf (3 repeats; unmodified 0.01, 1 entries 0.00141), "
+            "1 entries beyond 2 sigma") in text
     metrics = report.metrics()
     assert metrics["layermerge/importance_sigma"] == pytest.approx(0.01)
     assert metrics["layermerge/importance_distinguishable"] == 1.0

@@ -409,7 +409,8 @@ def summarise(store: Store) -> list[dict]:
                 "net": net, "setting": name, "entries": len(common),
                 "rho_loss": spearman(t_loss, o_loss), "rho_acc": spearman(t_acc, o_acc),
                 "rho_loss_vs_oracle_acc": spearman(t_loss, o_acc),
-                "sigma": sigma, "distinct": distinct, "sigma_entry": sigma_entry, "distinct_entry": distinct_entry, "steps": null["steps"], "score_samples": null["score_samples"],
+                "sigma": sigma, "distinct": distinct,
+                "sigma_entry": sigma_entry, "distinct_entry": distinct_entry, "steps": null["steps"], "score_samples": null["score_samples"],
                 "epochs_per_entry": epochs_per_entry,
                 "table_epochs": epochs_per_entry * base["segments"] if base else math.nan,
                 "seconds_per_entry": sec,
@@ -423,7 +424,8 @@ def write_report(store: Store, args: argparse.Namespace) -> None:
     lines = ["# Importance table vs long fine-tunes (digits, CPU)", "",
              "<!-- notes -->", _notes(), "<!-- /notes -->", "",
              f"Command: `python recipes/benchmarks/importance_check.py --entries {args.entries} --oracle-epochs "
-             f"{args.oracle_epochs} --train-epochs {args.train_epochs} --plans {args.plans}` (run here in 300-s chunks with "
+             f"{args.oracle_epochs} --train-epochs {args.train_epochs} --plans {args.plans}` "
+             "(run here in 300-s chunks with "
              "`--budget-s 300`, resuming from `results.jsonl`). Spearman is over the sampled entries: -val_loss "
              "(the recipe's monitor) or val_acc of the setting's table entry vs the same of the oracle.",
              f"Machine: {platform.machine()}, 2 shared CPU cores, 1 torch thread; torch {torch.__version__}.", ""]
