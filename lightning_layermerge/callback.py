@@ -500,6 +500,7 @@ class LayerMergeCallback(Callback):
             params_before=count_parameters(self._original), params_after=count_parameters(final),
             monitor=st.get("monitor"), mode=st.get("mode", self.mode), metric_before=st.get("metric_before"),
             merged=merged, merge_max_error=error, calibration=list(st.get("calibration", [])),
+            importance=dict(st.get("importance") or {}),
         )
         if trainer.is_global_zero:  # measured once, without contention between ranks
             self._measure(report, final)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ from .prune import prune
 from .report import measure_side_by_side
 from .solve import Solution, solve
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader
-from .tables.cache import fingerprint
+from .tables.cache import TableCache, fingerprint
 from .tables.importance import build_importance_table, combine_shards, weights_fingerprint
+from .tables.noise import NoiseLevel, noise_level, pick_noise_entries, warn_if_noisy
 from .tables.latency import LatencySettings, LatencyTable, batched_example, build_latency_table
 
 __all__ = ["CALIBRATION_AIM", "CALIBRATION_SLACK", "MAX_REPLANS", "Planner", "make_runner", "train_loader"]
@@ -63,6 +65,8 @@ class Planner:
         importance_shard: Keys of the importance entries this rank computed.
         calibration: One record per calibration round (predicted and measured ratio).
         monitor / base: The Perf metric and its value on the original network.
+        importance_noise: Noise level, entry count, steps per entry and build time of the
+            importance table (``tables.noise.NoiseLevel``).
         runner: The sub-run machinery (reused to score the final network).
     """
 
@@ -80,6 +84,8 @@ class Planner:
         self.base: float | None = None
         self.runner: SubRunner | None = None
         self.resolution = RESOLUTIONS[0]
+        self.importance_noise: NoiseLevel | None = None
+        self._importance_key: dict[str, Any] = {}
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, target: nn.Module,
             chain: Chain) -> tuple[Plan, dict[str, Any]]:
@@ -101,7 +107,8 @@ class Planner:
         plan = _same_on_all_ranks(trainer, plan)
         state = {"predicted_ms": table.predicted_ms(plan.keys), "table_original_ms": table.total_ms,
                  "metric_before": self.base, "monitor": self.monitor.key, "mode": self.monitor.mode,
-                 "training_loss": self.monitor.training_loss, "calibration": self.calibration}
+                 "training_loss": self.monitor.training_loss, "calibration": self.calibration,
+                 "importance": self.importance_noise.as_dict() if self.importance_noise else None}
         return plan, state
 
     # ------------------------------------------------------------------ tables
@@ -162,14 +169,17 @@ class Planner:
         runner, monitor = self.runner, self.monitor
         key = {"weights": weights_fingerprint(target), "module": type(runner.shell).__qualname__,
                "monitor": monitor.key, "mode": monitor.mode, "data": len(runner.loader.dataset),
+               "score_samples": runner.score_samples, "score_on_val": runner.subsets.on_val,
                **vars(self.importance_settings)}
-        score, base = runner.score, monitor.perf(self.base)
+        self._importance_key = key
+        score, base, scale = runner.score, monitor.perf(self.base), 1.0
         if self.importance_settings.relative:
             if base == 0 or not math.isfinite(base):
                 raise ValueError(f"ImportanceSettings(relative=True) needs a finite, non-zero {monitor.key} for the "
                                  f"original network, got {self.base}; use relative=False")
             scale = abs(base)
             score, base = (lambda net: runner.score(net) / scale), base / scale
+        started = time.perf_counter()
         shard = build_importance_table(target, chain, runner.finetune, score,
                                        shard=(trainer.global_rank, trainer.world_size), cache_dir=self.cache_dir,
                                        cache_key=key, base_score=base,
@@ -179,7 +189,52 @@ class Planner:
         if all(v == -math.inf for v in table.values()):
             err = runner.first_error
             raise RuntimeError(runner.failure_message(err) if err else "LayerMergeCallback: every importance run failed")
+        self.importance_noise = self.measure_noise(trainer, target, chain, table, base, scale,
+                                                   time.perf_counter() - started)
         return table
+
+    def measure_noise(self, trainer: pl.Trainer, target: nn.Module, chain: Chain, table: dict, base: float,
+                      scale: float, build_seconds: float) -> NoiseLevel:
+        """The table's noise level (re-runs on rank 0, broadcast); warns if most entries are within
+        it. ``base``/``scale``: Perf(original) and the divisor of a relative table;
+        ``build_seconds``: this rank's table build time."""
+        runs = self._noise_runs(target, chain, table, base, scale) if trainer.is_global_zero else None
+        if trainer.world_size > 1:
+            runs = trainer.strategy.broadcast(runs, src=0)
+        perfs, entry_perfs = runs
+        level = noise_level(table, perfs, entry_perfs=entry_perfs, steps_per_entry=self.runner.steps,
+                            score_samples=self.runner.score_samples, build_seconds=build_seconds)
+        if trainer.is_global_zero:
+            warn_if_noisy(level)
+        return level
+
+    def _noise_runs(self, target: nn.Module, chain: Chain, table: dict, base: float,
+                    scale: float) -> tuple[list[float], dict]:
+        """Perf of the unmodified network and of a few entries over the noise repeats, through
+        the table cache (a repeated run re-trains nothing)."""
+        repeats, runner = self.importance_settings.noise_repeats, self.runner
+        cache = None
+        if self.cache_dir is not None:
+            key = {"table": "importance-noise", **self._importance_key}
+            cache = TableCache(Path(self.cache_dir) / f"importance-noise-{fingerprint(key)[:12]}.json", key)
+
+        def cached(entry: tuple[int, int, int], compute: Any) -> float:
+            if cache is not None and entry in cache:
+                return float(cache.get(entry))
+            value = float(compute()) / scale
+            if cache is not None:
+                cache.put(entry, value)
+            return value
+
+        if repeats < 2:
+            return [], {}
+        perfs = [cached((-2, r, 0), lambda r=r: runner.null_perf(target, r)) for r in range(repeats)]
+        entry_perfs = {}
+        for index, key in enumerate(pick_noise_entries(table, self.importance_settings.noise_entries)):
+            entry_perfs[key] = [base + math.log(table[key])] + [
+                cached((-3, index, r), lambda r=r, key=key: runner.entry_perf(target, chain, key, r))
+                for r in range(1, repeats)]
+        return perfs, entry_perfs
 
     # ------------------------------------------------------------------ solving
 
@@ -317,6 +372,19 @@ def train_loader(trainer: pl.Trainer) -> Any:
     return trainer.fit_loop._data_source.dataloader()
 
 
+def val_loader(trainer: pl.Trainer) -> Any:
+    """The first validation dataloader, as the fit loop will see it (``None`` if there is none)."""
+    try:
+        loaders = trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
+    except Exception:  # noqa: BLE001 - no val_dataloader hook, or it fails before setup: score on train data
+        return None
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    elif isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    return loaders
+
+
 def make_runner(trainer: pl.Trainer, pl_module: pl.LightningModule, path: str,
                 settings: ImportanceSettings) -> SubRunner:
     """Sub-runs on this process's device (one device per rank), at the trainer's precision."""
@@ -324,7 +392,8 @@ def make_runner(trainer: pl.Trainer, pl_module: pl.LightningModule, path: str,
     accelerator = {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
     devices = [device.index or 0] if device.type == "cuda" else 1
     return SubRunner(pl_module, path, check_loader(train_loader(trainer)), settings,
-                     accelerator=accelerator, devices=devices, precision=trainer.precision)
+                     accelerator=accelerator, devices=devices, precision=trainer.precision,
+                     val_loader=val_loader(trainer))
 
 
 def min_chain_ms(table: LatencyTable, chain: Chain, method: str) -> float:

@@ -57,6 +57,10 @@ class LayerMergeReport:
             example input.
         calibration: The candidates timed side by side before fine-tuning (``"measured"``
             and ``"predicted"`` ratio each); the plan is the best one that fit the budget.
+        importance: How far the importance table can be trusted
+            (``tables.noise.NoiseLevel.as_dict()``): ``sigma`` of Perf of the unmodified
+            network over repeats, ``entries``, ``distinguishable`` (entries beyond 2 sigma),
+            ``steps_per_entry``, ``score_samples``, ``build_seconds``. Empty if not built.
     """
 
     budget: float
@@ -82,6 +86,7 @@ class LayerMergeReport:
     merged: bool = False
     merge_max_error: float | None = None
     calibration: list[dict[str, Any]] = field(default_factory=list)
+    importance: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived numbers
 
@@ -146,6 +151,11 @@ class LayerMergeReport:
             "metric_before": self.metric_before,
             "metric_after": self.metric_after,
             "merged": float(self.merged),
+            "importance_sigma": self.importance.get("sigma"),
+            "importance_entries": self.importance.get("entries"),
+            "importance_distinguishable": self.importance.get("distinguishable"),
+            "importance_steps_per_entry": self.importance.get("steps_per_entry"),
+            "importance_build_seconds": self.importance.get("build_seconds"),
         }
         return {prefix + k: float(v) for k, v in values.items() if v is not None}
 
@@ -169,6 +179,7 @@ class LayerMergeReport:
             f"speed-up {_s(self.measured_speedup)})",
             f"  parameters       : {_n(self.params_before)} -> {_n(self.params_after)}{self._growth_text()}",
             f"  {self.monitor or 'metric'} ({self.mode}) : {_f(self.metric_before)} -> {_f(self.metric_after)}",
+            f"  importance table : {self._importance_text()}",
             f"  calibration      : {self._calibration_text()}",
             f"  merged           : {'yes' if self.merged else 'no (pruned network kept)'}"
             + (f", max rel. error vs pruned {self.merge_max_error:.2e}" if self.merge_max_error is not None else ""),
@@ -182,6 +193,22 @@ class LayerMergeReport:
         return ("\n                     (more parameters, yet faster: merging a depthwise conv with a dense one, or "
                 "several convs into one larger kernel, makes a dense conv that replaces several layers and their "
                 "memory traffic; latency, not parameter count, is what the budget measures)")
+
+    def _importance_text(self) -> str:
+        imp = self.importance
+        if not imp:
+            return "not built here (plan given or restored)"
+        text = (f"{imp.get('entries')} entries, {imp.get('steps_per_entry')} steps each, scored on "
+                f"{imp.get('score_samples')} samples")
+        if imp.get("build_seconds") is not None:
+            text += f", built in {imp['build_seconds']:.0f} s"
+        if imp.get("perfs"):
+            text += f"; noise sigma {imp['sigma']:.3g} of Perf ({len(imp['perfs'])} repeats"
+            if imp.get("sigma_entries") is not None:
+                text += (f"; unmodified {imp['sigma_original']:.3g}, "
+                         f"{len(imp['entry_perfs'])} entries {imp['sigma_entries']:.3g}")
+            text += f"), {imp.get('distinguishable')} entries beyond 2 sigma"
+        return text
 
     def _calibration_text(self) -> str:
         if not self.calibration:

@@ -29,14 +29,23 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from .graph import Segment
+from .bn_recalibration import default_forward, recalibrate_batchnorm
+from .distill import Distillation, DistillationPatch, frozen_teacher
+from .graph import Chain, Segment
+from .plan import Plan
+from .prune import prune
+from .tables.noise import measure_null_perfs
 
-__all__ = ["TRAIN_LOSS_KEY", "VAL_LOSS_KEYS", "ImportanceSettings", "Monitor", "SubRunner", "get_path", "set_path"]
+__all__ = [
+    "MIN_SCORE_SAMPLES", "MIN_STEPS", "TRAIN_LOSS_KEY", "VAL_LOSS_KEYS", "ImportanceSettings", "Monitor", "SubRunner",
+    "Subsets", "draw_subsets", "get_path", "set_path",
+]
 
 #: Metric logged by the training-loss fallback scorer.
 TRAIN_LOSS_KEY = "layermerge/train_loss"
@@ -45,19 +54,42 @@ TRAIN_LOSS_KEY = "layermerge/train_loss"
 VAL_LOSS_KEYS = ("val_loss", "val/loss", "valid_loss", "validation_loss", "val_loss_epoch", "loss/val")
 
 
+#: Default floor of optimizer steps per importance entry (see ``ImportanceSettings.min_steps``).
+MIN_STEPS = 30
+#: Default floor of scoring samples per importance entry (see ``ImportanceSettings.min_score_samples``).
+MIN_SCORE_SAMPLES = 1000
+
+
 @dataclass(frozen=True)
 class ImportanceSettings:
     """How each importance entry is estimated (the paper's Appendix C protocol, scaled).
 
     The paper fine-tunes every candidate on a random 4 % of ImageNet's training set for one
     epoch (1 % of CIFAR-10 for 50 epochs) and scores it on a disjoint subset of the same
-    size; the defaults follow the ImageNet protocol. On a small dataset raise ``fraction``
-    (e.g. 0.1-0.2) and set ``steps``.
+    size. That assumes a million images: on a few thousand, 4 % is one optimizer step scored
+    on a few dozen images, and the table is noise. So ``fraction`` only sets the sizes when
+    the data is large; two floors apply whatever it says:
+
+    * ``min_steps``: each entry is fine-tuned for at least this many optimizer steps (on
+      ``min_steps * batch_size`` distinct training samples where the training set has them,
+      else cycling over it). Unless ``steps`` is given explicitly.
+    * ``min_score_samples``: each entry is scored on at least this many samples (all of them
+      if the scoring set is smaller). With ``score_on="val"`` (default) and a module that has
+      a validation loader, entries are scored on the validation set, which is disjoint from
+      the training data and costs no training samples; otherwise on a held-out part of the
+      training set.
+
+    Scoring noise of an accuracy on n samples is about ``sqrt(p (1 - p) / n)``; 1000 samples
+    keep it near 0.5 point at 95 % accuracy, small enough to separate entries a point
+    apart. See ``recipes/benchmarks/results/importance_check.md`` for the measurements behind
+    the floors and the other defaults.
 
     Attributes:
-        fraction: Size of the fine-tuning subset as a fraction of the training set; the
-            scoring subset is disjoint and of the same size (so ``fraction <= 0.5``).
-        steps: Optimizer steps per entry; ``None``: one epoch over the fine-tuning subset.
+        fraction: Size of the fine-tuning subset as a fraction of the training set (and of
+            the scoring subset when scoring on training data, disjoint from the first, so
+            ``fraction <= 0.5``).
+        steps: Optimizer steps per entry; ``None``: one epoch over the fine-tuning subset,
+            at least ``min_steps``. ``0``: no fine-tuning (BatchNorm re-estimation only).
         lr: ``None``: the module's own ``configure_optimizers``. A float: SGD (momentum 0.9)
             at this learning rate with cosine decay over the steps (the paper's choice).
         batch_size: Batch size of the sub-runs; ``None``: the training dataloader's.
@@ -67,6 +99,26 @@ class ImportanceSettings:
             importance is ``exp(-(loss - loss0) / loss0)`` for a loss: the official DDPM table.
             Use it when the metric's scale is far from 1 (a denoising loss of 0.03 would
             otherwise make every entry ~1.0 and the DP favour plans with more segments).
+        min_steps: Floor of optimizer steps per entry when ``steps`` is ``None``.
+        min_score_samples: Floor of scoring samples per entry.
+        score_on: ``"val"``: score on the module's validation set when it has one (else on
+            held-out training data); ``"train"``: always on held-out training data.
+        bn_batches: Before each entry's fine-tune, re-estimate the BatchNorm statistics of
+            the pruned network on this many training batches (forward only; 0: off). Pruning
+            shifts every later layer's input distribution, and stale statistics start the
+            pruned network near chance. Measured: no gain once an entry gets ``min_steps``
+            (30) steps, which re-estimate the statistics anyway; with ``steps=0`` it is the
+            cheap mode (no training at all), ranking far better than one step.
+        kd_alpha: Weight of knowledge distillation from the original target inside each
+            entry's fine-tune (``loss + kd_alpha * KD``, :func:`~lightning_layermerge.distill.kd_loss`);
+            0: off.
+        kd_temperature: Temperature of that distillation.
+        noise_repeats: Runs of the unmodified network through the entry protocol (another
+            seed and scoring subset each) to measure the table's noise level (0: not measured;
+            otherwise at least 2).
+        noise_entries: Table entries (spread over the importance range) also re-run
+            ``noise_repeats - 1`` times: a damaged network's short fine-tune is much noisier
+            than the intact one's, and only this spread tracks how well the table ranks.
     """
 
     fraction: float = 0.04
@@ -75,6 +127,14 @@ class ImportanceSettings:
     batch_size: int | None = None
     seed: int = 0
     relative: bool = False
+    min_steps: int = MIN_STEPS
+    min_score_samples: int = MIN_SCORE_SAMPLES
+    score_on: str = "val"
+    bn_batches: int = 0
+    kd_alpha: float = 0.0
+    kd_temperature: float = 4.0
+    noise_repeats: int = 3
+    noise_entries: int = 2
 
     def __post_init__(self) -> None:
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
@@ -83,17 +143,32 @@ class ImportanceSettings:
                 f"ImportanceSettings.fraction must be in (0, 0.5] (a fine-tuning subset and a disjoint "
                 f"scoring subset of the same size), got {self.fraction!r}"
             )
-        for name, minimum in (("steps", 1), ("batch_size", 1)):
+        for name, minimum in (("steps", 0), ("batch_size", 1)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
                 raise ValueError(f"ImportanceSettings.{name} must be None or an int >= {minimum}, got {value!r}")
+        for name, minimum in (("min_steps", 0), ("min_score_samples", 1), ("bn_batches", 0), ("noise_repeats", 0),
+                               ("noise_entries", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"ImportanceSettings.{name} must be an int >= {minimum}, got {value!r}")
+        if self.noise_repeats == 1:
+            raise ValueError("ImportanceSettings.noise_repeats must be 0 (off) or >= 2 (a standard deviation)")
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                                     or not math.isfinite(self.lr) or self.lr <= 0):
             raise ValueError(f"ImportanceSettings.lr must be None or a positive number, got {self.lr!r}")
+        for name, positive in (("kd_alpha", False), ("kd_temperature", True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0):
+                raise ValueError(f"ImportanceSettings.{name} must be a finite number "
+                                 f"{'> 0' if positive else '>= 0'}, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"ImportanceSettings.seed must be an int, got {self.seed!r}")
         if not isinstance(self.relative, bool):
             raise ValueError(f"ImportanceSettings.relative must be True or False, got {self.relative!r}")
+        if self.score_on not in ("val", "train"):
+            raise ValueError(f"ImportanceSettings.score_on must be 'val' or 'train', got {self.score_on!r}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +212,82 @@ def subset_indices(size: int, fraction: float, seed: int) -> tuple[list[int], li
         )
     perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
     return perm[:n], perm[n:2 * n]
+
+
+@dataclass(frozen=True)
+class Subsets:
+    """Where each importance entry is fine-tuned and scored (indices into the datasets).
+
+    Attributes:
+        train: Indices of the fine-tuning subset (training set).
+        score: Indices of the scoring subset (validation set if ``on_val``, else training
+            set, disjoint from ``train``).
+        pool: The indices scoring subsets are drawn from (another draw per noise repeat).
+        on_val: Whether scoring uses the validation set.
+    """
+
+    train: list[int]
+    score: list[int]
+    pool: list[int]
+    on_val: bool
+
+    def score_draw(self, repeat: int, seed: int) -> list[int]:
+        """The scoring subset of noise repeat ``repeat`` (repeat 0: the table's own)."""
+        if repeat == 0 or len(self.score) >= len(self.pool):
+            return self.score
+        g = torch.Generator().manual_seed(seed * 7919 + repeat)
+        order = torch.randperm(len(self.pool), generator=g).tolist()
+        return [self.pool[i] for i in order[:len(self.score)]]
+
+
+def draw_subsets(train_size: int, val_size: int | None, settings: ImportanceSettings, batch_size: int) -> Subsets:
+    """The fine-tuning and scoring subsets, with the floors of ``settings`` applied.
+
+    ``fraction`` of the training set is the starting size of both subsets. The scoring
+    subset is raised to ``min_score_samples`` (capped by the validation set, or by half of
+    the training set when scoring on held-out training samples); the fine-tuning
+    subset to ``min_steps * batch_size`` samples (capped likewise), so the floor of steps
+    sees distinct samples when the data has them, and to ``bn_batches * batch_size`` samples
+    for the BatchNorm re-estimation.
+
+    Args:
+        train_size: Samples in the training set.
+        val_size: Samples in the validation set (``None``: no usable validation set, or
+            ``settings.score_on == "train"``: then scoring uses held-out training samples).
+        settings: The importance settings.
+        batch_size: Batch size of the sub-runs.
+
+    Raises:
+        ValueError: The training set is too small for two disjoint subsets.
+    """
+    g = torch.Generator().manual_seed(settings.seed)
+    n = max(1, round(settings.fraction * train_size))
+    want_train = max(n, settings.min_steps * batch_size if settings.steps is None else 0,
+                     settings.bn_batches * batch_size)
+    if val_size:
+        score_n = min(val_size, max(n, settings.min_score_samples))
+        pool = list(range(val_size))
+        score = pool if score_n == val_size else torch.randperm(val_size, generator=g).tolist()[:score_n]
+        perm = torch.randperm(train_size, generator=g).tolist()
+        return Subsets(train=perm[:min(train_size, want_train)], score=score, pool=pool, on_val=True)
+    if 2 * n > train_size:
+        raise ValueError(
+            f"the training set has {train_size} samples: too few for two disjoint importance subsets of {n}; "
+            "lower ImportanceSettings.fraction"
+        )
+    perm = torch.randperm(train_size, generator=g).tolist()
+    # Held-out scoring samples first (the floor, at most half of the training set), the
+    # fine-tuning subset from the rest.
+    score_n = max(n, min(settings.min_score_samples, train_size // 2))
+    train_n = min(want_train, train_size - score_n)
+    return Subsets(train=perm[score_n:score_n + train_n], score=perm[:score_n],
+                   pool=perm[:score_n] + perm[score_n + train_n:], on_val=False)
+
+
+def _indexable(loader: Any) -> bool:
+    """Whether subsets can be drawn from ``loader`` by index (a DataLoader over a map-style dataset)."""
+    return isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) \
+        and hasattr(loader.dataset, "__len__") and len(loader.dataset) > 0
 
 
 def check_loader(loader: Any) -> DataLoader:
@@ -211,6 +362,22 @@ def _user_frame(err: BaseException) -> str:
     return ""
 
 
+def _training_forward(module: pl.LightningModule, batch: Any) -> None:
+    """One forward through the module's own ``training_step`` (BatchNorm re-estimation; no gradient).
+
+    The batch is moved to the module's device first. ``training_step`` is used rather than
+    ``forward`` because it is what feeds the target during training (``forward`` may not be
+    defined, or may take other inputs). With manual optimization (a ``training_step`` that
+    steps its optimizers) ``module(batch[0])`` is used instead.
+    """
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    batch = move_data_to_device(batch, device)
+    if not module.automatic_optimization:  # its training_step steps optimizers itself: plain forward
+        default_forward(module, batch)
+        return
+    type(module).training_step(module, batch, 0)
+
+
 def _sgd_cosine(module: pl.LightningModule, lr: float, steps: int) -> dict:
     """The paper's fine-tuning optimizer: SGD with momentum and a per-step cosine schedule."""
     opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
@@ -228,18 +395,24 @@ class SubRunner:
         settings: The importance settings.
         accelerator / devices / precision: What each sub-trainer runs on (the outer
             trainer's device, one device per process).
+        val_loader: The module's validation DataLoader, if any (scoring uses it when
+            ``settings.score_on == "val"`` and it is a DataLoader over a map-style dataset).
     """
 
     def __init__(self, module: pl.LightningModule, target_path: str, loader: DataLoader,
                  settings: ImportanceSettings, *, accelerator: str = "cpu", devices: Any = 1,
-                 precision: Any = "32-true") -> None:
+                 precision: Any = "32-true", val_loader: Any = None) -> None:
         self.target_path = target_path
         self.settings = settings
         self.loader = loader
         self.trainer_kwargs = {"accelerator": accelerator, "devices": devices, "precision": precision}
-        self.train_idx, self.score_idx = subset_indices(len(loader.dataset), settings.fraction, settings.seed)
         self.batch_size = settings.batch_size or loader.batch_size or 32
+        self.val_loader = val_loader if settings.score_on == "val" and _indexable(val_loader) else None
+        val_size = len(self.val_loader.dataset) if self.val_loader is not None else None
+        self.subsets = draw_subsets(len(loader.dataset), val_size, settings, self.batch_size)
+        self.train_idx, self.score_idx = self.subsets.train, self.subsets.score
         self.shell = self._shell(module)
+        self.teacher = frozen_teacher(get_path(module, target_path)) if settings.kd_alpha > 0 else None
         self.monitor: Monitor | None = None
         self.first_error: BaseException | None = None
 
@@ -260,8 +433,8 @@ class SubRunner:
 
     # ------------------------------------------------------------------ loaders
 
-    def _subset_loader(self, indices: list[int], *, shuffle: bool, seed: int) -> DataLoader:
-        base = self.loader
+    def _subset_loader(self, indices: list[int], *, shuffle: bool, seed: int, val: bool = False) -> DataLoader:
+        base = self.val_loader if val else self.loader
         # drop_last avoids a 1-sample batch, which BatchNorm cannot train on.
         return DataLoader(Subset(base.dataset, indices), batch_size=self.batch_size, shuffle=shuffle,
                           drop_last=shuffle and len(indices) >= self.batch_size, collate_fn=base.collate_fn,
@@ -270,11 +443,16 @@ class SubRunner:
 
     @property
     def steps(self) -> int:
-        """Optimizer steps per entry."""
+        """Optimizer steps per entry: ``settings.steps``, else one epoch over the subset, at least ``min_steps``."""
         if self.settings.steps is not None:
             return self.settings.steps
         n = len(self.train_idx)
-        return max(1, n // self.batch_size if n >= self.batch_size else 1)
+        return max(1, self.settings.min_steps, n // self.batch_size if n >= self.batch_size else 1)
+
+    @property
+    def score_samples(self) -> int:
+        """Samples each entry is scored on."""
+        return len(self.score_idx)
 
     def _trainer(self, **kwargs: Any) -> pl.Trainer:
         return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -283,32 +461,35 @@ class SubRunner:
 
     # ------------------------------------------------------------------ the two callables
 
-    def finetune(self, target: nn.Module, seg: Segment | None = None) -> nn.Module:
+    def finetune(self, target: nn.Module, seg: Segment | None = None, repeat: int = 0) -> nn.Module:
         """Fine-tune ``target`` in place inside a copy of the module; returns it.
 
-        Matches ``tables.importance.FineTune``. The first exception is remembered (the
-        importance builder turns failures into ``-inf`` entries with a warning).
+        Matches ``tables.importance.FineTune``. BatchNorm statistics are re-estimated first
+        (``settings.bn_batches``), then ``settings.steps`` optimizer steps run (with
+        distillation from the original target if ``settings.kd_alpha > 0``). ``repeat``
+        changes the seed (noise-level repeats of the unmodified network). The first
+        exception is remembered (the importance builder turns failures into ``-inf``
+        entries with a warning).
         """
         try:
-            return self._fit(target, self.steps, _entry_seed(self.settings.seed, seg))
+            return self._finetune(target, self.steps, _entry_seed(self.settings.seed + 1_000 * repeat, seg))
         except Exception as err:
             self.first_error = self.first_error or err
             raise
 
-    def _fit(self, target: nn.Module, steps: int, seed: int) -> nn.Module:
-        """``steps`` optimizer steps on the fine-tuning subset, in a Trainer that looks like a real fit
-        of that length: ``max_epochs`` is the whole number of subset epochs the steps span, so
-        ``configure_optimizers`` code reading ``trainer.max_epochs``, ``estimated_stepping_batches``
-        or ``num_training_batches`` (e.g. ``OneCycleLR``) gets positive, consistent values."""
+    def _finetune(self, target: nn.Module, steps: int, seed: int) -> nn.Module:
+        """BatchNorm re-estimation (``settings.bn_batches``), then ``steps`` optimizer steps on the
+        fine-tuning subset, inside a fresh copy of the module; returns the fine-tuned target."""
         module = self.with_target(target)
         if self.settings.lr is not None:
             module.configure_optimizers = lambda: _sgd_cosine(module, self.settings.lr, steps)
         loader = self._subset_loader(self.train_idx, shuffle=True, seed=seed)
         with quiet(), isolate_rng():
             torch.manual_seed(seed)
-            trainer = self._trainer(max_steps=steps, max_epochs=math.ceil(steps / max(len(loader), 1)),
-                                    limit_val_batches=0)
-            trainer.fit(module, train_dataloaders=loader)
+            if self.settings.bn_batches:
+                recalibrate_batchnorm(module, loader, self.settings.bn_batches, forward=_training_forward)
+            if steps > 0:
+                self._fit(module, loader, steps)
         return get_path(module, self.target_path)
 
     def check_finetune(self, target: nn.Module) -> None:
@@ -323,7 +504,7 @@ class SubRunner:
                 the user's code it was raised.
         """
         try:
-            self._fit(copy.deepcopy(target), 1, _entry_seed(self.settings.seed, None))
+            self._finetune(copy.deepcopy(target), 1, _entry_seed(self.settings.seed, None))
         except Exception as err:
             raise ValueError(self.failure_message(err)) from err
 
@@ -341,25 +522,86 @@ class SubRunner:
                 f"{math.ceil(self.steps / max(1, len(self.train_idx) // self.batch_size))}, "
                 f"{len(self.train_idx)} training samples, batch size {self.batch_size}, no datamodule); {fix}")
 
-    def metrics(self, target: nn.Module, *, training_loss: bool) -> dict[str, float]:
-        """Scalar metrics logged while validating a copy of the module with ``target`` on the scoring subset."""
+    def recalibrate(self, target: nn.Module, batches: int | None = None) -> int:
+        """Re-estimate the BatchNorm statistics of ``target`` (in place) through the module's
+        ``training_step`` on training batches; e.g. for the pruned network before the user's
+        fine-tuning. ``batches``: default ``settings.bn_batches``, else 8. Returns the
+        number of batches used (0: no BatchNorm)."""
+        module = self.with_target(target)
+        loader = self._subset_loader(self.train_idx, shuffle=True, seed=self.settings.seed)
+        with quiet(), isolate_rng(), torch.no_grad():
+            torch.manual_seed(self.settings.seed)
+            return recalibrate_batchnorm(module, loader, batches or self.settings.bn_batches or 8,
+                                         forward=_training_forward)
+
+    def _fit(self, module: pl.LightningModule, loader: DataLoader, steps: int) -> None:
+        """``steps`` optimizer steps, with distillation if configured, in a Trainer that looks like a
+        real fit of that length: ``max_epochs`` is the whole number of subset epochs the steps span,
+        so ``configure_optimizers`` code reading ``trainer.max_epochs``,
+        ``estimated_stepping_batches`` or ``num_training_batches`` (e.g. ``OneCycleLR``) gets
+        positive, consistent values."""
+        patch = None
+        if self.teacher is not None:
+            kd = Distillation(alpha=self.settings.kd_alpha, temperature=self.settings.kd_temperature)
+            patch = DistillationPatch(kd, self.teacher, module, get_path(module, self.target_path), log_name=None)
+            patch.attach()
+        # Lightning 2.6 keeps each module's mode at the start of fit: a pruned copy of a network
+        # in eval() would fine-tune with frozen BatchNorm statistics (and diverge).
+        module.train()
+        try:
+            trainer = self._trainer(max_steps=steps, max_epochs=math.ceil(steps / max(len(loader), 1)),
+                                    limit_val_batches=0)
+            trainer.fit(module, train_dataloaders=loader)
+        finally:
+            if patch is not None:
+                patch.detach()
+
+    def metrics(self, target: nn.Module, *, training_loss: bool, repeat: int = 0) -> dict[str, float]:
+        """Scalar metrics logged while validating a copy of the module with ``target`` on the scoring subset.
+
+        ``repeat > 0`` scores on another draw of the scoring subset (the same one when the
+        whole scoring set is used) with other random numbers (a DDPM's timesteps and noise).
+        """
         module = self.with_target(target)
         if training_loss:
             module.validation_step = lambda batch, batch_idx, *a, **k: _training_loss_step(module, batch, batch_idx)
-        loader = self._subset_loader(self.score_idx, shuffle=False, seed=0)
+        indices = self.subsets.score_draw(repeat, self.settings.seed)
+        loader = self._subset_loader(indices, shuffle=False, seed=0, val=self.subsets.on_val)
         with quiet(), isolate_rng():
-            torch.manual_seed(self.settings.seed)
+            # Every entry is scored with the same random numbers (e.g. a DDPM's timesteps and
+            # noise), so their differences are not noise; a noise repeat draws others.
+            torch.manual_seed(self.settings.seed + 7919 * repeat)
             trainer = self._trainer()
             trainer.validate(module, dataloaders=loader, verbose=False)
         return {k: float(v) for k, v in trainer.callback_metrics.items()
                 if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
 
-    def score(self, target: nn.Module) -> float:
+    def score(self, target: nn.Module, repeat: int = 0) -> float:
         """Perf of ``target`` (higher is better; NaN if the metric is missing). Matches ``Score``."""
         if self.monitor is None:
             raise RuntimeError("call resolve_monitor() before score()")
-        value = self.metrics(target, training_loss=self.monitor.training_loss).get(self.monitor.key)
+        value = self.metrics(target, training_loss=self.monitor.training_loss, repeat=repeat).get(self.monitor.key)
         return float("nan") if value is None else self.monitor.perf(value)
+
+    def null_perfs(self, original: nn.Module) -> list[float]:
+        """Perf of the unmodified target through the entry protocol, ``settings.noise_repeats`` times."""
+        if self.settings.noise_repeats < 2:
+            return []
+        return measure_null_perfs(original, lambda net, r: self.finetune(net, None, repeat=r),
+                                  lambda net, r: self.score(net, repeat=r), self.settings.noise_repeats)
+
+    def null_perf(self, original: nn.Module, repeat: int) -> float:
+        """Perf of the unmodified target through the entry protocol with the seeds of ``repeat``."""
+        return self.score(self.finetune(copy.deepcopy(original), None, repeat=repeat), repeat=repeat)
+
+    def entry_perf(self, original: nn.Module, chain: Chain, key: tuple[int, int, int], repeat: int) -> float:
+        """Perf of table entry ``key`` re-run with the seeds of ``repeat`` (NaN if the run fails)."""
+        seg = chain.segment(*key)
+        try:
+            pruned = prune(original, chain, Plan.replacing(chain, seg))
+            return self.score(self.finetune(pruned, seg, repeat=repeat), repeat=repeat)
+        except Exception:  # noqa: BLE001 - a failed re-run only leaves a gap in the noise estimate
+            return float("nan")
 
     # ------------------------------------------------------------------ monitor
 
