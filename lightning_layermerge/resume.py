@@ -7,9 +7,10 @@ state (plan, target path, example-input shapes, ...) twice: under
 top level under ``checkpoint["layermerge"]`` (for ``load_from_checkpoint`` users).
 
 Lightning restores a callback's state only *after* the strict weight load, but calls the
-module's ``on_load_checkpoint`` just *before* it (``FACTS.md``). :class:`LoadCheckpointPatch`
-wraps that hook as an instance attribute for the duration of the restore, so the callback
-can rebuild the checkpoint's architecture in time.
+module's ``on_load_checkpoint`` just *before* it (Lightning 2.x ``_CheckpointConnector``:
+``restore_model`` runs the hook, then ``load_model_state_dict``; ``restore_callbacks`` comes
+after). :class:`LoadCheckpointPatch` wraps that hook as an instance attribute for the
+duration of the restore, so the callback can rebuild the checkpoint's architecture in time.
 """
 
 from __future__ import annotations
