@@ -61,6 +61,13 @@ def _setup(name: str) -> tuple[torch.Tensor, nn.Module, Chain, list[Plan], torch
     return x, model, chain, plans, reference
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_last_model():
+    """Do not keep the last model (up to 1.1 GB) alive for the rest of the session."""
+    yield
+    _setup.cache_clear()
+
+
 @pytest.mark.parametrize("chunk", range(CHUNKS))
 @pytest.mark.parametrize(
     "name", list(MODELS) + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW_MODELS]
