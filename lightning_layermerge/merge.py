@@ -12,6 +12,10 @@ such as a diffusion UNet's time embedding, is carried as a bias term ``M @ b``: 
 conv multiplies ``M`` by the sum of its taps (exact, since the segment's padding was moved
 to its input, so ``b`` stays spatially constant), BatchNorm scales it. The merged segment
 computes ``conv(x) + conv1x1_M(b)``, i.e. a new projection of the embedding.
+
+``merge`` does not copy the weights of layers outside the merged segments: the merged network
+shares their tensors with the pruned one (see :func:`merge`). Copying them would cost more than
+the merge itself for a network with a large head (vgg16's 138M-parameter classifier).
 """
 
 from __future__ import annotations
@@ -289,6 +293,15 @@ def merge(pruned: fx.GraphModule) -> fx.GraphModule:
         A new GraphModule in eval mode that equals ``pruned`` in eval mode, with one conv
         (or nothing, for an identity segment) per segment. ``pruned`` is not modified.
 
+        The layers outside the merged segments (a classifier head, a stem, barriers) share
+        their parameter and buffer *tensors* with ``pruned`` instead of being copied. Module
+        and ``nn.Parameter`` objects are new, so ``.train()``/``.eval()``, ``.to(...)``,
+        ``.float()`` or ``requires_grad_`` on one network never affect the other; in-place
+        writes to the shared values do: an optimizer step or ``load_state_dict`` on either
+        network, or BatchNorm statistics updated in train mode, change both. Merging is meant
+        for a network that is done training; to keep training ``pruned`` (or train the merged
+        network) with the other frozen, merge a copy: ``merge(copy.deepcopy(pruned))``.
+
     Raises:
         TypeError: ``pruned`` did not come from ``prune``.
         ValueError: the graph no longer has the structure ``prune`` produced.
@@ -297,7 +310,7 @@ def merge(pruned: fx.GraphModule) -> fx.GraphModule:
         raise TypeError("merge expects the network returned by lightning_layermerge.prune(...)")
     if pruned.meta[META_KEY].get("merged"):
         raise ValueError("this network is already merged")
-    gm = copy.deepcopy(pruned).eval()
+    gm = _copy_sharing_tensors(pruned).eval()
     # Last segment first: a segment's entry is the previous segment's output node, which
     # must still exist (by name) when the later segment is merged.
     for region in reversed(gm.meta[META_KEY]["regions"]):
@@ -308,6 +321,25 @@ def merge(pruned: fx.GraphModule) -> fx.GraphModule:
     gm.recompile()
     gm.meta[META_KEY]["merged"] = True
     return gm.eval()
+
+
+def _copy_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of ``gm`` (graph, modules, hooks, meta) whose parameters and buffers
+    share storage with ``gm``'s (see :func:`merge` for what that means to the caller).
+
+    ``merge`` only reads the weights of the layers it replaces (it composes new tensors) and
+    never writes to the ones it keeps, so nothing of ``gm`` is modified through the copy.
+    Parameters get new ``nn.Parameter`` objects over the same storage (their ``.data`` can be
+    rebound independently, e.g. by ``.float()``); buffers are the same tensors (a module
+    conversion rebinds its own buffer dict entry). Tied parameters stay tied.
+    """
+    memo: dict[int, Any] = {}
+    for p in gm.parameters():
+        if type(p) is nn.Parameter:  # a Parameter subclass is left to deepcopy
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for b in gm.buffers():
+        memo[id(b)] = b
+    return copy.deepcopy(gm, memo)
 
 
 def _merge_region(gm: fx.GraphModule, region: dict) -> None:

@@ -65,6 +65,9 @@ def prune(
     Returns:
         A GraphModule with the same call signature and outputs as ``model``, in the same
         train/eval mode. Its ``meta["layermerge"]`` records the segments for ``merge``.
+        It owns copies of all of ``model``'s weights, unchanged layers included, so that
+        fine-tuning it never changes ``model`` (``merge``, which makes the network to
+        deploy once fine-tuning is done, shares the layers it keeps with its input instead).
 
     Raises:
         ValueError: the plan was made for another chain, or ``model`` does not match it.

@@ -3,7 +3,7 @@
 :class:`LayerMergeReport` is produced by ``LayerMergeCallback`` at the end of a fit and can
 be built by hand from the functional API. Every speed-up in it is relative to the original
 network *with BatchNorm folded* (``merge`` of the keep-all plan): folding BatchNorm alone is
-not compression (``DESIGN.md``, "Honest speed-ups"). Measured latencies come from
+not compression (any deployment folds it). Measured latencies come from
 :func:`measure_side_by_side`: both networks timed on the same device, batch, dtype and
 thread count, interleaved forward by forward, median.
 """

@@ -10,10 +10,12 @@ distillation on it also stores the teacher (the original target's weights) under
 from the right network.
 
 Lightning restores a callback's state only *after* the strict weight load, but calls the
-module's ``on_load_checkpoint`` just *before* it. :class:`LoadCheckpointPatch` wraps that
-hook as an instance attribute for the duration of the restore, so the callback can rebuild
-the checkpoint's architecture in time; users of ``Module.load_from_checkpoint`` get the same
-by calling :func:`rebuild_pruned` in their own ``on_load_checkpoint``.
+module's ``on_load_checkpoint`` just *before* it (Lightning 2.x ``_CheckpointConnector``:
+``restore_model`` runs the hook, then ``load_model_state_dict``; ``restore_callbacks`` comes
+after). :class:`LoadCheckpointPatch` wraps that hook as an instance attribute for the
+duration of the restore, so the callback can rebuild the checkpoint's architecture in time;
+users of ``Module.load_from_checkpoint`` get the same by calling :func:`rebuild_pruned` in
+their own ``on_load_checkpoint``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ segments that covers ``0..L`` in order. Given a latency table ``T`` and an impor
 ``I`` keyed by segments, :func:`solve` maximises the summed importance subject to the summed
 latency staying within a budget.
 
-Three methods are offered (see ``METHOD.md`` sections 4-5):
+Three methods are offered (LayerMerge and the two baselines of the paper):
 
 * ``"layermerge"``: Algorithm 1, every table entry is a candidate.
 * ``"layeronly"``: the 0-1 knapsack of Eq. 8. Activations are untouched, so only single-layer

@@ -1,11 +1,11 @@
 """Quiet sub-trainer runs for the importance table (Lightning glue, used by the callback).
 
-The importance of a segment (METHOD.md §3, Eq. 4) is measured by fine-tuning a copy of the
+The importance of a segment (the paper's Eq. 4) is measured by fine-tuning a copy of the
 user's LightningModule whose target submodule has only that segment replaced, for a few
 steps on a random subset of the training data, and scoring it on a second, disjoint subset.
 Each run uses a separate, silent ``Trainer`` (no logger, checkpointing, progress bar or
 outer callbacks) on a deep copy of the module, inside ``isolate_rng``, so the user's module,
-trainer and random state are untouched (``FACTS.md``, "Sub-runs").
+trainer and random state are untouched.
 
 Perf (higher is better) comes from a metric the module logs, in the
 ``EarlyStopping``/``ModelCheckpoint`` convention (``monitor`` + ``mode``): ``-value`` for

@@ -5,10 +5,15 @@ plans. The merged network is checked in float64 (relative error <= 1e-9, or with
 pruned network's own float64 sensitivity where that is larger) and, cast to float32, against
 the float32 pruned network (<= 1e-4 of max |output|). The keep-everything plan must also
 equal the original model.
+
+The 22 plans of a model are checked in chunks (one test each) so that parallel workers
+(pytest-xdist) share the big models; a worker builds, calibrates and traces a model once
+for consecutive chunks (``_setup``), and the plans are the same however they are chunked.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import random
 
@@ -19,7 +24,7 @@ import torchvision
 from torch import nn
 
 from helpers import calibrate_batchnorm, float_sensitivity, randomize_batchnorm, random_plan, rel_err
-from lightning_layermerge import Plan, merge, prune, trace
+from lightning_layermerge import Chain, Plan, merge, prune, trace
 
 MODELS = {
     "resnet18": lambda: torchvision.models.resnet18(),
@@ -33,28 +38,44 @@ MODELS = {
 }
 SLOW_MODELS: dict = {}
 RANDOM_PLANS = 20
+CHUNKS = 4  # tests per model; plan n is checked in chunk n % CHUNKS
 
 
 def _conv_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
-@pytest.mark.parametrize(
-    "name", list(MODELS) + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW_MODELS]
-)
-def test_merge_equals_pruned(name: str) -> None:
+@functools.lru_cache(maxsize=1)  # one model at a time: vgg16_bn alone is 1.1 GB in float64
+def _setup(name: str) -> tuple[torch.Tensor, nn.Module, Chain, list[Plan], torch.Tensor]:
+    """Input, float64 model (BatchNorm calibrated in float32, then cast once), chain, all
+    plans and the model's float64 output."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    model32 = calibrate_batchnorm({**MODELS, **SLOW_MODELS}[name](), x.float()).eval()
-    model = _double(model32)
+    model = calibrate_batchnorm({**MODELS, **SLOW_MODELS}[name](), x.float()).eval().double()
     chain = trace(model, x)
     rng = random.Random(0)
     plans = [Plan.keep_all(chain), Plan.remove_all(chain)] + [random_plan(chain, rng) for _ in range(RANDOM_PLANS)]
     assert len({p.keys.__repr__() for p in plans}) >= 10, "random plans should differ"
     with torch.no_grad():
         reference = model(x)
+    return x, model, chain, plans, reference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_last_model():
+    """Do not keep the last model (up to 1.1 GB) alive for the rest of the session."""
+    yield
+    _setup.cache_clear()
+
+
+@pytest.mark.parametrize("chunk", range(CHUNKS))
+@pytest.mark.parametrize(
+    "name", list(MODELS) + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW_MODELS]
+)
+def test_merge_equals_pruned(name: str, chunk: int) -> None:
+    x, model, chain, plans, reference = _setup(name)
     chain_convs = {layer.name for layer in chain.layers}
-    for n, plan in enumerate(plans):
+    for n, plan in list(enumerate(plans))[chunk::CHUNKS]:
         pruned = prune(model, chain, plan).eval()
         merged = merge(pruned)
         with torch.no_grad():
@@ -70,7 +91,7 @@ def test_merge_equals_pruned(name: str) -> None:
         assert not merged_convs & chain_convs
         del pruned, merged
         gc.collect()  # fx GraphModules hold reference cycles; free big models promptly
-    assert not any(m.training for m in [model]), "the model must be left in eval mode as given"
+    assert not model.training, "the model must be left in eval mode as given"
 
 
 def _check_float64(pruned: nn.Module, x: torch.Tensor, exact: torch.Tensor, merged: torch.Tensor, what: str) -> None:
@@ -109,9 +130,7 @@ def _check_float32(pruned: nn.Module, merged: nn.Module, x: torch.Tensor, exact:
     of the two is the pruned network's float32 accuracy (ratios <= 2.6 over efficientnet_b0's
     22 plans).
     """
-    out_pruned32 = pruned.float()(x.float()).double()
-    out_merged32 = merged.float()(x.float()).double()
-    pruned.double(), merged.double()
+    out_pruned32, out_merged32 = _float32_outputs([pruned, merged], x)
     if rel_err(out_pruned32, out_merged32) <= 1e-4:
         return
     own_error = rel_err(exact, out_pruned32)
@@ -121,10 +140,26 @@ def _check_float32(pruned: nn.Module, merged: nn.Module, x: torch.Tensor, exact:
     assert rel_err(exact, out_merged32) <= 5 * own_error, f"{what} (float32, pruned error {own_error:.1e})"
 
 
-def _double(model: nn.Module) -> nn.Module:
-    import copy
+def _float32_outputs(nets: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Each network's output computed in float32, as float64; the networks stay in float64.
 
-    return copy.deepcopy(model).double()
+    The float32 weights are passed to ``torch.func.functional_call``; a tensor that several
+    networks share (``merge`` shares the layers it keeps with ``pruned``: vgg16_bn's 138M
+    classifier weights) is cast once.
+    """
+    cast: dict[tuple, torch.Tensor] = {}
+
+    def float32(t: torch.Tensor) -> torch.Tensor:
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in cast:
+            cast[key] = t.detach().float() if t.is_floating_point() else t
+        return cast[key]
+
+    outs = []
+    for net in nets:
+        state = {k: float32(t) for k, t in [*net.named_parameters(), *net.named_buffers()]}
+        outs.append(torch.func.functional_call(net, state, (x.float(),)).double())
+    return outs
 
 
 def test_keep_all_plan_leaves_structure_and_model_untouched() -> None:

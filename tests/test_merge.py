@@ -191,3 +191,24 @@ def test_unfoldable_shortcut_from_the_segment_input_ends_the_segment() -> None:
     assert [s.foldable for s in chain.skips] == [True, False]  # bn(x) folds; padded kxk does not
     assert chain.segments_between(1, 2) and not chain.segments_between(1, 3)  # never across the add
     assert _check_all_plans(model, torch.randn(2, 3, 9, 9)) >= 3
+
+
+def test_merged_network_shares_kept_tensors_but_not_modes_or_dtypes() -> None:
+    """Layers outside the merged segments are not copied (a vgg16 classifier would cost more
+    than the merge), yet converting or switching the merged network leaves ``pruned`` alone."""
+    model = randomize_batchnorm(nn.Sequential(Plain(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)))
+    model = model.double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    chain = trace(model, x)
+    pruned = prune(model, chain, Plan.remove_all(chain)).train()
+    head = next(m for m in pruned.modules() if isinstance(m, nn.Linear))
+    assert head.weight.data_ptr() != model[3].weight.data_ptr()  # prune copies: training it spares the model
+    merged = merge(pruned)
+    merged_head = next(m for m in merged.modules() if isinstance(m, nn.Linear))
+    assert merged_head is not head and merged_head.weight is not head.weight
+    assert merged_head.weight.data_ptr() == head.weight.data_ptr()
+    assert pruned.training and not merged.training
+    with torch.no_grad():
+        assert rel_err(pruned.eval()(x), merged(x)) <= 1e-9
+    merged.float()
+    assert head.weight.dtype == torch.float64 and merged_head.weight.dtype == torch.float32

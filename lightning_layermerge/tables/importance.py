@@ -1,4 +1,4 @@
-"""Importance lookup table I[i, j, k] of METHOD.md §3, Eq. 4 (torch only, no Lightning).
+"""Importance lookup table I[i, j, k], the paper's Eq. 4 (torch only, no Lightning).
 
 For every legal segment, the network with *only* that segment replaced (``Plan.replacing``)
 is pruned, briefly fine-tuned by a caller-supplied function and scored by a caller-supplied

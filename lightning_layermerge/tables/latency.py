@@ -1,4 +1,5 @@
-"""Latency lookup table T[i, j, k] of METHOD.md §3 (torch only, no Lightning).
+"""Latency lookup table T[i, j, k] (torch only, no Lightning): the time of layers i+1..j merged
+into one conv of kernel size k.
 
 Every legal segment ``(i, j, k)`` of a chain is timed as the module that
 :func:`~lightning_layermerge.merge` really produces for it: one ``nn.Conv2d`` of the merged
