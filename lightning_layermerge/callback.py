@@ -513,7 +513,7 @@ class LayerMergeCallback(Callback):
             rank_zero_info(f"LayerMerge: timing the compressed network against the original (BatchNorm folded), "
                            f"interleaved, {settings.warmup} + {settings.repeats} passes each ...")
         start = time.perf_counter()
-        folded = merge(prune(self._original, self.chain, Plan.keep_all(self.chain)))
+        folded = merge(prune(self._original, self.chain, Plan.keep_all(self.chain)), share=True)
         inputs = batched_example(self.chain, settings.batch_size)
         times = measure_side_by_side({"original": folded, "compressed": final}, inputs, settings)
         report.measured_original_ms, report.measured_ms = times["original"], times["compressed"]

@@ -13,9 +13,10 @@ conv multiplies ``M`` by the sum of its taps (exact, since the segment's padding
 to its input, so ``b`` stays spatially constant), BatchNorm scales it. The merged segment
 computes ``conv(x) + conv1x1_M(b)``, i.e. a new projection of the embedding.
 
-``merge`` does not copy the weights of layers outside the merged segments: the merged network
-shares their tensors with the pruned one (see :func:`merge`). Copying them would cost more than
-the merge itself for a network with a large head (vgg16's 138M-parameter classifier).
+``merge(pruned, share=True)`` does not copy the weights of layers outside the merged segments:
+the merged network shares their tensors with the pruned one. For a pruned network that is
+thrown away after merging this saves a copy that can cost more than the merge itself (vgg16's
+138M-parameter classifier); the default copies, so the two networks stay independent.
 """
 
 from __future__ import annotations
@@ -283,24 +284,25 @@ def _norm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def merge(pruned: fx.GraphModule) -> fx.GraphModule:
+def merge(pruned: fx.GraphModule, *, share: bool = False) -> fx.GraphModule:
     """Replace every segment of a pruned network by one convolution (BatchNorm folded).
 
     Args:
         pruned: the output of :func:`~lightning_layermerge.prune`, possibly fine-tuned.
+        share: Let the layers outside the merged segments share tensors with ``pruned``
+            instead of copying them (faster and lighter; see below). Use it when ``pruned``
+            is discarded after merging.
 
     Returns:
         A new GraphModule in eval mode that equals ``pruned`` in eval mode, with one conv
         (or nothing, for an identity segment) per segment. ``pruned`` is not modified.
 
-        The layers outside the merged segments (a classifier head, a stem, barriers) share
-        their parameter and buffer *tensors* with ``pruned`` instead of being copied. Module
-        and ``nn.Parameter`` objects are new, so ``.train()``/``.eval()``, ``.to(...)``,
+        With ``share=True`` the layers outside the merged segments (a classifier head, a
+        stem, barriers) share their parameter and buffer *tensors* with ``pruned``. Module
+        and ``nn.Parameter`` objects are still new, so ``.train()``/``.eval()``, ``.to(...)``,
         ``.float()`` or ``requires_grad_`` on one network never affect the other; in-place
         writes to the shared values do: an optimizer step or ``load_state_dict`` on either
-        network, or BatchNorm statistics updated in train mode, change both. Merging is meant
-        for a network that is done training; to keep training ``pruned`` (or train the merged
-        network) with the other frozen, merge a copy: ``merge(copy.deepcopy(pruned))``.
+        network, or BatchNorm statistics updated in train mode, change both.
 
     Raises:
         TypeError: ``pruned`` did not come from ``prune``.
@@ -310,7 +312,7 @@ def merge(pruned: fx.GraphModule) -> fx.GraphModule:
         raise TypeError("merge expects the network returned by lightning_layermerge.prune(...)")
     if pruned.meta[META_KEY].get("merged"):
         raise ValueError("this network is already merged")
-    gm = _copy_sharing_tensors(pruned).eval()
+    gm = (_copy_sharing_tensors(pruned) if share else copy.deepcopy(pruned)).eval()
     # Last segment first: a segment's entry is the previous segment's output node, which
     # must still exist (by name) when the later segment is merged.
     for region in reversed(gm.meta[META_KEY]["regions"]):

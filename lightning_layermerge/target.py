@@ -154,7 +154,7 @@ def merge_checked(pruned: fx.GraphModule, example: tuple) -> tuple[nn.Module, bo
     pruned.eval()
     example = _like_parameters(example, pruned)
     try:
-        merged = merge(pruned)
+        merged = merge(pruned, share=True)  # the caller keeps one of the two
         with torch.no_grad():
             error = relative_error(pruned(*example), merged(*example))
     except Exception as err:  # a failed merge must not lose the fine-tuned network

@@ -77,7 +77,7 @@ def test_merge_equals_pruned(name: str, chunk: int) -> None:
     chain_convs = {layer.name for layer in chain.layers}
     for n, plan in list(enumerate(plans))[chunk::CHUNKS]:
         pruned = prune(model, chain, plan).eval()
-        merged = merge(pruned)
+        merged = merge(pruned, share=True)  # pruned is thrown away after the check
         with torch.no_grad():
             out_pruned, out_merged = pruned(x), merged(x)
             _check_float64(pruned, x, out_pruned, out_merged, f"plan {n} {plan}")
@@ -189,7 +189,7 @@ def test_merged_parameters_do_not_grow_when_kernels_do_not() -> None:
     checked = 0
     for _ in range(5):
         plan = random_plan(chain, rng)
-        merged = merge(prune(model, chain, plan))
+        merged = merge(prune(model, chain, plan), share=True)
         for seg in plan.segments:
             kept = [chain.layer(l) for l in seg.convs]
             if seg.identity or len(kept) != 1:

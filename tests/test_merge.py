@@ -203,7 +203,9 @@ def test_merged_network_shares_kept_tensors_but_not_modes_or_dtypes() -> None:
     pruned = prune(model, chain, Plan.remove_all(chain)).train()
     head = next(m for m in pruned.modules() if isinstance(m, nn.Linear))
     assert head.weight.data_ptr() != model[3].weight.data_ptr()  # prune copies: training it spares the model
-    merged = merge(pruned)
+    copied = next(m for m in merge(pruned).modules() if isinstance(m, nn.Linear))
+    assert copied.weight.data_ptr() != head.weight.data_ptr()  # the default copies
+    merged = merge(pruned, share=True)
     merged_head = next(m for m in merged.modules() if isinstance(m, nn.Linear))
     assert merged_head is not head and merged_head.weight is not head.weight
     assert merged_head.weight.data_ptr() == head.weight.data_ptr()
