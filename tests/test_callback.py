@@ -246,8 +246,8 @@ def test_merge_check_falls_back_to_the_pruned_network(monkeypatch: pytest.Monkey
     final, merged, error = target_module.merge_checked(pruned, (x,))
     assert merged and error < 1e-5 and final is not pruned
 
-    def broken_merge(net):
-        out = merge(net)
+    def broken_merge(net, **kwargs):
+        out = merge(net)  # a copy: the mutation below must not reach the pruned network
         with torch.no_grad():
             next(m for m in out.modules() if isinstance(m, torch.nn.Conv2d)).weight.mul_(1.5)
         return out
@@ -257,7 +257,7 @@ def test_merge_check_falls_back_to_the_pruned_network(monkeypatch: pytest.Monkey
         final, merged, error = target_module.merge_checked(pruned, (x,))
     assert final is pruned and not merged and error > 1e-3
 
-    def failing_merge(net):
+    def failing_merge(net, **kwargs):
         raise ValueError("cannot merge this")
 
     monkeypatch.setattr(target_module, "merge", failing_merge)
