@@ -70,12 +70,13 @@ def tiny():
 
 
 class CountingTimer:
-    """Replaces both timing functions (``time_module`` for entries, ``time_nodes`` for the whole
-    model), counting calls and failing after ``fail_after`` calls, like an interrupted build."""
+    """Replaces the timing functions (``interleaved_samples`` for entries and the whole model,
+    ``time_nodes`` for the whole model in reference mode), counting calls and failing after
+    ``fail_after`` calls, like an interrupted build."""
 
     def __init__(self, monkeypatch, fail_after: int | None = None) -> None:
         self.fail_after, self.calls = fail_after, 0
-        for name in ("time_module", "time_nodes"):
+        for name in ("interleaved_samples", "time_nodes"):
             monkeypatch.setattr(latency_module, name, self._wrap(getattr(latency_module, name)))
 
     def _wrap(self, real):
@@ -183,16 +184,12 @@ def test_total_uses_the_example_with_the_batch_replaced(monkeypatch) -> None:
     chain = trace(model, example)
     seen: list[tuple] = []
 
-    def record(module, inputs, settings):
+    def record(runs, settings):
+        (module, inputs), = runs
         seen.append(tuple(tuple(a.shape) for a in inputs))
-        return 1.0
+        return [[1.0]]
 
-    def record_nodes(gm, inputs, settings):
-        record(gm, inputs, settings)
-        return {"first": 0.25, "second": 0.75}  # per-operation times are summed
-
-    monkeypatch.setattr(latency_module, "time_module", record)
-    monkeypatch.setattr(latency_module, "time_nodes", record_nodes)
+    monkeypatch.setattr(latency_module, "interleaved_samples", record)
     table = build_latency_table(model, chain, LatencySettings(batch_size=5), progress=False)
     assert seen[-1] == ((5, 3, 8, 8), (5, 1, 1, 1))  # the whole model, both arguments batched
     assert all(shape[0][0] == 5 for shape in seen[:-1])  # segments too
@@ -343,7 +340,7 @@ def test_time_interleaved_alternates_passes() -> None:
 
 def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, tmp_path: Path, monkeypatch) -> None:
     model, chain = tiny
-    settings = LatencySettings(warmup=0, repeats=3, reference=True)
+    settings = LatencySettings(warmup=0, repeats=3, reference=True, max_spread=1.0)  # ratios 3, 2, 3: spread 33 %
     runs: list[int] = []
 
     def fake_samples(pairs, s):
