@@ -24,7 +24,7 @@ from .graph import Chain
 from .merge import merge
 from .plan import Plan
 from .prune import prune
-from .report import measure_side_by_side
+from .report import side_by_side
 from .solve import Solution, solve
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader
 from .tables.cache import fingerprint
@@ -70,6 +70,7 @@ class Planner:
         self.importance_table: dict[tuple[int, int, int], float] | None = None
         self.importance_shard: list[tuple[int, int, int]] = []
         self.calibration: list[dict[str, Any]] = []
+        self.last_spread: float | None = None  # spread of the latest calibration measurement
         self.monitor: Monitor | None = None
         self.base: float | None = None
         self.runner: SubRunner | None = None
@@ -177,9 +178,11 @@ class Planner:
         fits, over = 0.0, math.inf  # largest table budget known to fit / smallest known not to
         tried: dict[tuple, float] = {}
         for _ in range(1 + MAX_REPLANS):
+            self.last_spread = None
             ratio = self.measured_ratio(trainer, folded, merge(prune(target, chain, plan)), inputs)
             tried[tuple(plan.keys)] = ratio
-            self.calibration.append({"segments": plan.keys, "measured": ratio, "table_budget_ms": budget_ms,
+            self.calibration.append({"segments": plan.keys, "measured": ratio, "spread": self.last_spread,
+                                     "table_budget_ms": budget_ms,
                                      "predicted": table.predicted_ms(plan.keys) / table.total_ms})
             if ratio <= self.budget:
                 fits = max(fits, budget_ms)
@@ -220,13 +223,20 @@ class Planner:
             budget_ms = moved
         return None
 
-    def measured_ratio(self, trainer: pl.Trainer, original: nn.Module, candidate: nn.Module, inputs: tuple) -> float:
-        """Candidate / original latency, measured on rank 0 and broadcast."""
-        ratio = None
+    def measured_ratio(self, trainer: pl.Trainer, original: nn.Module, candidate: nn.Module,
+                       inputs: tuple) -> float:
+        """Candidate / original latency (median of pass-pair ratios), measured on rank 0 with the
+        settings the table really used (same runtime, threads, clock) and broadcast; its spread
+        goes to :attr:`last_spread`."""
+        result = None
         if trainer.is_global_zero:
-            times = measure_side_by_side({"original": original, "candidate": candidate}, inputs, self.latency_settings)
-            ratio = times["candidate"] / times["original"]
-        return trainer.strategy.broadcast(ratio, src=0) if trainer.world_size > 1 else ratio
+            timed = side_by_side({"original": original, "candidate": candidate}, inputs, self.latency_table.settings)
+            spread = timed.spread["candidate"]
+            result = (timed.ratio["candidate"], None if math.isnan(spread) else spread)
+        if trainer.world_size > 1:
+            result = trainer.strategy.broadcast(result, src=0)
+        ratio, self.last_spread = result
+        return ratio
 
     # ------------------------------------------------------------------ plan cache
 

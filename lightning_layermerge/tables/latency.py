@@ -66,6 +66,8 @@ __all__ = [
     "LatencySettings",
     "LatencyTable",
     "build_latency_table",
+    "check_load",
+    "spread_key",
     "interleaved_samples",
     "segment_module",
     "time_interleaved",
@@ -156,7 +158,7 @@ class LatencySettings:
     memory_format: str = "contiguous"
     clock: str = "auto"
     max_spread: float = 0.05
-    retries: int = 2
+    retries: int = 1
     on_load: str = "fallback"
 
     def __post_init__(self) -> None:
