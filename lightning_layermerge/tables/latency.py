@@ -667,7 +667,7 @@ def probe_load(seconds: float = 0.3) -> LoadProbe:
     return LoadProbe(cores=cores, others=others, preempted=max(1.0 - cpu / wall, 0.0), seconds=wall)
 
 
-def check_load(settings: LatencySettings, probe: Any = probe_load) -> tuple[LatencySettings, LoadProbe | None, str]:
+def check_load(settings: LatencySettings, probe: Any = None) -> tuple[LatencySettings, LoadProbe | None, str]:
     """Decide, before measuring, whether the settings can give repeatable numbers now.
 
     Only CPU timings with the wall clock are at risk (the thread clock ignores time spent
@@ -675,7 +675,7 @@ def check_load(settings: LatencySettings, probe: Any = probe_load) -> tuple[Late
 
     Args:
         settings: The requested settings.
-        probe: The load probe (:func:`probe_load`; replaceable in tests).
+        probe: The load probe (default :func:`probe_load`; replaceable in tests).
 
     Returns:
         The settings to measure with (:meth:`LatencySettings.robust` after a fallback), the
@@ -686,7 +686,7 @@ def check_load(settings: LatencySettings, probe: Any = probe_load) -> tuple[Late
     """
     if settings.on_load == "ignore" or settings.torch_device.type != "cpu" or settings.clock_used == "thread":
         return settings, None, ""
-    found = probe()
+    found = (probe or probe_load)()
     if not found.busy_for(settings.threads_used):
         return settings, found, ""
     problem = (f"another process is using the CPU ({found.describe()}), so timings at threads="

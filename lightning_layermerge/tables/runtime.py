@@ -15,6 +15,7 @@ ONNX Runtime is an optional extra: ``pip install -e ".[onnx]"``.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,8 @@ def _torchscript_call(module: nn.Module, args: tuple, device: torch.device) -> C
     """Export with ``export_torchscript``, load the file back, and call it."""
     from ..serialization import export_torchscript  # torch-only module; imported late to keep tables light
 
-    with tempfile.TemporaryDirectory(prefix="layermerge-ts-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="layermerge-ts-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer/scripting chatter about the timing copy, not the user's model
         path = export_torchscript(module, Path(tmp) / "timed.pt", example_input=args)
         loaded = torch.jit.load(str(path), map_location=device).eval()
     return lambda: loaded(*args)
@@ -140,7 +142,8 @@ def _onnxruntime_call(module: nn.Module, args: tuple, device: torch.device, thre
             raise ValueError("runtime='onnxruntime' on CUDA needs onnxruntime-gpu (CUDAExecutionProvider); "
                              "install it or time on device='cpu'")
         providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
-    with tempfile.TemporaryDirectory(prefix="layermerge-onnx-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="layermerge-onnx-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notices, once per timed module
         path = export_onnx(module, Path(tmp) / "timed.onnx", args, dynamic_batch=False)
         session = ort.InferenceSession(str(path), options, providers=providers)
     # The exporter drops arguments the graph does not read; feed the ones it kept, by name.
