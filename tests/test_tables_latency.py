@@ -114,10 +114,10 @@ def test_equal_geometries_are_timed_once(tiny, monkeypatch) -> None:
     model, chain = tiny
     timer = CountingTimer(monkeypatch)
     table = build_latency_table(model, chain, FAST, progress=False)
-    assert timer.calls == distinct_geometries(chain) + 1  # + the whole model
+    assert timer.calls == distinct_geometries(chain) + 2  # + the whole model, + its operations in place (context)
     by_geometry: dict = {}
-    for seg in chain.segments:  # equal modules get the very same number
-        assert by_geometry.setdefault(latency_module._geometry(seg), table.entries[seg.key]) == table.entries[seg.key]
+    for seg in chain.segments:  # equal modules get the very same number (before the in-place scaling)
+        assert by_geometry.setdefault(latency_module._geometry(seg), table.alone[seg.key]) == table.alone[seg.key]
 
 
 def test_segment_module_is_conv_then_activation(tiny) -> None:
@@ -292,7 +292,7 @@ def test_second_build_measures_nothing(tiny, tmp_path: Path, monkeypatch) -> Non
 
 def test_interrupted_build_resumes_with_the_missing_entries_only(tiny, tmp_path: Path, monkeypatch) -> None:
     model, chain = tiny
-    needed = distinct_geometries(chain) + 1
+    needed = distinct_geometries(chain) + 2  # + the whole model, + its operations in place
     interrupted = CountingTimer(monkeypatch, fail_after=needed // 2)
     with pytest.raises(RuntimeError, match="interrupted"):
         build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
@@ -312,7 +312,7 @@ def test_corrupted_cache_is_rebuilt_with_a_warning(tiny, tmp_path: Path, monkeyp
     timer = CountingTimer(monkeypatch)
     with pytest.warns(TableCacheWarning, match="corrupt"):
         table = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
-    assert timer.calls == distinct_geometries(chain) + 1  # everything measured again
+    assert timer.calls == distinct_geometries(chain) + 2  # everything measured again
     assert set(table.entries) == {s.key for s in chain.segments}
     assert all(table.entries[s.key] > 0 for s in chain.segments if not s.identity)
     assert latency_module.TableCache(path, latency_module._cache_key(chain, FAST, None)).get(TOTAL_KEY) == table.total_ms
@@ -508,7 +508,7 @@ def test_unrepeatable_entries_are_flagged_before_any_plan(tiny, monkeypatch, on_
         return
     with pytest.warns(latency_module.LatencyLoadWarning, match=r"stayed unrepeatable after 1 re-measurement"):
         table = build_latency_table(model, chain, settings, progress=False)
-    assert len(calls) == 2 * (distinct_geometries(chain) + 1)  # every timing measured twice
+    assert len(calls) == 2 * (distinct_geometries(chain) + 1)  # every timing measured twice (in place: time_nodes)
     measured = {s.key for s in chain.segments if not s.identity}
     assert set(table.unreliable) == measured | {TOTAL_KEY}
     assert all(table.spreads[k] == pytest.approx(2.0) for k in measured) and table.max_spread == pytest.approx(2.0)
@@ -547,3 +547,30 @@ def test_side_by_side_states_ratio_and_spread(monkeypatch) -> None:
     assert timed.ms == {"original": 10.0, "candidate": 5.5}  # medians of each network's passes
     assert timed.ratio == {"original": 1.0, "candidate": 0.5}  # the load cancels in the pass ratios
     assert timed.spread["candidate"] == pytest.approx(0.1) and timed.spread["original"] == 0.0
+
+
+def test_in_context_scales_entries_by_the_replaced_layers_in_place_over_alone(tiny) -> None:
+    _, chain = tiny
+    keep = {s.j: s.key for s in Plan.keep_all(chain).segments}
+    alone = {s.key: (0.0 if s.identity else 1.0 + s.j - s.i) for s in chain.segments}
+    in_place = {l: 2.0 * alone[keep[l]] for l in keep}  # every layer twice as slow in place ...
+    in_place[1] = alone[keep[1]]  # ... except the first
+    scaled = latency_module.in_context(chain, alone, in_place)
+    assert all(scaled[keep[l]] == pytest.approx(in_place[l]) for l in keep)  # keep-all: exactly the in-place time
+    for seg in chain.segments:
+        a = sum(alone[keep[l]] for l in range(seg.i + 1, seg.j + 1))
+        p = sum(in_place[l] for l in range(seg.i + 1, seg.j + 1))
+        assert scaled[seg.key] == pytest.approx(alone[seg.key] * p / a)
+    assert all(scaled[s.key] == 0.0 for s in chain.segments if s.identity)
+
+
+def test_context_table_adds_up_to_the_in_place_chain(tiny) -> None:
+    model, chain = tiny
+    table = build_latency_table(model, chain, LatencySettings(warmup=0, repeats=3, max_spread=10.0), progress=False)
+    plain = build_latency_table(model, chain, LatencySettings(warmup=0, repeats=3, max_spread=10.0, context=False),
+                                progress=False)
+    assert plain.entries == plain.alone and table.entries != table.alone
+    keep = Plan.keep_all(chain).keys
+    assert table.chain_ms == pytest.approx(sum(table.entries[k] for k in keep))
+    assert table.settings.context and latency_module._cache_key(chain, table.settings, None)["context"] is True
+    assert latency_module._cache_key(chain, plain.settings, None)["context"] is False

@@ -67,6 +67,7 @@ __all__ = [
     "LatencyTable",
     "build_latency_table",
     "check_load",
+    "in_context",
     "spread_key",
     "interleaved_samples",
     "segment_module",
@@ -79,6 +80,9 @@ __all__ = [
 TOTAL_KEY = (-1, -1, 0)
 #: Reserved cache entry holding the reference module's latency (``settings.reference``).
 REFERENCE_KEY = (-2, -2, 0)
+#: Reserved cache entries ``(IN_PLACE, l, 0)``: chain layer ``l`` (conv + activation) timed in
+#: place in the BN-folded original (``settings.context``); ``(IN_PLACE, 0, 0)`` marks them done.
+IN_PLACE = -3
 
 #: Bumped whenever the measurement method changes, so old cache files are not reused.
 _METHOD_VERSION = 4
@@ -127,6 +131,16 @@ class LatencySettings:
             ``reference_ms`` measured once per table. A slow-down from other processes
             that comes and goes during the build then cancels out, so entries and
             ``total_ms`` stay comparable (shared machines); costs up to twice the passes.
+        context: Price segments as they run inside the network, not alone (eager runtime):
+            the BN-folded original is also timed operation by operation in place, and every
+            entry ``(i, j, k)`` is scaled by ``sum(in place) / sum(alone)`` over the original
+            layers ``i+1..j`` it replaces (conv + activation). A layer timed alone in a tight
+            loop runs with its weights and input hot in cache; inside the network it does not
+            (or, with a big neighbour, even more so): measured 0.6-0.9x of its in-place time
+            on the digits networks and resnet18 at 16 px
+            (``recipes/benchmarks/results/latency_diagnose.md``). The keep-all plan's entries
+            then add up to the in-place chain, and ``outside_ms`` holds only the operations
+            outside the chain and the framework's overhead between operations.
         runtime: What runs the network: ``"eager"`` PyTorch, ``"torchscript"`` (the file
             ``export_torchscript`` writes, loaded back) or ``"onnxruntime"`` (the file
             ``export_onnx`` writes, in an ONNX Runtime session; ``pip install -e ".[onnx]"``).
@@ -154,6 +168,7 @@ class LatencySettings:
     repeats: int = 30
     threads: int | None = 1
     reference: bool = False
+    context: bool = True
     runtime: str = "eager"
     memory_format: str = "contiguous"
     clock: str = "auto"
@@ -257,6 +272,8 @@ class LatencyTable:
         unreliable: Entries whose spread stayed above ``settings.max_spread`` after the retries.
         build_s: Seconds spent measuring in this build (0.0 when everything came from the cache).
         load_note: What a busy machine made the build do (``""``: nothing).
+        alone: The entries as timed alone, before the in-context scaling (``settings.context``;
+            equal to ``entries`` without it).
     """
 
     entries: dict[Key, float]
@@ -268,6 +285,7 @@ class LatencyTable:
     unreliable: list[Key] = field(default_factory=list, compare=False)
     build_s: float = field(default=0.0, compare=False)
     load_note: str = field(default="", compare=False)
+    alone: dict[Key, float] = field(default_factory=dict, compare=False)
 
     @property
     def max_spread(self) -> float:
@@ -867,6 +885,7 @@ def _cache_key(chain: Chain, settings: LatencySettings, batch: int | None) -> di
         "runtime": _runtime_version(settings.runtime),
         "memory_format": settings.memory_format,
         "clock": settings.clock_used,
+        "context": _uses_context(settings),
     }
 
 
@@ -999,9 +1018,18 @@ def build_latency_table(
             timing = timer.whole(*_whole_run(model, chain, settings))
             store.put_timing(TOTAL_KEY, timing.ms, timing.spread)
         bar.update(1)
-    entries = {s.key: store.values[s.key] for s in chain.segments}
+        if _uses_context(settings) and store.get((IN_PLACE, 0, 0)) is None:
+            for layer, ms in _in_place_layers(timer, chain, *_whole_run(model, chain, settings)).items():
+                store.put((IN_PLACE, layer, 0), ms)
+            store.put((IN_PLACE, 0, 0), 1.0)  # done (also when no layer could be found in place)
+    raw = {s.key: store.values[s.key] for s in chain.segments}
+    entries = raw
+    if _uses_context(settings):
+        in_place = {l: store.values[(IN_PLACE, l, 0)] for l in range(1, chain.num_layers + 1)
+                    if (IN_PLACE, l, 0) in store.values}
+        entries = in_context(chain, raw, in_place)
     chain_ms = sum(entries[k] for k in Plan.keep_all(chain).keys)
-    table = LatencyTable(entries, store.values[TOTAL_KEY], chain_ms, settings,
+    table = LatencyTable(entries, store.values[TOTAL_KEY], chain_ms, settings, alone=raw,
                          spreads={s.key: store.spread(s.key) for s in chain.segments},
                          total_spread=store.spread(TOTAL_KEY),
                          build_s=time.perf_counter() - start if measured or timer.used else 0.0, load_note=note)
@@ -1012,9 +1040,61 @@ def build_latency_table(
     return table
 
 
+def _uses_context(settings: LatencySettings) -> bool:
+    """Whether entries are scaled to in-place prices (needs node-by-node timing: eager)."""
+    return settings.context and settings.runtime == "eager"
+
+
+def _in_place_layers(timer: _Timer, chain: Chain, gm: fx.GraphModule, inputs: tuple) -> dict[int, float]:
+    """ms of every chain layer (its merged conv + its activation) timed in place in the BN-folded original."""
+    nodes = timer.nodes(gm, inputs)
+    out = {}
+    for seg in Plan.keep_all(chain).segments:
+        conv = nodes.get(f"merged_{seg.i}_{seg.j}")
+        if conv is None:
+            continue
+        act = chain.positions[seg.j].activation
+        out[seg.j] = conv + (nodes.get(act, 0.0) if act is not None else 0.0)
+    return out
+
+
+def in_context(chain: Chain, alone: dict[Key, float], in_place: dict[int, float]) -> dict[Key, float]:
+    """Entries scaled from "timed alone" to "inside the network".
+
+    Entry ``(i, j, k)`` is multiplied by ``sum(in_place[l]) / sum(alone[keep-all l])`` over the
+    layers ``l = i+1..j`` it replaces; layers without an in-place time count as factor 1.
+
+    Args:
+        chain: The chain.
+        alone: Entries timed alone (``(i, j, k) -> ms``).
+        in_place: Chain layer ``l`` -> its conv + activation timed in place (ms).
+
+    Returns:
+        The scaled entries (identity segments stay 0).
+    """
+    alone_layer = {s.j: alone[s.key] for s in Plan.keep_all(chain).segments}
+    placed = {l: in_place.get(l, alone_layer[l]) for l in alone_layer}
+    cum_alone, cum_placed = [0.0], [0.0]
+    for l in range(1, chain.num_layers + 1):
+        cum_alone.append(cum_alone[-1] + alone_layer.get(l, 0.0))
+        cum_placed.append(cum_placed[-1] + placed.get(l, 0.0))
+    out = {}
+    for key, ms in alone.items():
+        i, j, _ = key
+        denominator = cum_alone[j] - cum_alone[i]
+        out[key] = ms * (cum_placed[j] - cum_placed[i]) / denominator if denominator > 0 else ms
+    return out
+
+
 def _complete(store: _Store, chain: Chain) -> bool:
-    """Whether the cache already holds every entry and the total."""
-    return store.get(TOTAL_KEY) is not None and all(store.get(s.key) is not None for s in chain.segments)
+    """Whether the cache already holds every entry, the total and (context) the in-place layers."""
+    return (store.get(TOTAL_KEY) is not None and all(store.get(s.key) is not None for s in chain.segments)
+            and (store.get((IN_PLACE, 0, 0)) is not None or not _uses_context_key(store)))
+
+
+def _uses_context_key(store: _Store) -> bool:
+    """Whether the store's cache key asks for in-place layers (memory-only stores: assume so)."""
+    return store.cache is None or bool(store.cache.key.get("context", True))
 
 
 def _report_unreliable(table: LatencyTable) -> None:
@@ -1086,6 +1166,14 @@ class _Timer:
             return self(gm, inputs)
         reference, ref_ms = self._reference()
         return Timing(sum(time_nodes(gm, inputs, self.settings, reference=reference).values()) * ref_ms, math.nan)
+
+    def nodes(self, gm: fx.GraphModule, inputs: tuple) -> dict[str, float]:
+        """Every operation of ``gm`` timed in place (ms; relative to the reference, rescaled, in reference mode)."""
+        self.used = True
+        if not self.settings.reference:
+            return time_nodes(gm, inputs, self.settings)
+        reference, ref_ms = self._reference()
+        return {n: v * ref_ms for n, v in time_nodes(gm, inputs, self.settings, reference=reference).items()}
 
     def __call__(self, module: nn.Module, inputs: tuple) -> Timing:
         self.used = True
