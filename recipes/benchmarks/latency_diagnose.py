@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import statistics
@@ -82,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-plans", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30, help="timed passes (table entries and side by side)")
     p.add_argument("--clock-repeats", type=int, default=3, help="repetitions of the clock/threads comparison")
+    p.add_argument("--no-context", dest="context", action="store_false",
+                   help="price entries as timed alone (LatencySettings(context=False)), the pre-issue-12 model")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--stem", default="latency_diagnose")
     p.add_argument("--seed", type=int, default=0)
@@ -159,7 +162,7 @@ def diagnose(name: str, args: argparse.Namespace) -> dict:
     """Every measurement for one network."""
     model, example = build(name, args.seed)
     chain = trace(model, example)
-    settings = LatencySettings(repeats=args.repeats)
+    settings = LatencySettings(repeats=args.repeats, context=args.context)
     t0 = time.perf_counter()
     table = build_latency_table(model, chain, settings, progress=False)
     build_s = time.perf_counter() - t0
@@ -241,13 +244,16 @@ def write(results: list[dict], args: argparse.Namespace, load_before: str, load_
         "# Why the latency table mispredicts: causes measured one by one",
         "",
         f"Command: `python recipes/benchmarks/latency_diagnose.py --models {' '.join(args.models)}"
-        + (f" --repeats {args.repeats}" if args.repeats != 30 else "") + "`",
+        + (f" --repeats {args.repeats}" if args.repeats != 30 else "") + ("" if args.context else " --no-context")
+        + (f" --stem {args.stem}" if args.stem != "latency_diagnose" else "") + "`",
         "",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} cores; torch {torch.__version__}. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}. "
         f"Load (`/proc/stat`, other processes): before {load_before}, after {load_after}. Whole run {wall_s:.0f} s.",
         "",
         "Table and side-by-side: `LatencySettings()` defaults (1 thread, per-thread CPU time, "
-        f"{args.repeats} passes, spread checked); importance: L1 stand-in.",
+        f"{args.repeats} passes, spread checked), "
+        + ("entries priced in context (`context=True`, the default)" if args.context else
+           "entries priced as timed alone (`context=False`)") + "; importance: L1 stand-in.",
         "",
         "## Prediction error by cause (fractions of the original latency)",
         "",
