@@ -4,16 +4,25 @@ Every legal segment ``(i, j, k)`` of a chain is timed as the module that
 :func:`~lightning_layermerge.merge` really produces for it: one ``nn.Conv2d`` of the merged
 geometry (or nothing for an identity segment) followed by the activation that ends the
 segment. The whole original network with BatchNorm folded (``merge`` of the keep-all plan) is
-timed too, so a budget given as a fraction of the model's latency can be turned into a budget
-for the table: the part of the model outside the chain (stem pooling, classifier, residual
-additions, shortcut projections, ...) is ``total_ms - chain_ms``. The whole network is timed
-operation by operation in place (:func:`time_nodes`) and summed, so that it is measured with
-the same statistic as the entries (medians of short passes).
+timed too (whole forward passes; operation by operation in place with ``reference=True``),
+so a budget given as a fraction of the model's latency can be turned into a budget for the
+table: the part of the model outside the chain (stem pooling, classifier, residual
+additions, shortcut projections, ...) is ``total_ms - chain_ms``.
 
-Timing protocol: ``warmup`` untimed forward passes, then ``repeats`` single forward passes
-each timed with :func:`time.perf_counter` (CUDA synchronised before and after each), median
-in milliseconds. Segments with identical module geometry are timed once per build, which
-also keeps the table self-consistent (equal modules get equal numbers, not two noisy draws).
+Timing protocol: ``warmup`` untimed forward passes, then ``repeats`` single forward passes,
+each timed on its own, median in milliseconds. By default (1 thread on CPU) the clock is the
+calling thread's CPU time (``time.thread_time``), which does not count time the thread spends
+descheduled while other processes use the CPU; otherwise :func:`time.perf_counter` (CUDA
+synchronised before and after each pass). Every timing states its spread (the passes split
+into :data:`SPREAD_BLOCKS` blocks, ``(max - min) / median`` of the block medians) and is
+measured again while it exceeds ``settings.max_spread``; a wall-clock setting on a busy CPU is
+detected before measuring (:func:`probe_load`) and handled as ``settings.on_load`` says.
+Modules run in the settings' runtime (eager, TorchScript or ONNX Runtime,
+:mod:`~lightning_layermerge.tables.runtime`). With ``settings.context`` (default) the original
+network is also timed operation by operation in place, and every entry is scaled by the
+in-place / alone time of the original layers it replaces (:func:`in_context`). Segments with
+identical module geometry are timed once per build, which also keeps the table
+self-consistent (equal modules get equal numbers, not two noisy draws).
 On a shared machine, where other processes slow everything down by a factor that changes
 from minute to minute, ``LatencySettings(reference=True)`` times every module interleaved
 with one fixed reference layer and rescales, so that entries measured minutes apart (and
