@@ -404,6 +404,7 @@ def test_spread_compares_the_medians_of_consecutive_blocks() -> None:
     assert latency_module.spread([10.0, 11.0, 10.0, 10.5, 10.2, 10.1]) == pytest.approx((10.5 - 10.15) / 10.15)
     assert latency_module.spread([4.0] * 30) == 0.0
     assert math.isnan(latency_module.spread([1.0, 2.0]))  # fewer passes than blocks: nothing to compare
+    assert math.isnan(latency_module.spread([1.0, 2.0, 3.0, 4.0, 5.0]))  # single-pass blocks: noise, not spread
 
 
 def test_noisy_timings_are_measured_again_and_the_most_repeatable_kept(monkeypatch) -> None:

@@ -559,7 +559,7 @@ class Timing:
     Attributes:
         ms: Median over the passes (or median pass ratio times the reference, in reference mode).
         spread: ``(max - min) / median`` of the medians of :data:`SPREAD_BLOCKS` consecutive
-            blocks of passes (``nan`` with fewer passes than blocks).
+            blocks of passes (``nan`` with fewer than two passes per block).
         attempts: How many times it was measured (1 + re-measurements for spread).
     """
 
@@ -579,11 +579,11 @@ def spread(samples: Sequence[float], blocks: int = SPREAD_BLOCKS) -> float:
         blocks: Number of blocks.
 
     Returns:
-        The spread (0.02: the blocks agree within 2 % of the median), or ``nan`` when there
-        are fewer samples than blocks (nothing to compare).
+        The spread (0.02: the blocks agree within 2 % of the median), or ``nan`` with fewer
+        than two samples per block (single passes say nothing about repeatability).
     """
     n = len(samples)
-    if n < max(blocks, 2):
+    if n < 2 * max(blocks, 1):
         return math.nan
     medians = [statistics.median(samples[b * n // blocks:(b + 1) * n // blocks]) for b in range(blocks)]
     centre = statistics.median(samples)
