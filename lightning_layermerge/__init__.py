@@ -6,7 +6,7 @@ saving and export: :func:`save_compressed`, :func:`load_compressed`, :func:`expo
 Planning (no Lightning): :func:`build_latency_table`, :func:`build_importance_table`,
 :func:`solve`, :class:`LatencySettings`, :class:`LayerMergeReport`.
 Lightning (imported on first use): :class:`LayerMergeCallback`, :class:`Distillation`,
-:class:`ImportanceSettings`, :func:`restore_pruned`.
+:class:`ImportanceSettings`, :func:`restore_pruned`, :func:`rebuild_pruned`.
 """
 
 from .graph import Chain, Layer, Position, Segment, Skip, trace
@@ -23,11 +23,12 @@ __all__ = [
     "Chain", "Distillation", "ImportanceSettings", "LatencySettings", "LatencyTable", "Layer", "LayerMergeCallback",
     "LayerMergeReport", "Plan", "Position", "Segment", "Skip", "Solution", "build_importance_table",
     "build_latency_table", "export_onnx", "export_torchscript", "load_compressed", "merge", "prune",
-    "restore_pruned", "save_compressed", "solve", "trace",
+    "rebuild_pruned", "restore_pruned", "save_compressed", "solve", "trace",
 ]
 
 # Names of the Lightning layer, by the module that defines them.
-_LAZY = {"LayerMergeCallback": "callback", "restore_pruned": "callback", "Distillation": "distill",
+_LAZY = {"LayerMergeCallback": "callback", "restore_pruned": "resume", "rebuild_pruned": "resume",
+         "Distillation": "distill",
          "ImportanceSettings": "subruns"}
 
 

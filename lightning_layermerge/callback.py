@@ -16,10 +16,14 @@ Hooks (each does one thing; the work lives in the planning and surgery layers):
   are set up, so both see the new parameters. Every user error is raised here, before
   any training and before the module is touched.
 * ``on_fit_start``: attach distillation (teacher to the module's device).
-* ``on_save_checkpoint`` / ``state_dict``: store the plan, so a resumed run rebuilds the
-  pruned architecture (through a temporary ``on_load_checkpoint`` on the module, which
-  Lightning calls just before the strict weight load) and ``load_from_checkpoint`` users can
-  rebuild with :func:`restore_pruned`.
+* ``on_save_checkpoint`` / ``state_dict``: store the plan (and, when distilling, the
+  teacher's weights), so a run resumed with ``fit(ckpt_path=...)`` — even with a freshly
+  built module and callback — rebuilds the pruned architecture and the teacher without
+  re-planning, and ``load_from_checkpoint`` users can rebuild with :func:`rebuild_pruned`
+  / :func:`restore_pruned`.
+* ``setup("validate" | "test" | "predict")``: when the trainer restores a checkpoint
+  written during the compressed fit (``trainer.test(ckpt_path="best")``), rebuild its
+  architecture just before the strict weight load, then evaluate the merged network.
 * ``on_fit_end``: ``merge``, check merged == pruned on the example input, measure original
   (BatchNorm folded) and merged latency side by side, build :attr:`report`, log it to the
   trainer's loggers and draw it as a PNG in the log directory.
@@ -28,12 +32,15 @@ Hooks (each does one thing; the work lives in the planning and surgery layers):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -47,16 +54,21 @@ from .plan import Plan
 from .prune import META_KEY, prune
 from .planner import Planner, make_runner, train_loader
 from .report import LayerMergeReport, count_parameters, measure_side_by_side, settings_dict
-from .resume import CHECKPOINT_KEY, STATE_KEY, LoadCheckpointPatch, restore_pruned, state_from_checkpoint
-from .serialization import attach_input_spec, input_spec
+from .resume import (CHECKPOINT_KEY, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
+                     fit_weights_only, is_compressed, read_checkpoint, rebuild_pruned, restore_pruned,
+                     state_from_checkpoint)
+from .serialization import attach_input_spec, example_from_spec, input_spec
 from .solve import METHODS
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader, get_path, set_path
 from .target import example_input, merge_checked, resolve_target, trace_target
+from .tables.importance import weights_fingerprint
 from .tables.latency import LatencySettings, LatencyTable, batched_example
 
-__all__ = ["LayerMergeCallback", "restore_pruned"]
+__all__ = ["LayerMergeCallback", "rebuild_pruned", "restore_pruned"]
 
 _STATE_VERSION = 1
+#: Budgets under this fraction warn: few networks keep their accuracy at such a speed-up.
+LOW_BUDGET = 0.2
 
 
 class LayerMergeCallback(Callback):
@@ -78,7 +90,11 @@ class LayerMergeCallback(Callback):
         mode: ``"min"`` or ``"max"``: whether a lower or a higher ``monitor`` is better.
         importance: How each importance entry is estimated (:class:`ImportanceSettings`).
         latency: How latency is measured (:class:`~lightning_layermerge.tables.latency.LatencySettings`);
-            the final side-by-side measurement uses the same settings.
+            the final side-by-side measurement uses the same settings. With a ``*-true``
+            trainer precision (``"bf16-true"``, ``"16-true"``, ``"64-true"``) the default
+            float32 timing follows the trainer's dtype, since those weights are what gets
+            deployed; with mixed precision the weights stay float32 and timing stays in
+            ``latency.dtype``. The report states dtype and precision.
         distill: Optional :class:`~lightning_layermerge.distill.Distillation` from the
             original network during fine-tuning.
         cache_dir: Directory for the latency and importance table caches. ``None``:
@@ -128,6 +144,9 @@ class LayerMergeCallback(Callback):
         if self.monitor is not None and "acc" in self.monitor.lower() and self.mode == "min":
             rank_zero_warn(f"LayerMergeCallback(monitor={self.monitor!r}, mode='min'): is a lower value really "
                            "better? Pass mode='max' for accuracies.")
+        if self.budget < LOW_BUDGET:
+            rank_zero_warn(f"LayerMergeCallback(budget={self.budget}): a network {1 / self.budget:.1f}x faster keeps "
+                           "only a few layers and rarely recovers its accuracy; budgets of 0.3 or more are typical")
         # Results, filled during fit.
         self.chain: Chain | None = None
         self.plan: Plan | None = None
@@ -138,6 +157,7 @@ class LayerMergeCallback(Callback):
         self._reset_run()
 
     def _reset_run(self) -> None:
+        self.report = None  # a new fit makes a new report
         self.calibration: list[dict[str, Any]] = []  # one record per calibration round
         self._active = False
         self._target_path: str | None = None
@@ -148,6 +168,9 @@ class LayerMergeCallback(Callback):
         self._state: dict[str, Any] | None = None
         self._kd: DistillationPatch | None = None
         self._load_patch: LoadCheckpointPatch | None = None
+        self._resumed_from: str | None = None
+        self._evaluating: str | None = None  # target path restored for validate/test/predict
+        self._timing: LatencySettings = self.latency_settings  # resolved against the trainer's precision
 
     @property
     def state_key(self) -> str:
@@ -157,30 +180,88 @@ class LayerMergeCallback(Callback):
     # ================================================================== setup: plan + rewrite
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Profile, plan and rewrite the target before optimizers and DDP are set up."""
+        """Fit: profile, plan and rewrite the target before optimizers and DDP are set up.
+        Validate/test/predict: prepare to load a checkpoint written during the compressed fit."""
         if stage != "fit":
+            self._prepare_evaluation(pl_module)
             return
+        original_module = self._original  # kept from a previous fit on this callback, if any
         self._reset_run()
         _check_trainer(trainer, self)
+        self._timing = timing_settings(self.latency_settings, trainer.precision)
+        self._check_module(pl_module)
         path = resolve_target(pl_module, self.target)
         target = get_path(pl_module, path)
-        if isinstance(target, fx.GraphModule) and META_KEY in target.meta:
+        if is_compressed(target):
+            self._original = original_module
             rank_zero_warn(f"LayerMergeCallback: '{path}' is already compressed; this fit fine-tunes it as it is.")
             return
+        resume = self._resume_checkpoint(trainer)
         example = example_input(pl_module, target, lambda: next(iter(check_loader(train_loader(trainer)))))
         chain = trace_target(target, example, path)
-        state = self._known_state()
-        if state is not None:
+        if resume is not None:  # fit(ckpt_path=...): the checkpoint's plan and teacher, nothing measured
+            state = state_from_checkpoint(resume)
             plan = self._plan_from_state(chain, state, path)
+            teacher = self._teacher_for_resume(resume, state, target, path)
         else:
-            plan, state = self._plan(trainer, pl_module, path, target, chain)
-        self._apply(pl_module, path, target, chain, plan, state)
+            state = self._known_state()
+            if state is not None:
+                plan = self._plan_from_state(chain, state, path)
+            else:
+                plan, state = self._plan(trainer, pl_module, path, target, chain)
+            teacher = frozen_teacher(target) if self.distill is not None else None
+        self._apply(pl_module, path, target, chain, plan, state, teacher)
+
+    def _check_module(self, pl_module: pl.LightningModule) -> None:
+        """Errors about the module that are known before any work."""
+        if self.distill is not None and not pl_module.automatic_optimization:
+            raise ValueError("LayerMergeCallback(distill=...) needs automatic optimization: with manual "
+                             "optimization the loss cannot be extended. Add the KD term to your training_step "
+                             "yourself (the teacher is callback.teacher) or drop distill")
+
+    def _resume_checkpoint(self, trainer: pl.Trainer) -> Mapping | None:
+        """The checkpoint ``fit(ckpt_path=...)`` resumes from, if it holds a LayerMerge plan.
+
+        Raises:
+            ValueError: It is an uncompressed checkpoint (its weights cannot continue a compressed fit).
+        """
+        path = fit_checkpoint_path(trainer)
+        if path is None:
+            return None
+        checkpoint = read_checkpoint(path, trusted=fit_weights_only(trainer) is False)  # fit(weights_only=False)
+        if state_from_checkpoint(checkpoint) is None:
+            raise ValueError(_NOT_COMPRESSED)
+        self._resumed_from = path
+        return checkpoint
+
+    def _teacher_for_resume(self, checkpoint: Mapping, state: dict, target: nn.Module, path: str) -> nn.Module | None:
+        """The original network to distil from on resume: stored in the checkpoint, or the module's own
+        target if its weights are the ones the plan was made from.
+
+        Raises:
+            ValueError: Distillation is on and the original weights cannot be recovered.
+        """
+        if self.distill is None:
+            return None
+        teacher = frozen_teacher(target)
+        stored = checkpoint.get(TEACHER_KEY)
+        if stored is not None:
+            teacher.load_state_dict(stored)
+            return teacher
+        if state.get("original_weights") == weights_fingerprint(target):
+            return teacher
+        raise ValueError(
+            f"LayerMergeCallback(distill=...): the checkpoint being resumed holds no teacher weights (it was written "
+            f"without distill=), and the module's '{path}' does not hold the original weights the plan was made "
+            f"from, so there is no network to distil from. Load the original weights into module.{path} before "
+            "fit, or resume without distill"
+        )
 
     def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, target: nn.Module,
               chain: Chain) -> tuple[Plan, dict]:
         """Tables -> solve -> calibrate (``planner.Planner``); keeps its results on the callback."""
         planner = Planner(budget=self.budget, method=self.method, monitor=self.monitor, mode=self.mode,
-                          importance=self.importance_settings, latency=self.latency_settings,
+                          importance=self.importance_settings, latency=self._timing,
                           calibrate=self.calibrate, cache_dir=self._cache(trainer), verbose=self.verbose)
         try:
             return planner.run(trainer, pl_module, path, target, chain)
@@ -195,9 +276,7 @@ class LayerMergeCallback(Callback):
         return str(self.cache_dir) if self.cache_dir else os.path.join(trainer.default_root_dir, ".layermerge_cache")
 
     def _known_state(self) -> dict | None:
-        """A plan that needs no profiling (``plan=``). ``fit(ckpt_path=...)`` is not visible in
-        ``setup`` (Lightning sets it later), so a resumed run re-plans from the table caches
-        and ``_rebuild_for`` then applies the checkpoint's own plan before the weights load."""
+        """A plan that needs no profiling (``plan=``)."""
         source = self._given_plan
         if source is None:
             return None
@@ -217,15 +296,17 @@ class LayerMergeCallback(Callback):
         return Plan.from_dict(chain, plan_dict)
 
     def _apply(self, pl_module: pl.LightningModule, path: str, target: nn.Module, chain: Chain, plan: Plan,
-               state: dict) -> None:
+               state: dict, teacher: nn.Module | None) -> None:
         """Replace the target by the pruned network; remember what resume and the report need."""
-        self._teacher = frozen_teacher(target) if self.distill is not None else None
-        pruned = prune(target, chain, plan)
+        pruned = _like(prune(target, chain, plan), target)
         attach_input_spec(pruned, chain.example)
+        self._teacher = teacher
         set_path(pl_module, path, pruned)
         self._original, self._target_path, self.chain, self.plan = target, path, chain, plan
         self._state = {**state, "version": _STATE_VERSION, "target": path, "plan": plan.to_dict(),
-                       "inputs": input_spec(chain.example), "budget": self.budget, "method": self.method}
+                       "inputs": input_spec(chain.example), "budget": state.get("budget", self.budget),
+                       "method": state.get("method", self.method), "merged": False,
+                       "original_weights": state.get("original_weights") or weights_fingerprint(target)}
         if self._monitor is None and state.get("monitor") and self.monitor in (None, state["monitor"]):
             # A known plan (plan= or a checkpoint) carries the metric it was scored with.
             self._monitor = Monitor(state["monitor"], state.get("mode", self.mode), bool(state.get("training_loss")))
@@ -239,7 +320,8 @@ class LayerMergeCallback(Callback):
         if self.verbose:
             pred = f", predicted latency {ratio:.3f}x of the original ({1 / ratio:.2f}x faster)" if ratio else ""
             rounds = "; ".join(f"predicted {c['predicted']:.3f} measured {c['measured']:.3f}" for c in self.calibration)
-            rank_zero_info(f"LayerMerge: {plan} on '{self._target_path}'{pred}"
+            origin = f" (from checkpoint {self._resumed_from})" if self._resumed_from else ""
+            rank_zero_info(f"LayerMerge: {plan} on '{self._target_path}'{pred}{origin}"
                            + (f"\n  calibration (candidate vs original, side by side): {rounds}" if rounds else ""))
         metrics = {"layermerge/kept_convs": float(len(plan.kept_convs)),
                    "layermerge/kept_activations": float(len(plan.kept_activations))}
@@ -247,30 +329,37 @@ class LayerMergeCallback(Callback):
             metrics.update({"layermerge/predicted_ratio": ratio, "layermerge/predicted_speedup": 1 / ratio})
         for logger in pl_module.loggers:
             logger.log_metrics(metrics, step=0)
+            logger.log_hyperparams({"layermerge": {"target": self._target_path, "budget": self.budget,
+                                                   "method": self.method, "segments": str(plan.keys)}})
 
     # ================================================================== resume
 
     def _rebuild_for(self, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Just before the strict weight load: make the architecture (and teacher) the checkpoint's.
+
+        ``setup`` already applied the checkpoint's plan when it could see ``ckpt_path``; this
+        covers the rest (e.g. a Lightning version whose ``ckpt_path`` is not visible in setup).
+        """
         state = state_from_checkpoint(checkpoint)
         if state is None:
             set_path(pl_module, self._target_path, self._original)  # leave the model as it was
             self._active = False
-            raise ValueError(
-                "LayerMergeCallback: the checkpoint being resumed holds no LayerMerge plan (it is an uncompressed "
-                "model). Load its weights into the module before fit (e.g. Module.load_from_checkpoint) and call "
-                "fit without ckpt_path"
-            )
+            raise ValueError(_NOT_COMPRESSED)
         if state["plan"]["segments"] != self._state["plan"]["segments"]:
             self.plan = self._plan_from_state(self.chain, state, self._target_path)
-            pruned = prune(self._original, self.chain, self.plan)
+            pruned = _like(prune(self._original, self.chain, self.plan), self._original)
             attach_input_spec(pruned, self.chain.example)
             set_path(pl_module, self._target_path, pruned)
+        if self.distill is not None and self._resumed_from is None:
+            self._teacher = self._teacher_for_resume(checkpoint, state, self._original, self._target_path)
         self._state = {**self._state, **state}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        """Store the plan at the top level too, for ``load_from_checkpoint`` + :func:`restore_pruned`."""
+        """Store the plan at the top level too (for :func:`rebuild_pruned`), and the teacher when distilling."""
         if self._state is not None:
             checkpoint[CHECKPOINT_KEY] = copy.deepcopy(self._state)
+        if self._active and self._teacher is not None:
+            checkpoint[TEACHER_KEY] = {k: v.detach().cpu() for k, v in self._teacher.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The plan state (plan, target, example-input shapes, predicted latency, metric)."""
@@ -282,6 +371,68 @@ class LayerMergeCallback(Callback):
         if state_dict and self._state is not None:
             self._state = {**self._state, **state_dict}
 
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen original network distilled from (``None`` without ``distill``)."""
+        return self._teacher
+
+    # ================================================================== evaluation from checkpoints
+
+    def _prepare_evaluation(self, pl_module: pl.LightningModule) -> None:
+        """``trainer.validate/test/predict(ckpt_path=...)``: rebuild the checkpoint's architecture
+        just before Lightning's strict weight load (from the original target this callback kept,
+        else from the module's own uncompressed target)."""
+        self._evaluating = None
+
+        def before(checkpoint: dict) -> None:
+            state = state_from_checkpoint(checkpoint)
+            if state is None:
+                return
+            original = self._original
+            current = get_path(pl_module, state["target"])
+            if original is None and is_compressed(current) and not set(pl_module.state_dict()) == set(
+                    checkpoint.get("state_dict", {})):
+                raise ValueError(
+                    f"LayerMergeCallback: the checkpoint holds the network compressed during fit, but module."
+                    f"{state['target']} is already compressed and this callback did not run that fit, so the "
+                    "checkpoint's architecture cannot be rebuilt. Evaluate a fresh module instead: "
+                    "trainer.test(MyModule(...), ckpt_path=...) with this callback in the Trainer, or "
+                    "restore_pruned(MyModule(...), path, merged=True)"
+                )
+            if rebuild_pruned(pl_module, checkpoint, original=original) or is_compressed(current):
+                self._evaluating = state["target"]
+
+        self._load_patch = LoadCheckpointPatch(pl_module, before)
+
+    def _evaluation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The checkpoint is loaded: evaluate the merged (deployable) form of its network."""
+        if self._load_patch is not None:
+            self._load_patch.remove()
+        path, self._evaluating = self._evaluating, None
+        if path is None or trainer.state.fn == "fit":
+            return
+        net = get_path(pl_module, path)
+        if net.meta[META_KEY].get("merged"):
+            return
+        training = net.training
+        final, merged, _ = merge_checked(net, example_from_spec(net.meta[META_KEY]["inputs"]))
+        set_path(pl_module, path, _like(final.to(pl_module.device), net).train(training) if merged else net)
+        rank_zero_info(f"LayerMerge: evaluating the checkpoint's compressed '{path}' "
+                       f"({'merged' if merged else 'pruned, not merged'})")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """See :meth:`_evaluation_start` (does nothing during fit)."""
+        if trainer.state.fn != "fit":
+            self._evaluation_start(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """See :meth:`_evaluation_start`."""
+        self._evaluation_start(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """See :meth:`_evaluation_start`."""
+        self._evaluation_start(trainer, pl_module)
+
     # ================================================================== fine-tuning
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -289,10 +440,9 @@ class LayerMergeCallback(Callback):
         if self._load_patch is not None:
             self._load_patch.remove()
         if self._active and self.distill is not None:
-            if not pl_module.automatic_optimization:
-                raise ValueError("LayerMergeCallback(distill=...) needs automatic optimization: with manual "
-                                 "optimization the loss cannot be extended. Add the KD term yourself or drop distill")
-            self._teacher.to(pl_module.device)
+            student = get_path(pl_module, self._target_path)
+            dtype = next(student.parameters()).dtype  # a "*-true" precision converted the student's weights
+            self._teacher.to(device=pl_module.device, dtype=dtype if dtype.is_floating_point else None)
             self._kd = DistillationPatch(self.distill, self._teacher, pl_module, get_path(pl_module, self._target_path))
             self._kd.attach()
 
@@ -324,12 +474,15 @@ class LayerMergeCallback(Callback):
             # only synced at the start of a forward); merge rank 0's, so all ranks end identical.
             pruned.load_state_dict(trainer.strategy.broadcast(pruned.state_dict(), src=0))
         final, merged, error = merge_checked(pruned, self.chain.example)
+        final = _like(final, pruned)
         set_path(pl_module, self._target_path, final)
+        self._state["merged"] = merged  # checkpoints saved from now on hold the merged weights
         self.report = self._build_report(trainer, pl_module, final, merged, error)
         self._publish(trainer, self.report)
-        # Done: drop the copies (original, teacher, sub-run module) so they do not hold memory.
+        # Done: drop the copies (teacher, sub-run module) so they do not hold memory. The user's
+        # original target stays referenced: evaluating a checkpoint of this fit rebuilds from it.
         self._active = False
-        self._original = self._teacher = self._runner = None
+        self._teacher = self._runner = None
 
     def _build_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: nn.Module, merged: bool,
                       error: float) -> LayerMergeReport:
@@ -338,7 +491,7 @@ class LayerMergeCallback(Callback):
             budget=self.budget, method=self.method, target=self._target_path, num_layers=chain.num_layers,
             layer_names=[l.name for l in chain.layers], segments=plan.keys,
             kept_activations=sorted(plan.kept_activations), kept_convs=sorted(plan.kept_convs),
-            irreducible=sorted(chain.irreducible), latency_settings=settings_dict(self.latency_settings),
+            irreducible=sorted(chain.irreducible), latency_settings={**settings_dict(self._timing), "precision": str(trainer.precision)},
             table_original_ms=st.get("table_original_ms"), predicted_ms=st.get("predicted_ms"),
             params_before=count_parameters(self._original), params_after=count_parameters(final),
             monitor=st.get("monitor"), mode=st.get("mode", self.mode), metric_before=st.get("metric_before"),
@@ -350,10 +503,17 @@ class LayerMergeCallback(Callback):
         return report
 
     def _measure(self, report: LayerMergeReport, final: nn.Module) -> None:
+        settings = self._timing
+        if self.verbose:
+            rank_zero_info(f"LayerMerge: timing the compressed network against the original (BatchNorm folded), "
+                           f"interleaved, {settings.warmup} + {settings.repeats} passes each ...")
+        start = time.perf_counter()
         folded = merge(prune(self._original, self.chain, Plan.keep_all(self.chain)))
-        inputs = batched_example(self.chain, self.latency_settings.batch_size)
-        times = measure_side_by_side({"original": folded, "compressed": final}, inputs, self.latency_settings)
+        inputs = batched_example(self.chain, settings.batch_size)
+        times = measure_side_by_side({"original": folded, "compressed": final}, inputs, settings)
         report.measured_original_ms, report.measured_ms = times["original"], times["compressed"]
+        if self.verbose:
+            rank_zero_info(f"LayerMerge: timed in {time.perf_counter() - start:.1f} s")
 
     def _score_after(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: LayerMergeReport,
                      final: nn.Module) -> None:
@@ -379,6 +539,39 @@ class LayerMergeCallback(Callback):
         report.plot(log_dir / "layermerge_report.png")
         if self.verbose:
             rank_zero_info(f"{report}\n  files: {log_dir / 'layermerge_report.png'}, {log_dir / 'layermerge_report.json'}")
+
+
+_NOT_COMPRESSED = (
+    "LayerMergeCallback: the checkpoint being resumed holds no LayerMerge plan (it is an uncompressed model). Load "
+    "its weights into the module before fit (e.g. Module.load_from_checkpoint) and call fit without ckpt_path"
+)
+
+
+#: Trainer precisions that store the weights in another dtype (what gets deployed), and that dtype.
+_TRUE_PRECISION_DTYPES = {"bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64", "64": "float64"}
+
+
+def timing_settings(settings: LatencySettings, precision: Any) -> LatencySettings:
+    """The latency settings for a trainer ``precision``.
+
+    With a ``*-true`` precision the weights themselves are bf16/fp16/fp64, which is what gets
+    deployed, so the default ``dtype="float32"`` becomes that dtype. Mixed precision keeps
+    float32 weights and leaves the inference dtype a deployment choice: timed in
+    ``settings.dtype`` (float32 unless you pass ``LatencySettings(dtype=...)``).
+    """
+    dtype = _TRUE_PRECISION_DTYPES.get(str(precision))
+    if dtype is not None and settings.dtype == "float32":
+        return dataclasses.replace(settings, dtype=dtype)
+    return settings
+
+
+def _like(net: nn.Module, reference: nn.Module) -> nn.Module:
+    """``net`` in the memory format of ``reference``'s conv weights (``channels_last`` survives surgery)."""
+    weights = [p for p in reference.parameters() if p.dim() == 4]
+    if weights and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                       for p in weights):
+        net = net.to(memory_format=torch.channels_last)
+    return net
 
 
 def _check_trainer(trainer: pl.Trainer, callback: LayerMergeCallback) -> None:

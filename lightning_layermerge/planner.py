@@ -1,9 +1,10 @@
 """The setup-time planning pipeline of ``LayerMergeCallback`` (Lightning glue, DDP-aware).
 
-latency table (rank 0, broadcast) -> budget check -> Perf metric -> importance table
-(sharded over ranks, gathered) -> solve -> calibration against a side-by-side measurement.
-Everything that can fail because of user input fails before the expensive importance
-table. Every rank makes the same collective calls in the same order, so DDP never hangs and
+Perf metric and a one-step check of the module's own training code -> latency table (rank
+0, broadcast) -> budget check (with the DP's rounding) -> importance table (sharded over
+ranks, gathered) -> solve -> calibration against a side-by-side measurement. Everything that
+can fail because of user input fails before the importance table, and everything that does
+not need the latency table fails before it. Every rank makes the same collective calls in the same order, so DDP never hangs and
 every rank ends with the identical plan.
 """
 
@@ -19,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
+from tqdm.auto import tqdm
 
 from .graph import Chain
 from .merge import merge
@@ -40,6 +42,10 @@ CALIBRATION_SLACK = 0.1
 #: Re-plans aim this far below the budget, to leave room for timing noise in later measurements.
 CALIBRATION_AIM = 0.95
 _PLAN_FILE_VERSION = 3
+#: Discretisation units of the DP budget, coarse to fine. Rounding every segment up costs at
+#: most one unit per segment, so a budget just above the reachable floor needs a finer grid;
+#: the planner takes the first resolution at which the budget is feasible.
+RESOLUTIONS = (1000, 4000, 16000, 64000)
 
 
 class Planner:
@@ -74,14 +80,17 @@ class Planner:
         self.monitor: Monitor | None = None
         self.base: float | None = None
         self.runner: SubRunner | None = None
+        self.resolution = RESOLUTIONS[0]
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, target: nn.Module,
             chain: Chain) -> tuple[Plan, dict[str, Any]]:
         """The plan for ``target``, and what the checkpoint state and the report need to know."""
-        table = self.latency_table = self.build_latency_table(trainer, target, chain)
-        budget_ms = self.budget_ms(table, chain)
+        # User errors first (metric, the module's own training code), then the tables.
         self.runner = make_runner(trainer, pl_module, path, self.importance_settings)
         self.monitor, self.base = self.runner.resolve_monitor(target, self.monitor_name, self.mode)
+        self.runner.check_finetune(target)
+        table = self.latency_table = self.build_latency_table(trainer, target, chain)
+        budget_ms = self.budget_ms(table, chain)
         importance = self.importance_table = self.build_importance_table(trainer, target, chain)
         plan_file = self.plan_file(chain, table, importance)
         plan = self.cached_plan(trainer, chain, plan_file)
@@ -107,22 +116,47 @@ class Planner:
         return trainer.strategy.broadcast(table, src=0) if trainer.world_size > 1 else table
 
     def budget_ms(self, table: LatencyTable, chain: Chain) -> float:
-        """The table budget for the fraction; a ``ValueError`` saying what to do if unreachable."""
+        """The table budget for the fraction, and the DP resolution that can reach it.
+
+        Raises:
+            ValueError: The budget is unreachable; the message names the smallest budget
+                fraction that the DP can solve (rounding included), so following it works.
+        """
         try:
             budget_ms = table.budget_for(self.budget)
         except ValueError as err:
             raise ValueError(f"LayerMergeCallback(budget={self.budget}): {err}") from None
         floor = min_chain_ms(table, chain, self.method)
-        if budget_ms < floor:
-            reachable = (table.outside_ms + floor) / table.total_ms
+        resolution = self._resolution_for(table, chain, budget_ms) if budget_ms >= floor else None
+        if resolution is None:
+            reachable = self._smallest_budget(table, chain, (table.outside_ms + floor) / table.total_ms)
             hint = " or use method='layermerge'" if self.method != "layermerge" else ""
             raise ValueError(
                 f"LayerMergeCallback(budget={self.budget}) is below the smallest latency method "
                 f"'{self.method}' can reach on this network: {reachable:.3f} of the original "
-                f"({table.outside_ms + floor:.3f} of {table.total_ms:.3f} ms). Raise budget to at least "
-                f"{math.ceil(reachable * 1000) / 1000:.3f}{hint}"
+                f"({table.outside_ms + floor:.3f} of {table.total_ms:.3f} ms by the latency table). Raise budget to "
+                f"at least {reachable:.3f}{hint}"
             )
+        self.resolution = resolution
         return budget_ms
+
+    def _resolution_for(self, table: LatencyTable, chain: Chain, budget_ms: float) -> int | None:
+        """The coarsest resolution at which the DP finds any plan within ``budget_ms``."""
+        fastest = {k: -v for k, v in table.entries.items()}
+        for resolution in RESOLUTIONS:
+            try:
+                solve_for(table, fastest, chain, budget_ms, self.method, resolution=resolution)
+                return resolution
+            except ValueError:
+                continue
+        return None
+
+    def _smallest_budget(self, table: LatencyTable, chain: Chain, exact: float) -> float:
+        """The smallest budget fraction (in steps of 0.001, from ``exact`` up) the DP can solve."""
+        fraction = math.ceil(exact * 1000 - 1e-9) / 1000
+        while fraction < 1 and self._resolution_for(table, chain, table.budget_for(fraction)) is None:
+            fraction = round(fraction + 0.001, 3)
+        return min(fraction, 1.0)
 
     def build_importance_table(self, trainer: pl.Trainer, target: nn.Module, chain: Chain) -> dict:
         """This rank's share of the entries, then gathered, so every rank holds the whole table."""
@@ -145,8 +179,7 @@ class Planner:
         table = combine_shards(_all_gather(trainer, shard))
         if all(v == -math.inf for v in table.values()):
             err = runner.first_error
-            cause = f": first error {type(err).__name__}: {err}" if err else ""
-            raise RuntimeError(f"LayerMergeCallback: every importance run failed{cause}")
+            raise RuntimeError(runner.failure_message(err) if err else "LayerMergeCallback: every importance run failed")
         return table
 
     # ------------------------------------------------------------------ solving
@@ -154,7 +187,7 @@ class Planner:
     def solve(self, table: LatencyTable, importance: dict, chain: Chain, budget_ms: float) -> list:
         """``solve`` with the callback's arguments named in its errors."""
         try:
-            return solve_for(table, importance, chain, budget_ms, self.method).segments
+            return solve_for(table, importance, chain, budget_ms, self.method, resolution=self.resolution).segments
         except ValueError as err:
             raise ValueError(f"LayerMergeCallback(budget={self.budget}, method={self.method!r}): {err}") from err
 
@@ -177,9 +210,13 @@ class Planner:
         floor, ceiling = min_chain_ms(table, chain, self.method), table.chain_ms * 2
         fits, over = 0.0, math.inf  # largest table budget known to fit / smallest known not to
         tried: dict[tuple, float] = {}
+        bar = tqdm(total=1 + MAX_REPLANS, desc="calibration (timed candidates)", unit="plan",
+                   disable=not (self.verbose and trainer.is_global_zero))
         for _ in range(1 + MAX_REPLANS):
             self.last_spread = None
             ratio = self.measured_ratio(trainer, folded, merge(prune(target, chain, plan)), inputs)
+            bar.update()
+            bar.set_postfix(measured=f"{ratio:.3f}", budget=self.budget)
             tried[tuple(plan.keys)] = ratio
             self.calibration.append({"segments": plan.keys, "measured": ratio, "spread": self.last_spread,
                                      "table_budget_ms": budget_ms,
@@ -199,6 +236,7 @@ class Planner:
             if found is None:
                 break
             plan, budget_ms = found
+        bar.close()
         within = [k for k, r in tried.items() if r <= self.budget]
         if not within:
             best = min(tried, key=tried.get)
@@ -214,7 +252,11 @@ class Planner:
         step, no measurement) until the DP picks a plan not timed yet. ``None``: nothing new."""
         table, importance = self.latency_table, self.importance_table
         for _ in range(32):
-            keys = tuple(solve_for(table, importance, chain, budget_ms, self.method).segments)
+            try:
+                keys = tuple(solve_for(table, importance, chain, budget_ms, self.method,
+                                       resolution=self.resolution).segments)
+            except ValueError:  # a re-plan budget below what the DP can reach: nothing new here
+                return None
             if keys not in tried:
                 return Plan.from_segments(chain, list(keys)), budget_ms
             moved = min(max(budget_ms * (1.15 if grow else 1 / 1.15), bounds[0]), bounds[1])
@@ -302,17 +344,19 @@ def min_chain_ms(table: LatencyTable, chain: Chain, method: str) -> float:
     return solve_for(table, neg, chain, roomy, method).latency
 
 
-def solve_for(table: LatencyTable, importance: dict, chain: Chain, budget_ms: float, method: str) -> Solution:
+def solve_for(table: LatencyTable, importance: dict, chain: Chain, budget_ms: float, method: str, *,
+              resolution: int = RESOLUTIONS[0]) -> Solution:
     """``solve`` on ``chain``'s tables; Depth gets the kernel its all-convs-kept segments really have."""
     if method != "depth":
-        return solve(table.entries, importance, chain.num_layers, budget_ms, method)
+        return solve(table.entries, importance, chain.num_layers, budget_ms, method, resolution=resolution)
     kept = chain.all_kept_kernels()
     # Pairs (i, j) whose segments must drop a conv (e.g. a strided conv followed by a k > 1
     # conv) have no all-kept segment: Depth cannot use them, and solve() rejects a mapping
     # that lacks pairs present in the table, so leave those pairs out of both tables.
     entries = {key: v for key, v in table.entries.items() if key[:2] in kept}
     importance = {key: v for key, v in importance.items() if key[:2] in kept}
-    return solve(entries, importance, chain.num_layers, budget_ms, method, all_kept_kernel=kept)
+    return solve(entries, importance, chain.num_layers, budget_ms, method, all_kept_kernel=kept,
+                 resolution=resolution)
 
 
 def _all_gather(trainer: pl.Trainer, obj: Any) -> list:

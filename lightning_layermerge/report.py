@@ -170,7 +170,7 @@ class LayerMergeReport:
         """A readable multi-line summary."""
         ls = self.latency_settings
         where = ", ".join(f"{k}={ls[k]}" for k in ("runtime", "memory_format", "device", "batch_size", "dtype",
-                                                   "threads", "clock") if k in ls)
+                                                   "threads", "clock", "precision") if k in ls)
         lines = [
             f"LayerMerge report ({self.method}, target '{self.target}', budget {self.budget:g})",
             f"  plan             : {len(self.segments)} merged layers; kept {len(self.kept_convs)}/{self.num_layers} convs, "
@@ -185,13 +185,21 @@ class LayerMergeReport:
             f"speed-up {_s(self.predicted_speedup)})",
             f"                           measured {_ms(self.measured_ms)} ({_x(self.measured_ratio)} of original, "
             f"speed-up {_s(self.measured_speedup)})",
-            f"  parameters       : {_n(self.params_before)} -> {_n(self.params_after)}",
+            f"  parameters       : {_n(self.params_before)} -> {_n(self.params_after)}{self._growth_text()}",
             f"  {self.monitor or 'metric'} ({self.mode}) : {_f(self.metric_before)} -> {_f(self.metric_after)}",
             f"  calibration      : {self._calibration_text()}",
             f"  merged           : {'yes' if self.merged else 'no (pruned network kept)'}"
             + (f", max rel. error vs pruned {self.merge_max_error:.2e}" if self.merge_max_error is not None else ""),
         ]
         return "\n".join(lines)
+
+    def _growth_text(self) -> str:
+        """Why a faster network can have more parameters."""
+        if self.params_before is None or self.params_after is None or self.params_after <= self.params_before:
+            return ""
+        return ("\n                     (more parameters, yet faster: merging a depthwise conv with a dense one, or "
+                "several convs into one larger kernel, makes a dense conv that replaces several layers and their "
+                "memory traffic; latency, not parameter count, is what the budget measures)")
 
     def _calibration_text(self) -> str:
         if not self.calibration:

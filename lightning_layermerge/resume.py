@@ -1,46 +1,106 @@
-"""Checkpoints of compressed fits: the plan state, resuming, and ``restore_pruned``.
+"""Checkpoints of compressed fits: the plan state, resuming, and rebuilding the architecture.
 
 A checkpoint written during a ``LayerMergeCallback`` fit holds the *pruned* network's
 weights, which only load into the pruned architecture. The callback therefore stores its
 state (plan, target path, example-input shapes, ...) twice: under
 ``checkpoint["callbacks"]["LayerMergeCallback"]`` (Lightning's callback state) and at the
-top level under ``checkpoint["layermerge"]`` (for ``load_from_checkpoint`` users).
+top level under ``checkpoint["layermerge"]`` (for ``load_from_checkpoint`` users). With
+distillation on it also stores the teacher (the original target's weights) under
+``checkpoint["layermerge_teacher"]``, so a run resumed with a freshly built module distils
+from the right network.
 
 Lightning restores a callback's state only *after* the strict weight load, but calls the
-module's ``on_load_checkpoint`` just *before* it (``FACTS.md``). :class:`LoadCheckpointPatch`
-wraps that hook as an instance attribute for the duration of the restore, so the callback
-can rebuild the checkpoint's architecture in time.
+module's ``on_load_checkpoint`` just *before* it. :class:`LoadCheckpointPatch` wraps that
+hook as an instance attribute for the duration of the restore, so the callback can rebuild
+the checkpoint's architecture in time; users of ``Module.load_from_checkpoint`` get the same
+by calling :func:`rebuild_pruned` in their own ``on_load_checkpoint``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
+from torch import fx, nn
 
 from .graph import trace
+from .merge import merge
 from .plan import Plan
-from .prune import prune
+from .prune import META_KEY, prune
 from .serialization import attach_input_spec, example_from_spec
+from .serialization import read_checkpoint as read_checkpoint_file
 from .subruns import get_path, set_path
 
-__all__ = ["CHECKPOINT_KEY", "STATE_KEY", "LoadCheckpointPatch", "restore_pruned", "state_from_checkpoint"]
+__all__ = ["CHECKPOINT_KEY", "STATE_KEY", "TEACHER_KEY", "LoadCheckpointPatch", "fit_checkpoint_path",
+           "fit_weights_only", "read_checkpoint", "rebuild_pruned", "restore_pruned", "state_from_checkpoint"]
 
 #: Top-level checkpoint key of the plan state.
 CHECKPOINT_KEY = "layermerge"
+#: Top-level checkpoint key of the teacher's (original target's) state dict, written when distilling.
+TEACHER_KEY = "layermerge_teacher"
 #: ``LayerMergeCallback.state_key``: where Lightning keeps the callback state in checkpoints.
 STATE_KEY = "LayerMergeCallback"
 
+Checkpoint = str | os.PathLike | Mapping
 
-def state_from_checkpoint(checkpoint: str | os.PathLike | Mapping) -> dict | None:
-    """The LayerMerge state of a checkpoint (path or loaded dict); ``None`` if it has none."""
-    if not isinstance(checkpoint, Mapping):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+def read_checkpoint(checkpoint: Checkpoint, *, trusted: bool = False) -> Mapping:
+    """A checkpoint dict (``checkpoint`` itself if it is already loaded), on the CPU.
+
+    A path is read with ``torch.load(weights_only=True)``: no code from the file runs. Only
+    with ``trusted=True`` may it hold arbitrary objects (their unpickling runs code).
+
+    Raises:
+        ValueError: the file holds objects other than tensors and plain data (named in the
+            message) and ``trusted`` is false.
+    """
+    if isinstance(checkpoint, Mapping):
+        return checkpoint
+    return read_checkpoint_file(checkpoint, trusted=trusted)
+
+
+def state_from_checkpoint(checkpoint: Checkpoint, *, trusted: bool = False) -> dict | None:
+    """The LayerMerge state of a checkpoint (path or loaded dict); ``None`` if it has none.
+
+    A path is read with ``weights_only=True`` unless ``trusted`` (see :func:`read_checkpoint`).
+    """
+    checkpoint = read_checkpoint(checkpoint, trusted=trusted)
     state = checkpoint.get(CHECKPOINT_KEY) or checkpoint.get("callbacks", {}).get(STATE_KEY)
     return dict(state) if state else None
+
+
+def fit_checkpoint_path(trainer: pl.Trainer) -> str | None:
+    """The ``ckpt_path`` the running ``trainer.fit``/``validate``/``test``/``predict`` restores from.
+
+    Lightning resolves ``ckpt_path`` ("last", "best", a path) before the ``setup`` hooks but
+    only publishes it (``trainer.ckpt_path``) after them, when the checkpoint is restored.
+    The callback needs it in ``setup`` to skip planning on resume, so it reads the resolved
+    value from the trainer's ``_run`` frame. ``None`` if there is none or the frame is not
+    found (another Lightning version): the restore hook still applies the checkpoint's plan.
+    """
+    if trainer.ckpt_path:
+        return str(trainer.ckpt_path)
+    path = _run_locals(trainer).get("ckpt_path")
+    return str(path) if path else None
+
+
+def fit_weights_only(trainer: pl.Trainer) -> bool | None:
+    """The ``weights_only`` the running ``trainer.fit``/``test``/... was given (``None``: Lightning's
+    default, or not found). ``False`` means the user trusts the checkpoint file."""
+    return _run_locals(trainer).get("weights_only")
+
+
+def _run_locals(trainer: pl.Trainer) -> dict[str, Any]:
+    """The locals of ``trainer._run`` on the current call stack (empty if it is not there)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
+            return dict(frame.f_locals)
+        frame = frame.f_back
+    return {}
 
 
 class LoadCheckpointPatch:
@@ -73,36 +133,116 @@ class LoadCheckpointPatch:
         self.module = None
 
 
-def restore_pruned(pl_module: pl.LightningModule, checkpoint: str | os.PathLike | Mapping, *,
-                   strict: bool = True) -> pl.LightningModule:
-    """Rebuild the pruned architecture of a checkpoint written by a LayerMergeCallback fit and load it.
+def is_compressed(module: nn.Module) -> bool:
+    """Whether ``module`` was made by ``prune`` (and possibly ``merge``)."""
+    return isinstance(module, fx.GraphModule) and META_KEY in getattr(module, "meta", {})
+
+
+def compressed_architecture(original: nn.Module, state: Mapping) -> fx.GraphModule:
+    """The network a checkpoint's weights belong to, built from the original architecture.
+
+    Args:
+        original: The uncompressed target (any weights; it is not modified).
+        state: The checkpoint's LayerMerge state (:func:`state_from_checkpoint`).
+
+    Returns:
+        ``prune(original, plan)``, merged as well if the state says the weights are merged.
+    """
+    example = example_from_spec(state["inputs"])
+    chain = trace(original, example)
+    net = prune(original, chain, Plan.from_dict(chain, state["plan"]))
+    if state.get("merged"):
+        net = merge(net)
+    attach_input_spec(net, example)
+    return net
+
+
+def rebuild_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, original: nn.Module | None = None, *,
+                   trusted: bool = False) -> bool:
+    """Give ``pl_module`` the architecture of a LayerMerge checkpoint, without loading weights.
+
+    Call it from your LightningModule's ``on_load_checkpoint`` to make
+    ``MyModule.load_from_checkpoint(path)`` work on checkpoints written during a
+    ``LayerMergeCallback`` fit (Lightning calls that hook just before its strict weight load)::
+
+        def on_load_checkpoint(self, checkpoint):
+            rebuild_pruned(self, checkpoint)
+
+    It does nothing for checkpoints without a LayerMerge plan, or when the module already has
+    the checkpoint's architecture (same parameter names).
+
+    Args:
+        pl_module: The module; its target must still be the original (uncompressed)
+            architecture unless ``original`` is given.
+        checkpoint: A checkpoint path or loaded dict.
+        original: The uncompressed target to prune from (default: the module's own).
+        trusted: Read a checkpoint path with ``weights_only=False`` (see :func:`read_checkpoint`).
+
+    Returns:
+        Whether the architecture was replaced.
+
+    Raises:
+        ValueError: The module's target is already compressed differently and no
+            ``original`` is given.
+    """
+    checkpoint = read_checkpoint(checkpoint, trusted=trusted)
+    state = state_from_checkpoint(checkpoint)
+    if not state:
+        return False
+    path = state["target"]
+    current = get_path(pl_module, path)
+    if _same_keys(pl_module, checkpoint.get("state_dict")):
+        return False
+    if original is None:
+        if is_compressed(current):
+            raise ValueError(
+                f"the module's '{path}' is already compressed with another plan, so the checkpoint's architecture "
+                "cannot be rebuilt from it. Build a fresh module (original architecture) and load the checkpoint "
+                "into it: MyModule.load_from_checkpoint(path) with rebuild_pruned in on_load_checkpoint, or "
+                "restore_pruned(MyModule(...), path)"
+            )
+        original = current
+    set_path(pl_module, path, compressed_architecture(original, state))
+    return True
+
+
+def _same_keys(pl_module: nn.Module, state_dict: Mapping | None) -> bool:
+    return state_dict is not None and set(pl_module.state_dict()) == set(state_dict)
+
+
+def restore_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, *, strict: bool = True,
+                   merged: bool = False, trusted: bool = False) -> pl.LightningModule:
+    """Rebuild the architecture of a checkpoint written by a LayerMergeCallback fit and load it.
 
     ``Module.load_from_checkpoint`` builds the *original* architecture and fails on the
-    pruned weights; instead build the module as usual (any weights) and call this.
+    pruned weights (unless the module calls :func:`rebuild_pruned` in ``on_load_checkpoint``);
+    instead build the module as usual (any weights) and call this.
 
     Args:
         pl_module: A freshly constructed module (original architecture).
         checkpoint: A checkpoint path or an already loaded checkpoint dict.
         strict: Passed to ``load_state_dict``.
+        merged: Also merge the loaded network (the deployable, faster form; eval mode).
+        trusted: Read a checkpoint path with ``weights_only=False``, which runs code from the
+            file; needed only for checkpoints holding custom objects (e.g. in
+            ``hyper_parameters``). Default: ``weights_only=True``, no code from the file runs.
 
     Returns:
-        ``pl_module``, with its target pruned as in the checkpoint and the weights loaded
-        (the fine-tuned, not yet merged network; call ``merge`` on the target for inference).
+        ``pl_module``, with its target as in the checkpoint and the weights loaded: the
+        fine-tuned, not yet merged network unless ``merged=True``.
 
     Raises:
-        ValueError: The checkpoint was not written during a LayerMergeCallback fit.
+        ValueError: The checkpoint was not written during a LayerMergeCallback fit, or holds
+            objects other than tensors and plain data and ``trusted`` is false.
     """
-    if not isinstance(checkpoint, Mapping):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(checkpoint, trusted=trusted)
     state = state_from_checkpoint(checkpoint)
     if not state:
         raise ValueError("the checkpoint holds no LayerMerge plan; it was not written during a LayerMergeCallback fit")
-    path = state["target"]
-    original = get_path(pl_module, path)
-    example = example_from_spec(state["inputs"])
-    chain = trace(original, example)
-    pruned = prune(original, chain, Plan.from_dict(chain, state["plan"]))
-    attach_input_spec(pruned, example)
-    set_path(pl_module, path, pruned)
+    rebuild_pruned(pl_module, checkpoint)
     pl_module.load_state_dict(checkpoint["state_dict"], strict=strict)
+    if merged:
+        target = get_path(pl_module, state["target"])
+        if not target.meta[META_KEY].get("merged"):
+            set_path(pl_module, state["target"], merge(target.eval()))
     return pl_module

@@ -20,9 +20,11 @@ import contextlib
 import copy
 import logging
 import math
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -180,6 +182,11 @@ def _entry_seed(seed: int, seg: Segment | None) -> int:
 
 def _training_loss_step(module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
     """``validation_step`` stand-in: the class's ``training_step`` loss, logged."""
+    if not module.automatic_optimization:
+        raise TypeError(
+            "the module uses manual optimization and has no validation loss to score with (its training_step steps "
+            "the optimizers); log a metric in validation_step (e.g. self.log('val_loss', ...)) and pass monitor="
+        )
     out = type(module).training_step(module, batch, batch_idx)
     loss = out.get("loss") if isinstance(out, Mapping) else out
     if not isinstance(loss, torch.Tensor):
@@ -188,6 +195,20 @@ def _training_loss_step(module: pl.LightningModule, batch: Any, batch_idx: int) 
             "log a metric in validation_step and pass monitor="
         )
     module.log(TRAIN_LOSS_KEY, loss.detach(), on_step=False, on_epoch=True)
+
+
+def _user_frame(err: BaseException) -> str:
+    """`` (at file:line in function)`` for the innermost frame of ``err`` outside torch, Lightning and
+    this package; empty if there is none."""
+    import lightning
+
+    skip = {Path(m.__file__).parent for m in (torch, lightning)}
+    skip.add(Path(__file__).parent)
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        path = Path(frame.filename)
+        if not any(root in path.parents for root in skip):
+            return f" (at {frame.filename}:{frame.lineno} in {frame.name})"
+    return ""
 
 
 def _sgd_cosine(module: pl.LightningModule, lr: float, steps: int) -> dict:
@@ -269,19 +290,56 @@ class SubRunner:
         importance builder turns failures into ``-inf`` entries with a warning).
         """
         try:
-            module = self.with_target(target)
-            if self.settings.lr is not None:
-                module.configure_optimizers = lambda: _sgd_cosine(module, self.settings.lr, self.steps)
-            seed = _entry_seed(self.settings.seed, seg)
-            loader = self._subset_loader(self.train_idx, shuffle=True, seed=seed)
-            with quiet(), isolate_rng():
-                torch.manual_seed(seed)
-                trainer = self._trainer(max_steps=self.steps, max_epochs=-1, limit_val_batches=0)
-                trainer.fit(module, train_dataloaders=loader)
-            return get_path(module, self.target_path)
+            return self._fit(target, self.steps, _entry_seed(self.settings.seed, seg))
         except Exception as err:
             self.first_error = self.first_error or err
             raise
+
+    def _fit(self, target: nn.Module, steps: int, seed: int) -> nn.Module:
+        """``steps`` optimizer steps on the fine-tuning subset, in a Trainer that looks like a real fit
+        of that length: ``max_epochs`` is the whole number of subset epochs the steps span, so
+        ``configure_optimizers`` code reading ``trainer.max_epochs``, ``estimated_stepping_batches``
+        or ``num_training_batches`` (e.g. ``OneCycleLR``) gets positive, consistent values."""
+        module = self.with_target(target)
+        if self.settings.lr is not None:
+            module.configure_optimizers = lambda: _sgd_cosine(module, self.settings.lr, steps)
+        loader = self._subset_loader(self.train_idx, shuffle=True, seed=seed)
+        with quiet(), isolate_rng():
+            torch.manual_seed(seed)
+            trainer = self._trainer(max_steps=steps, max_epochs=math.ceil(steps / max(len(loader), 1)),
+                                    limit_val_batches=0)
+            trainer.fit(module, train_dataloaders=loader)
+        return get_path(module, self.target_path)
+
+    def check_finetune(self, target: nn.Module) -> None:
+        """One optimizer step of the module's own training setup on a copy of ``target``.
+
+        Run before the importance table, so an error in the module's ``configure_optimizers``
+        or ``training_step`` under a sub-run stops the fit at once, with the cause and the
+        fix, instead of failing every entry.
+
+        Raises:
+            ValueError: The sub-run failed; the message names the first error and where in
+                the user's code it was raised.
+        """
+        try:
+            self._fit(copy.deepcopy(target), 1, _entry_seed(self.settings.seed, None))
+        except Exception as err:
+            raise ValueError(self.failure_message(err)) from err
+
+    def failure_message(self, err: BaseException) -> str:
+        """What failed in a sub-run, where in the user's code, and what to pass instead."""
+        where = _user_frame(err)
+        fix = ("the failure is in training_step (the optimizer is already ImportanceSettings(lr=...)'s SGD); make "
+               "it run on a subset batch" if self.settings.lr is not None else
+               "if configure_optimizers needs something a short run cannot give, pass "
+               "LayerMergeCallback(importance=ImportanceSettings(lr=...)) to fine-tune each entry with SGD + "
+               "cosine decay at that learning rate instead (e.g. lr=0.01)")
+        return (f"LayerMergeCallback: a short importance fine-tuning run failed in the module's own code: "
+                f"{type(err).__name__}: {err}{where}. Each importance entry fine-tunes a copy of the module in a "
+                f"separate Trainer (max_steps={self.steps}, max_epochs="
+                f"{math.ceil(self.steps / max(1, len(self.train_idx) // self.batch_size))}, "
+                f"{len(self.train_idx)} training samples, batch size {self.batch_size}, no datamodule); {fix}")
 
     def metrics(self, target: nn.Module, *, training_loss: bool) -> dict[str, float]:
         """Scalar metrics logged while validating a copy of the module with ``target`` on the scoring subset."""

@@ -152,6 +152,7 @@ def trace_target(target: nn.Module, example: tuple, path: str) -> Chain:
 def merge_checked(pruned: fx.GraphModule, example: tuple) -> tuple[nn.Module, bool, float]:
     """``merge(pruned)`` if it equals ``pruned`` on the example input, else ``pruned`` (with a warning)."""
     pruned.eval()
+    example = _like_parameters(example, pruned)
     try:
         merged = merge(pruned)
         with torch.no_grad():
@@ -165,6 +166,16 @@ def merge_checked(pruned: fx.GraphModule, example: tuple) -> tuple[nn.Module, bo
         return pruned, False, error
     attach_input_spec(merged, example)
     return merged, True, error
+
+
+def _like_parameters(example: tuple, net: nn.Module) -> tuple:
+    """``example`` with its floating tensors on the device and in the dtype of ``net``'s parameters
+    (a network trained with ``precision="64-true"`` or ``"bf16-true"`` takes inputs of its dtype)."""
+    param = next(net.parameters(), None)
+    if param is None:
+        return example
+    return tuple(a.to(param.device, param.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in example)
 
 
 def relative_error(want: Any, got: Any) -> float:

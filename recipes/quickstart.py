@@ -14,7 +14,7 @@
 3. Print the report and the merged network's test accuracy.
 
 The report (JSON + PNG), the uncompressed weights (``uncompressed.pt``, used by ``cli/``) and
-the merged network (``merged.pt``, read back with ``load_compressed``) land in
+the merged network (``merged.safetensors``, read back with ``load_compressed``) land in
 ``runs/quickstart/`` (``--out`` to change).
 """
 
@@ -94,7 +94,7 @@ def main() -> None:
           f"{args.budget * 1.05:.3f}): {'ok' if report.measured_ratio <= args.budget * 1.05 else 'MISSED'}")
     print(f"accuracy drop {drop:.2f} points (limit 1.5): {'ok' if drop <= 1.5 else 'MISSED'}")
     print(f"total time {time.perf_counter() - start:.0f} s")
-    save_compressed(module.model, Path(args.out) / "merged.pt")  # load_compressed(...) reads it back
+    save_compressed(module.model, Path(args.out) / "merged.safetensors")  # load_compressed(...) reads it back
     summary = {**report.to_dict(), "test_acc_before": acc_before, "test_acc_after": acc_after,
                "seconds": time.perf_counter() - start}
     Path(args.out, "quickstart_summary.json").write_text(json.dumps(summary, indent=2))

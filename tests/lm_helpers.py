@@ -129,3 +129,59 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class LitEval(LitTinyVal):
+    """Also has ``test_step`` and ``predict_step``, and rebuilds a compressed checkpoint's
+    architecture in ``on_load_checkpoint`` (so ``load_from_checkpoint`` works)."""
+
+    def test_step(self, batch: tuple, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("test_loss", F.cross_entropy(logits, y))
+        self.log("test_acc", (logits.argmax(1) == y).float().mean())
+
+    def predict_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from lightning_layermerge import rebuild_pruned
+
+        rebuild_pruned(self, checkpoint)
+
+
+class LitOneCycle(LitTiny):
+    """The Lightning CIFAR-10 tutorial's optimizer: OneCycleLR over ``trainer.max_epochs`` epochs."""
+
+    steps_per_epoch = 15
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, epochs=self.trainer.max_epochs,
+                                                        steps_per_epoch=self.steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LitNeedsDatamodule(LitTiny):
+    """``configure_optimizers`` reads the trainer's datamodule, which sub-runs do not have."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        _ = self.trainer.datamodule.batch_size
+        return super().configure_optimizers()
+
+
+class LitManual(LitTinyVal):
+    """Manual optimization (scored by its validation loss)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss

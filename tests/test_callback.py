@@ -173,7 +173,7 @@ def test_example_input_array_validation_loss_and_distillation(tmp_path: Path, tr
     assert all(not p.requires_grad for p in teacher.parameters())
     for name, value in teacher.state_dict().items():
         assert torch.equal(value, teacher_weights[name]), name
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     n_student = sum(1 for k in saved["state_dict"] if k.startswith("model."))
     assert n_student == len(keep.pruned.state_dict())  # only the student's tensors
     assert saved["layermerge"]["plan"] == cb.plan.to_dict()
@@ -286,7 +286,7 @@ def test_resume_mid_finetuning_rebuilds_the_pruned_architecture(tmp_path: Path, 
         quiet_trainer(max_steps=6, callbacks=[cb1, ckpt, Interrupt()], enable_checkpointing=True).fit(
             first, train_dataloaders=train)
     path = next((tmp_path / "ckpt").glob("*step=2*.ckpt"))
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
 
     counts = CountFinetunes(monkeypatch, cache)
     assert counts.before  # latency and importance tables are cached
@@ -307,7 +307,7 @@ def test_resume_applies_the_checkpoint_plan_even_if_the_new_plan_differs(tmp_pat
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     cb1 = callback(tmp_path / "cache", budget=0.75)
     quiet_trainer(max_steps=2, callbacks=[cb1, ckpt], enable_checkpointing=True).fit(first, train_dataloaders=train)
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     # setup applies another plan (keep everything); the checkpoint's plan must win before the strict load.
     second = make(LitTiny, trained_state)
     keep_all = Plan.keep_all(trace(second.model, torch.randn(32, 1, 8, 8))).to_dict()
@@ -330,7 +330,7 @@ def test_plan_from_checkpoint_skips_profiling_and_restore_pruned(tmp_path: Path,
 
     # load_from_checkpoint-style users: rebuild the pruned module and load the weights strictly.
     fresh = restore_pruned(LitTiny(), last)
-    saved = torch.load(last, weights_only=False)
+    saved = torch.load(last, weights_only=True)
     for name, value in fresh.state_dict().items():
         assert torch.equal(value, saved["state_dict"][name]), name
 

@@ -7,7 +7,10 @@ An adapter can
   after tracing, by a sequence of plain modules that the core understands,
 - register a traceable *forward* for a module class whose own forward fx cannot trace
   (e.g. diffusers' ``UNet2DModel``); it must compute the same function, which ``capture``
-  checks on the example input.
+  checks on the example input,
+- register a *portable* stand-in for a leaf class: an equivalent module of
+  ``lightning_layermerge.modules`` (same children and parameters) that ``save_compressed``
+  stores instead, so the saved network names only allow-listed classes.
 A family that needs none of this needs no adapter at all.
 """
 
@@ -34,6 +37,7 @@ class _Decomposition:
 _LEAVES: list[Predicate] = []
 _DECOMPOSITIONS: list[_Decomposition] = []
 _FORWARDS: list[tuple[Predicate, Callable]] = []
+_PORTABLE: list[tuple[Predicate, Callable[[nn.Module], nn.Module]]] = []
 
 
 def register_leaf(applies: Predicate) -> None:
@@ -71,6 +75,26 @@ def register_forward(applies: Predicate, forward: Callable) -> None:
     what the module computes (``capture`` compares them on the example input).
     """
     _FORWARDS.append((applies, forward))
+
+
+def register_portable(applies: Predicate, convert: Callable[[nn.Module], nn.Module]) -> None:
+    """Save matching leaves as ``convert(module)``: an equivalent module of this package that
+    shares the leaf's children and parameters (``convert`` raises ValueError for a
+    configuration it cannot represent)."""
+    _PORTABLE.append((applies, convert))
+
+
+def portable(module: nn.Module) -> nn.Module | None:
+    """The registered stand-in for ``module`` (see :func:`register_portable`), or ``None``.
+
+    The stand-in gets ``module``'s train/eval flag (set on it alone: shared children keep theirs).
+    """
+    convert = next((c for applies, c in _PORTABLE if applies(module)), None)
+    if convert is None:
+        return None
+    stand_in = convert(module)
+    stand_in.training = module.training
+    return stand_in
 
 
 def install_forwards(model: nn.Module) -> list[str]:

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import register_forward, register_leaf
+from ..modules import SelfAttention, SinusoidalTimesteps
+from . import register_forward, register_leaf, register_portable
 
 
 def _diffusers_class(m: nn.Module, *names: str) -> bool:
@@ -60,8 +61,10 @@ def _unet_output(sample: torch.Tensor, return_dict: bool) -> Any:
     """``UNet2DOutput(sample=...)`` or ``(sample,)``, decided at call time like diffusers does."""
     if not return_dict:
         return (sample,)
-    from diffusers.models.unets.unet_2d import UNet2DOutput  # only reached with diffusers models
-
+    try:
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+    except ImportError:  # a network loaded with load_compressed runs without diffusers
+        from ..modules import UNetOutput as UNet2DOutput
     return UNet2DOutput(sample=sample)
 
 
@@ -131,3 +134,29 @@ def _downsample2d_forward(self: nn.Module, hidden_states: torch.Tensor, *args: A
 register_forward(lambda m: _diffusers_class(m, "UNet2DModel"), _unet2d_forward)
 register_forward(lambda m: _diffusers_class(m, "Upsample2D"), _upsample2d_forward)
 register_forward(lambda m: _diffusers_class(m, "Downsample2D"), _downsample2d_forward)
+
+
+#: Attention features the portable ``SelfAttention`` does not have; each must be None/False.
+_ATTENTION_UNSUPPORTED = ("spatial_norm", "norm_cross", "norm_q", "norm_k", "added_kv_proj_dim", "add_q_proj",
+                          "is_cross_attention", "only_cross_attention", "is_causal")
+
+
+def _portable_attention(m: nn.Module) -> nn.Module:
+    """``Attention`` as ``SelfAttention`` (same submodules), for the default processor only."""
+    used = [name for name in _ATTENTION_UNSUPPORTED if getattr(m, name, None)]
+    processor = type(getattr(m, "processor", None)).__name__
+    if used or processor != "AttnProcessor2_0" or len(m.to_out) != 2:
+        why = f"uses {', '.join(used)}" if used else f"has processor {processor}"
+        raise ValueError(f"diffusers Attention {why}; only plain self-attention with AttnProcessor2_0 is portable")
+    out = SelfAttention(m.heads, bool(m.residual_connection), float(m.rescale_output_factor))
+    out.group_norm = m.group_norm
+    out.to_q, out.to_k, out.to_v, out.to_out = m.to_q, m.to_k, m.to_v, m.to_out
+    return out
+
+
+def _portable_timesteps(m: nn.Module) -> nn.Module:
+    return SinusoidalTimesteps(m.num_channels, m.flip_sin_to_cos, m.downscale_freq_shift, m.scale)
+
+
+register_portable(lambda m: _diffusers_class(m, "Attention"), _portable_attention)
+register_portable(lambda m: _diffusers_class(m, "Timesteps"), _portable_timesteps)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import register_activation, register_decomposition, register_identity
+from ..modules import DropPath
+from . import register_activation, register_decomposition, register_identity, register_portable
 
 
 def _from_timm(m: nn.Module, package: str) -> bool:
@@ -32,7 +33,7 @@ def _split_norm_act(m: nn.Module) -> list[tuple[str, nn.Module]]:
         setattr(bn, name, getattr(m, name))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         setattr(bn, name, getattr(m, name))
-    bn.train(m.training)
+    bn
     parts: list[tuple[str, nn.Module]] = [("", bn)]
     if not isinstance(m.drop, nn.Identity):
         parts.append(("_drop", m.drop))
@@ -54,3 +55,24 @@ def _is_timm_activation(m: nn.Module) -> bool:
 
 register_identity(_is_drop_path)
 register_activation(_is_timm_activation)
+
+
+def _portable_drop_path(m: nn.Module) -> nn.Module:
+    return DropPath(float(m.drop_prob), bool(getattr(m, "scale_by_keep", True)))
+
+
+register_portable(lambda m: _from_timm(m, "timm.layers") and type(m).__name__ == "DropPath", _portable_drop_path)
+
+
+#: timm activations whose forward is exactly a torch.nn module's (saved as that module).
+_TIMM_ACTIVATIONS = {"GELU": lambda m: nn.GELU(), "GELUTanh": lambda m: nn.GELU(approximate="tanh"),
+                     "Sigmoid": lambda m: nn.Sigmoid(), "Tanh": lambda m: nn.Tanh()}
+
+
+def _portable_activation(m: nn.Module) -> nn.Module:
+    if getattr(m, "inplace", False):
+        raise ValueError("an in-place timm activation has no out-of-place torch.nn equivalent")
+    return _TIMM_ACTIVATIONS[type(m).__name__](m)
+
+
+register_portable(lambda m: _is_timm_activation(m) and type(m).__name__ in _TIMM_ACTIVATIONS, _portable_activation)
