@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -54,7 +55,7 @@ from .merge import merge
 from .plan import Plan
 from .prune import META_KEY, prune
 from .planner import Planner, make_runner, train_loader
-from .report import LayerMergeReport, count_parameters, measure_side_by_side, settings_dict
+from .report import LayerMergeReport, count_parameters, settings_dict, side_by_side
 from .resume import (CHECKPOINT_KEY, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
                      fit_weights_only, is_compressed, read_checkpoint, rebuild_pruned, restore_pruned,
                      state_from_checkpoint)
@@ -91,7 +92,11 @@ class LayerMergeCallback(Callback):
         mode: ``"min"`` or ``"max"``: whether a lower or a higher ``monitor`` is better.
         importance: How each importance entry is estimated (:class:`ImportanceSettings`).
         latency: How latency is measured (:class:`~lightning_layermerge.tables.latency.LatencySettings`);
-            the final side-by-side measurement uses the same settings. With a ``*-true``
+            the final side-by-side measurement uses the same settings. The defaults are the
+            robust ones: 1 thread timed by the thread's CPU clock (unaffected by other
+            processes), entries priced in the context of the whole network, every timing
+            re-measured while its spread exceeds 5 %, and a fallback to those settings with a
+            warning if you ask for more threads on a busy machine. With a ``*-true``
             trainer precision (``"bf16-true"``, ``"16-true"``, ``"64-true"``) the default
             float32 timing follows the trainer's dtype, since those weights are what gets
             deployed; with mixed precision the weights stay float32 and timing stays in
@@ -495,28 +500,46 @@ class LayerMergeCallback(Callback):
             budget=self.budget, method=self.method, target=self._target_path, num_layers=chain.num_layers,
             layer_names=[l.name for l in chain.layers], segments=plan.keys,
             kept_activations=sorted(plan.kept_activations), kept_convs=sorted(plan.kept_convs),
-            irreducible=sorted(chain.irreducible), latency_settings={**settings_dict(self._timing), "precision": str(trainer.precision)},
+            irreducible=sorted(chain.irreducible), latency_settings={**settings_dict(self._report_timing()), "precision": str(trainer.precision)},
             table_original_ms=st.get("table_original_ms"), predicted_ms=st.get("predicted_ms"),
             params_before=count_parameters(self._original), params_after=count_parameters(final),
             monitor=st.get("monitor"), mode=st.get("mode", self.mode), metric_before=st.get("metric_before"),
             merged=merged, merge_max_error=error, calibration=list(st.get("calibration", [])),
-            importance=dict(st.get("importance") or {}),
+            importance=dict(st.get("importance") or {}), table_build_s=st.get("table_build_s"),
+            table_max_spread=st.get("table_max_spread"), load_note=st.get("load_note") or "",
         )
         if trainer.is_global_zero:  # measured once, without contention between ranks
             self._measure(report, final)
             self._score_after(trainer, pl_module, report, final)
         return report
 
+    def _report_timing(self) -> LatencySettings:
+        """The settings the table was really measured with (a busy machine can move them to the
+        robust ones), from this run's table or the resumed checkpoint; else the requested ones."""
+        if self.latency_table is not None:
+            return self.latency_table.settings
+        saved = (self._state or {}).get("latency_settings")
+        if saved:
+            try:
+                return LatencySettings(**saved)
+            except (TypeError, ValueError):  # written by another version: time as requested
+                pass
+        return self._timing
+
     def _measure(self, report: LayerMergeReport, final: nn.Module) -> None:
-        settings = self._timing
+        settings = self._report_timing()
         if self.verbose:
             rank_zero_info(f"LayerMerge: timing the compressed network against the original (BatchNorm folded), "
                            f"interleaved, {settings.warmup} + {settings.repeats} passes each ...")
         start = time.perf_counter()
         folded = merge(prune(self._original, self.chain, Plan.keep_all(self.chain)), share=True)
         inputs = batched_example(self.chain, settings.batch_size)
-        times = measure_side_by_side({"original": folded, "compressed": final}, inputs, settings)
-        report.measured_original_ms, report.measured_ms = times["original"], times["compressed"]
+        timed = side_by_side({"original": folded, "compressed": final}, inputs, settings)
+        report.measured_original_ms, report.measured_ms = timed.ms["original"], timed.ms["compressed"]
+        spread = timed.spread["compressed"]
+        report.measured_spread = spread if math.isfinite(spread) else None
+        report.load_note = "; ".join(n for n in (report.load_note, timed.load_note) if n)
+        report.latency_settings = {**settings_dict(timed.settings), "precision": report.latency_settings.get("precision")}
         if self.verbose:
             rank_zero_info(f"LayerMerge: timed in {time.perf_counter() - start:.1f} s")
 

@@ -11,6 +11,7 @@ every rank ends with the identical plan.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import math
 import os
 import time
@@ -27,7 +28,7 @@ from .graph import Chain
 from .merge import merge
 from .plan import Plan
 from .prune import prune
-from .report import measure_side_by_side
+from .report import side_by_side
 from .solve import Solution, solve
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader
 from .tables.cache import TableCache, fingerprint
@@ -80,6 +81,7 @@ class Planner:
         self.importance_table: dict[tuple[int, int, int], float] | None = None
         self.importance_shard: list[tuple[int, int, int]] = []
         self.calibration: list[dict[str, Any]] = []
+        self.last_spread: float | None = None  # spread of the latest calibration measurement
         self.monitor: Monitor | None = None
         self.base: float | None = None
         self.runner: SubRunner | None = None
@@ -108,7 +110,11 @@ class Planner:
         state = {"predicted_ms": table.predicted_ms(plan.keys), "table_original_ms": table.total_ms,
                  "metric_before": self.base, "monitor": self.monitor.key, "mode": self.monitor.mode,
                  "training_loss": self.monitor.training_loss, "calibration": self.calibration,
-                 "importance": self.importance_noise.as_dict() if self.importance_noise else None}
+                 "importance": self.importance_noise.as_dict() if self.importance_noise else None,
+                 # How the table was really measured (a busy machine may have changed the settings),
+                 # so a resumed run times its final report the same way without the table.
+                 "latency_settings": asdict(table.settings), "table_build_s": table.build_s,
+                 "table_max_spread": _finite(table.max_spread), "load_note": table.load_note}
         return plan, state
 
     # ------------------------------------------------------------------ tables
@@ -267,11 +273,13 @@ class Planner:
         bar = tqdm(total=1 + MAX_REPLANS, desc="calibration (timed candidates)", unit="plan",
                    disable=not (self.verbose and trainer.is_global_zero))
         for _ in range(1 + MAX_REPLANS):
+            self.last_spread = None
             ratio = self.measured_ratio(trainer, folded, merge(prune(target, chain, plan)), inputs)
             bar.update()
             bar.set_postfix(measured=f"{ratio:.3f}", budget=self.budget)
             tried[tuple(plan.keys)] = ratio
-            self.calibration.append({"segments": plan.keys, "measured": ratio, "table_budget_ms": budget_ms,
+            self.calibration.append({"segments": plan.keys, "measured": ratio, "spread": self.last_spread,
+                                     "table_budget_ms": budget_ms,
                                      "predicted": table.predicted_ms(plan.keys) / table.total_ms})
             if ratio <= self.budget:
                 fits = max(fits, budget_ms)
@@ -317,13 +325,20 @@ class Planner:
             budget_ms = moved
         return None
 
-    def measured_ratio(self, trainer: pl.Trainer, original: nn.Module, candidate: nn.Module, inputs: tuple) -> float:
-        """Candidate / original latency, measured on rank 0 and broadcast."""
-        ratio = None
+    def measured_ratio(self, trainer: pl.Trainer, original: nn.Module, candidate: nn.Module,
+                       inputs: tuple) -> float:
+        """Candidate / original latency (median of pass-pair ratios), measured on rank 0 with the
+        settings the table really used (same runtime, threads, clock) and broadcast; its spread
+        goes to :attr:`last_spread`."""
+        result = None
         if trainer.is_global_zero:
-            times = measure_side_by_side({"original": original, "candidate": candidate}, inputs, self.latency_settings)
-            ratio = times["candidate"] / times["original"]
-        return trainer.strategy.broadcast(ratio, src=0) if trainer.world_size > 1 else ratio
+            timed = side_by_side({"original": original, "candidate": candidate}, inputs, self.latency_table.settings)
+            spread = timed.spread["candidate"]
+            result = (timed.ratio["candidate"], None if math.isnan(spread) else spread)
+        if trainer.world_size > 1:
+            result = trainer.strategy.broadcast(result, src=0)
+        ratio, self.last_spread = result
+        return ratio
 
     # ------------------------------------------------------------------ plan cache
 
@@ -416,6 +431,10 @@ def solve_for(table: LatencyTable, importance: dict, chain: Chain, budget_ms: fl
     importance = {key: v for key, v in importance.items() if key[:2] in kept}
     return solve(entries, importance, chain.num_layers, budget_ms, method, all_kept_kernel=kept,
                  resolution=resolution)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _all_gather(trainer: pl.Trainer, obj: Any) -> list:

@@ -13,17 +13,17 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .tables.latency import LatencySettings, time_interleaved
+from .tables.latency import LatencySettings, check_load, spread, time_samples
 
-__all__ = ["LayerMergeReport", "count_parameters", "measure_side_by_side"]
+__all__ = ["LayerMergeReport", "SideBySide", "count_parameters", "measure_side_by_side", "side_by_side"]
 
 
 @dataclass
@@ -56,7 +56,14 @@ class LayerMergeReport:
         merge_max_error: Max relative difference between merged and pruned outputs on the
             example input.
         calibration: The candidates timed side by side before fine-tuning (``"measured"``
-            and ``"predicted"`` ratio each); the plan is the best one that fit the budget.
+            and ``"predicted"`` ratio each, and the measured ``"spread"``); the plan is the
+            best one that fit the budget.
+        measured_spread: Spread of the measured ratio (:func:`side_by_side`): how far the
+            ratios of :data:`~lightning_layermerge.tables.latency.SPREAD_BLOCKS` consecutive
+            blocks of pass pairs disagree, relative to the median (0.02: within 2 %).
+        table_build_s: Seconds spent measuring the latency table (0 when it came from the cache).
+        table_max_spread: Largest spread of any latency-table timing.
+        load_note: What a busy machine made the measurements do (``""``: nothing).
         importance: How far the importance table can be trusted
             (``tables.noise.NoiseLevel.as_dict()``): ``sigma`` of Perf of the unmodified
             network over repeats, ``entries``, ``distinguishable`` (entries beyond 2 sigma),
@@ -87,6 +94,10 @@ class LayerMergeReport:
     merge_max_error: float | None = None
     calibration: list[dict[str, Any]] = field(default_factory=list)
     importance: dict[str, Any] = field(default_factory=dict)
+    measured_spread: float | None = None
+    table_build_s: float | None = None
+    table_max_spread: float | None = None
+    load_note: str = ""
 
     # ------------------------------------------------------------------ derived numbers
 
@@ -156,8 +167,11 @@ class LayerMergeReport:
             "importance_distinguishable": self.importance.get("distinguishable"),
             "importance_steps_per_entry": self.importance.get("steps_per_entry"),
             "importance_build_seconds": self.importance.get("build_seconds"),
+            "measured_spread": self.measured_spread,
+            "table_build_s": self.table_build_s,
+            "table_max_spread": self.table_max_spread,
         }
-        return {prefix + k: float(v) for k, v in values.items() if v is not None}
+        return {prefix + k: float(v) for k, v in values.items() if v is not None and not _nan(v)}
 
     def __str__(self) -> str:
         return self.to_text()
@@ -165,13 +179,17 @@ class LayerMergeReport:
     def to_text(self) -> str:
         """A readable multi-line summary."""
         ls = self.latency_settings
-        where = ", ".join(f"{k}={ls[k]}" for k in ("device", "batch_size", "dtype", "threads", "precision") if k in ls)
+        where = ", ".join(f"{k}={ls[k]}" for k in ("runtime", "memory_format", "device", "batch_size", "dtype",
+                                                   "threads", "clock", "precision") if k in ls)
         lines = [
             f"LayerMerge report ({self.method}, target '{self.target}', budget {self.budget:g})",
             f"  plan             : {len(self.segments)} merged layers; kept {len(self.kept_convs)}/{self.num_layers} convs, "
             f"{len(self.kept_activations)}/{max(self.num_layers - 1, 0)} activations",
             f"  segments (i,j,k) : {' '.join(f'({i},{j},{k})' for i, j, k in self.segments)}",
             f"  latency          : {where}",
+            f"    repeatability        : measured ratio spread {_pct(self.measured_spread)}, table max spread "
+            f"{_pct(self.table_max_spread)}, table measured in {_sec(self.table_build_s)}"
+            + (f"\n    load                 : {self.load_note}" if self.load_note else ""),
             f"    original (BN folded) : table {_ms(self.table_original_ms)}, measured {_ms(self.measured_original_ms)}",
             f"    compressed           : predicted {_ms(self.predicted_ms)} ({_x(self.predicted_ratio)} of original, "
             f"speed-up {_s(self.predicted_speedup)})",
@@ -213,7 +231,9 @@ class LayerMergeReport:
     def _calibration_text(self) -> str:
         if not self.calibration:
             return "none (plan given, or calibrate=False)"
-        rounds = ", ".join(f"{c['predicted']:.3f}->{c['measured']:.3f}" for c in self.calibration)
+        rounds = ", ".join(f"{c['predicted']:.3f}->{c['measured']:.3f}"
+                           + (f" (±{c['spread']:.1%})" if c.get("spread") is not None and not _nan(c["spread"]) else "")
+                           for c in self.calibration)
         return f"{len(self.calibration)} candidate(s) timed before fine-tuning (predicted->measured: {rounds})"
 
     def plot(self, path: str | Path) -> Path:
@@ -281,8 +301,9 @@ class LayerMergeReport:
         ax.set_ylabel("latency / original")
         ax.set_ylim(0, 1.25)
         ls = self.latency_settings
-        ax.set_title(f"{ls.get('device', '?')}, batch {ls.get('batch_size', '?')}, {ls.get('dtype', '?')}, "
-                     f"threads {ls.get('threads', '?')}; measured speed-up {_s(self.measured_speedup)}", fontsize=9)
+        ax.set_title(f"{ls.get('runtime', 'eager')}, {ls.get('device', '?')}, batch {ls.get('batch_size', '?')}, "
+                     f"{ls.get('dtype', '?')}, threads {ls.get('threads', '?')}; measured speed-up "
+                     f"{_s(self.measured_speedup)} (spread {_pct(self.measured_spread)})", fontsize=9)
         ax.legend(fontsize=8, loc="upper right")
 
 
@@ -301,6 +322,18 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0 or not math.isfinite(a) or not math.isfinite(b):
         return None
     return a / b
+
+
+def _nan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None or _nan(v) else f"{v:.1%}"
+
+
+def _sec(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f} s"
 
 
 def _ms(v: float | None) -> str:
@@ -329,11 +362,64 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def settings_dict(settings: LatencySettings) -> dict[str, Any]:
-    """The latency settings as a dict, with the thread count actually used filled in."""
+    """The latency settings as a dict, with the thread count and clock actually used filled in."""
     data = asdict(settings)
-    if data.get("threads") is None:
-        data["threads"] = torch.get_num_threads()
+    data["threads"] = settings.threads_used
+    data["clock"] = settings.clock_used
     return data
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """Networks timed interleaved, pass by pass.
+
+    Attributes:
+        ms: Name -> median milliseconds of its passes.
+        ratio: Name -> median over pass pairs of (its pass / the first network's pass just
+            before it); 1.0 for the first network.
+        spread: Name -> spread of those per-pass ratios (:func:`~lightning_layermerge.tables.latency.spread`;
+            ``nan``: too few passes).
+        settings: The settings really used (after a load fallback, the robust ones).
+        load_note: What a busy machine made the measurement do (``""``: nothing).
+    """
+
+    ms: dict[str, float]
+    ratio: dict[str, float]
+    spread: dict[str, float]
+    settings: LatencySettings
+    load_note: str = ""
+
+
+def side_by_side(modules: Mapping[str, nn.Module], inputs: Sequence[Any], settings: LatencySettings) -> SideBySide:
+    """Time networks interleaved forward by forward, each against the first one, with its spread.
+
+    Interleaving (A, B, A, B, ...) exposes all networks to the same machine load. The load
+    is checked first and the spread of the last network's ratio is re-measured while it
+    exceeds ``settings.max_spread``, as for the latency table
+    (:func:`~lightning_layermerge.tables.latency.check_load`,
+    :func:`~lightning_layermerge.tables.latency.time_samples`). The modules are deep-copied,
+    so the caller's modules keep their device, dtype and mode.
+
+    Args:
+        modules: Name -> module, all taking ``inputs``; the first is the reference of the ratios.
+        inputs: Positional arguments (already at the batch size to time).
+        settings: Device, dtype, warm-up, repeats, threads, runtime and load policy.
+
+    Returns:
+        A :class:`SideBySide`.
+    """
+    names = list(modules)
+    settings, _, note = check_load(settings)
+    runs = [(copy.deepcopy(modules[n]), tuple(inputs)) for n in names]
+    samples, _ = time_samples(runs, settings, lambda s: _ratios(s[-1], s[0]))
+    ratios = {n: _ratios(samples[i], samples[0]) for i, n in enumerate(names)}
+    return SideBySide(ms={n: statistics.median(samples[i]) for i, n in enumerate(names)},
+                      ratio={n: statistics.median(r) for n, r in ratios.items()},
+                      spread={n: spread(r) for n, r in ratios.items()}, settings=settings, load_note=note)
+
+
+def _ratios(ours: Sequence[float], base: Sequence[float]) -> list[float]:
+    return [o / b if b > 0 else math.inf for o, b in zip(ours, base)]
 
 
 def measure_side_by_side(
@@ -343,18 +429,14 @@ def measure_side_by_side(
 ) -> dict[str, float]:
     """Median latency (ms) of each module, timed interleaved forward by forward.
 
-    Interleaving (A, B, A, B, ...) exposes both networks to the same machine load, which
-    matters on a shared CPU (``tables.latency.time_interleaved``). The modules are
-    deep-copied first, so the caller's modules keep their device, dtype and mode.
+    :func:`side_by_side` without the ratios and spreads.
 
     Args:
         modules: Name -> module, all taking ``inputs``.
         inputs: Positional arguments (already at the batch size to time).
-        settings: Device, dtype, warm-up, repeats and threads.
+        settings: Device, dtype, warm-up, repeats, threads and runtime.
 
     Returns:
         Name -> median milliseconds.
     """
-    names = list(modules)
-    runs = [(copy.deepcopy(modules[n]), tuple(inputs)) for n in names]
-    return dict(zip(names, time_interleaved(runs, settings)))
+    return side_by_side(modules, inputs, settings).ms

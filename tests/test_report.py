@@ -78,3 +78,23 @@ def test_measure_side_by_side_leaves_modules_alone() -> None:
     assert times["big"] > times["small"] > 0
     assert small.training and small.weight.dtype == torch.float32  # the caller's modules are untouched
     assert count_parameters(small) == 8 * 8 + 8
+
+
+def test_text_names_runtime_threads_batch_and_spreads() -> None:
+    from lightning_layermerge.report import settings_dict
+    from lightning_layermerge.tables.latency import LatencySettings
+
+    settings = settings_dict(LatencySettings(batch_size=16, runtime="torchscript"))
+    assert settings["threads"] == 1 and settings["clock"] == "thread" and settings["runtime"] == "torchscript"
+    report = make_report()
+    report.latency_settings = settings
+    report.measured_spread, report.table_max_spread, report.table_build_s = 0.021, 0.043, 12.0
+    report.calibration = [{"segments": [], "predicted": 0.58, "measured": 0.6, "spread": 0.012}]
+    report.load_note = "another process is using the CPU"
+    text = report.to_text()
+    assert "runtime=torchscript" in text and "batch_size=16" in text and "threads=1" in text and "clock=thread" in text
+    assert "measured ratio spread 2.1%" in text and "table max spread 4.3%" in text and "12 s" in text
+    assert "0.580->0.600 (±1.2%)" in text and "another process is using the CPU" in text
+    metrics = report.metrics()
+    assert metrics["layermerge/measured_spread"] == pytest.approx(0.021)
+    assert metrics["layermerge/table_max_spread"] == pytest.approx(0.043)

@@ -7,6 +7,7 @@ modules are timed, how many times, and what the cache returns.
 from __future__ import annotations
 
 import math
+import time
 import random
 import warnings
 from pathlib import Path
@@ -70,12 +71,13 @@ def tiny():
 
 
 class CountingTimer:
-    """Replaces both timing functions (``time_module`` for entries, ``time_nodes`` for the whole
-    model), counting calls and failing after ``fail_after`` calls, like an interrupted build."""
+    """Replaces the timing functions (``interleaved_samples`` for entries and the whole model,
+    ``time_nodes`` for the whole model in reference mode), counting calls and failing after
+    ``fail_after`` calls, like an interrupted build."""
 
     def __init__(self, monkeypatch, fail_after: int | None = None) -> None:
         self.fail_after, self.calls = fail_after, 0
-        for name in ("time_module", "time_nodes"):
+        for name in ("interleaved_samples", "time_nodes"):
             monkeypatch.setattr(latency_module, name, self._wrap(getattr(latency_module, name)))
 
     def _wrap(self, real):
@@ -112,10 +114,10 @@ def test_equal_geometries_are_timed_once(tiny, monkeypatch) -> None:
     model, chain = tiny
     timer = CountingTimer(monkeypatch)
     table = build_latency_table(model, chain, FAST, progress=False)
-    assert timer.calls == distinct_geometries(chain) + 1  # + the whole model
+    assert timer.calls == distinct_geometries(chain) + 2  # + the whole model, + its operations in place (context)
     by_geometry: dict = {}
-    for seg in chain.segments:  # equal modules get the very same number
-        assert by_geometry.setdefault(latency_module._geometry(seg), table.entries[seg.key]) == table.entries[seg.key]
+    for seg in chain.segments:  # equal modules get the very same number (before the in-place scaling)
+        assert by_geometry.setdefault(latency_module._geometry(seg), table.alone[seg.key]) == table.alone[seg.key]
 
 
 def test_segment_module_is_conv_then_activation(tiny) -> None:
@@ -183,16 +185,12 @@ def test_total_uses_the_example_with_the_batch_replaced(monkeypatch) -> None:
     chain = trace(model, example)
     seen: list[tuple] = []
 
-    def record(module, inputs, settings):
+    def record(runs, settings):
+        (module, inputs), = runs
         seen.append(tuple(tuple(a.shape) for a in inputs))
-        return 1.0
+        return [[1.0]]
 
-    def record_nodes(gm, inputs, settings):
-        record(gm, inputs, settings)
-        return {"first": 0.25, "second": 0.75}  # per-operation times are summed
-
-    monkeypatch.setattr(latency_module, "time_module", record)
-    monkeypatch.setattr(latency_module, "time_nodes", record_nodes)
+    monkeypatch.setattr(latency_module, "interleaved_samples", record)
     table = build_latency_table(model, chain, LatencySettings(batch_size=5), progress=False)
     assert seen[-1] == ((5, 3, 8, 8), (5, 1, 1, 1))  # the whole model, both arguments batched
     assert all(shape[0][0] == 5 for shape in seen[:-1])  # segments too
@@ -294,7 +292,7 @@ def test_second_build_measures_nothing(tiny, tmp_path: Path, monkeypatch) -> Non
 
 def test_interrupted_build_resumes_with_the_missing_entries_only(tiny, tmp_path: Path, monkeypatch) -> None:
     model, chain = tiny
-    needed = distinct_geometries(chain) + 1
+    needed = distinct_geometries(chain) + 2  # + the whole model, + its operations in place
     interrupted = CountingTimer(monkeypatch, fail_after=needed // 2)
     with pytest.raises(RuntimeError, match="interrupted"):
         build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
@@ -314,7 +312,7 @@ def test_corrupted_cache_is_rebuilt_with_a_warning(tiny, tmp_path: Path, monkeyp
     timer = CountingTimer(monkeypatch)
     with pytest.warns(TableCacheWarning, match="corrupt"):
         table = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
-    assert timer.calls == distinct_geometries(chain) + 1  # everything measured again
+    assert timer.calls == distinct_geometries(chain) + 2  # everything measured again
     assert set(table.entries) == {s.key for s in chain.segments}
     assert all(table.entries[s.key] > 0 for s in chain.segments if not s.identity)
     assert latency_module.TableCache(path, latency_module._cache_key(chain, FAST, None)).get(TOTAL_KEY) == table.total_ms
@@ -343,7 +341,7 @@ def test_time_interleaved_alternates_passes() -> None:
 
 def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, tmp_path: Path, monkeypatch) -> None:
     model, chain = tiny
-    settings = LatencySettings(warmup=0, repeats=3, reference=True)
+    settings = LatencySettings(warmup=0, repeats=3, reference=True, max_spread=1.0)  # ratios 3, 2, 3: spread 33 %
     runs: list[int] = []
 
     def fake_samples(pairs, s):
@@ -378,3 +376,202 @@ def test_reference_mode_measures_real_modules(tiny) -> None:
     model, chain = tiny
     table = build_latency_table(model, chain, LatencySettings(warmup=0, repeats=2, reference=True), progress=False)
     assert all(table.entries[s.key] > 0 for s in chain.segments if not s.identity) and table.total_ms > 0
+
+
+# ---------------------------------------------------------------------- load: spread, probe, policy
+
+
+BUSY = latency_module.LoadProbe(cores=2, others=1.8, preempted=0.6, seconds=0.3)
+QUIET = latency_module.LoadProbe(cores=2, others=0.05, preempted=0.0, seconds=0.3)
+
+
+def test_default_settings_are_the_robust_ones() -> None:
+    default = LatencySettings()
+    assert default.threads == 1 and default.clock_used == "thread" and default.runtime == "eager"
+    assert LatencySettings(threads=None).clock_used == "wall"  # the thread clock misses worker threads
+    assert LatencySettings(threads=2).robust() == LatencySettings(threads=1, clock="thread")
+    with pytest.raises(ValueError, match="threads=1"):
+        LatencySettings(clock="thread", threads=2)
+    for kwargs in ({"runtime": "tensorrt"}, {"memory_format": "nhwc"}, {"clock": "cycles"}, {"on_load": "retry"},
+                   {"max_spread": 0}, {"runtime": "onnxruntime", "memory_format": "channels_last"},
+                   {"runtime": "torchscript", "reference": True}):
+        with pytest.raises(ValueError):
+            LatencySettings(**kwargs)
+
+
+def test_spread_compares_the_medians_of_consecutive_blocks() -> None:
+    assert latency_module.spread([1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0]) == pytest.approx(1.0)
+    assert latency_module.spread([10.0, 11.0, 10.0, 10.5, 10.2, 10.1]) == pytest.approx((10.5 - 10.15) / 10.15)
+    assert latency_module.spread([4.0] * 30) == 0.0
+    assert math.isnan(latency_module.spread([1.0, 2.0]))  # fewer passes than blocks: nothing to compare
+    assert math.isnan(latency_module.spread([1.0, 2.0, 3.0, 4.0, 5.0]))  # single-pass blocks: noise, not spread
+
+
+def test_noisy_timings_are_measured_again_and_the_most_repeatable_kept(monkeypatch) -> None:
+    noisy, steady = [[1.0, 1.0, 3.0, 3.0, 1.0, 1.0]], [[2.0, 2.0, 2.08, 2.08, 2.0, 2.0]]
+    answers = [noisy, steady, noisy]
+    monkeypatch.setattr(latency_module, "interleaved_samples", lambda runs, s: answers.pop(0))
+    samples, s = latency_module.time_samples([(nn.Identity(), torch.ones(1))], LatencySettings(retries=2))
+    assert samples == steady and s == pytest.approx(0.04) and len(answers) == 1  # stopped once repeatable
+    answers[:] = [noisy, noisy, noisy]
+    samples, s = latency_module.time_samples([(nn.Identity(), torch.ones(1))], LatencySettings(retries=1))
+    assert samples == noisy and s == pytest.approx(2.0) and len(answers) == 1  # 1 + retries attempts
+
+
+@pytest.mark.parametrize("on_load", ["fallback", "warn", "raise", "ignore"])
+def test_a_busy_machine_is_handled_as_on_load_says(on_load: str) -> None:
+    settings = LatencySettings(threads=2, on_load=on_load)
+    calls: list[int] = []
+
+    def busy():
+        calls.append(1)
+        return BUSY
+
+    if on_load == "raise":
+        with pytest.raises(latency_module.LatencyLoadError,
+                           match=r"another process is using the CPU \(other processes use 1.8 of 2 cores\).*"
+                                 r"LatencySettings\(threads=1\)"):
+            latency_module.check_load(settings, busy)
+        return
+    if on_load == "ignore":
+        assert latency_module.check_load(settings, busy) == (settings, None, "") and not calls
+        return
+    with pytest.warns(latency_module.LatencyLoadWarning, match="another process is using the CPU"):
+        used, probe, note = latency_module.check_load(settings, busy)
+    assert probe is BUSY and note
+    if on_load == "fallback":
+        assert used.threads == 1 and used.clock_used == "thread" and "threads=1" in note
+    else:
+        assert used == settings
+
+
+def test_the_thread_clock_needs_no_load_check_and_a_quiet_machine_passes() -> None:
+    def never():
+        raise AssertionError("probed")
+
+    assert latency_module.check_load(LatencySettings(), never) == (LatencySettings(), None, "")
+    settings = LatencySettings(threads=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert latency_module.check_load(settings, lambda: QUIET) == (settings, QUIET, "")
+    # At 1 thread on 2 cores, one other busy core still leaves a core free.
+    assert not latency_module.LoadProbe(cores=2, others=1.0, preempted=0.0, seconds=0.3).busy_for(1)
+    assert latency_module.LoadProbe(cores=2, others=None, preempted=0.3, seconds=0.3).busy_for(1)  # no /proc/stat
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs /proc/stat (Linux)")
+def test_probe_load_sees_a_busy_process() -> None:
+    import subprocess
+    import sys
+
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 20: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        probe = latency_module.probe_load(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert probe.cores >= 1 and 0.4 <= probe.seconds < 5
+    assert probe.others is not None and probe.others >= min(0.7, probe.cores - 0.3)  # at least most of a core
+    assert probe.busy_for(probe.cores)  # every core for timing would have to share with it
+
+
+def test_build_falls_back_to_the_robust_settings_under_load(tiny, tmp_path: Path, monkeypatch) -> None:
+    model, chain = tiny
+    monkeypatch.setattr(latency_module, "probe_load", lambda: BUSY)
+    requested = LatencySettings(warmup=0, repeats=1, threads=2)
+    with pytest.warns(latency_module.LatencyLoadWarning, match="measuring at threads=1 with the thread CPU clock"):
+        table = build_latency_table(model, chain, requested, cache_dir=tmp_path, progress=False)
+    assert table.settings == requested.robust() and "another process" in table.load_note
+    (path,) = tmp_path.iterdir()  # cached under the settings really used
+    assert latency_module.TableCache(path, latency_module._cache_key(chain, requested.robust(), None)).get(
+        TOTAL_KEY) == table.total_ms
+    monkeypatch.setattr(latency_module, "probe_load", lambda: QUIET)
+    CountingTimer(monkeypatch, fail_after=0)  # quiet now: the requested settings are a different table
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_latency_table(model, chain, requested, cache_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("on_load", ["fallback", "raise"])
+def test_unrepeatable_entries_are_flagged_before_any_plan(tiny, monkeypatch, on_load: str) -> None:
+    model, chain = tiny
+    calls: list[int] = []
+
+    def noisy(runs, settings):  # a load that comes and goes: the middle block is 3x slower
+        calls.append(1)
+        return [[1.0, 1.0, 3.0, 3.0, 1.0, 1.0] for _ in runs]
+
+    monkeypatch.setattr(latency_module, "interleaved_samples", noisy)
+    settings = LatencySettings(warmup=0, repeats=6, retries=1, on_load=on_load)
+    if on_load == "raise":
+        with pytest.raises(latency_module.LatencyLoadError, match=r"unrepeatable.*spread up to 200.0%"):
+            build_latency_table(model, chain, settings, progress=False)
+        return
+    with pytest.warns(latency_module.LatencyLoadWarning, match=r"stayed unrepeatable after 1 re-measurement"):
+        table = build_latency_table(model, chain, settings, progress=False)
+    assert len(calls) == 2 * (distinct_geometries(chain) + 1)  # every timing measured twice (in place: time_nodes)
+    measured = {s.key for s in chain.segments if not s.identity}
+    assert set(table.unreliable) == measured | {TOTAL_KEY}
+    assert all(table.spreads[k] == pytest.approx(2.0) for k in measured) and table.max_spread == pytest.approx(2.0)
+    assert all(table.spreads[s.key] == 0.0 for s in chain.segments if s.identity)
+
+
+def test_spreads_are_cached_with_the_entries(tiny, tmp_path: Path, monkeypatch) -> None:
+    model, chain = tiny
+    monkeypatch.setattr(latency_module, "interleaved_samples",
+                        lambda runs, s: [[2.0, 2.0, 2.2, 2.2, 2.0, 2.0] for _ in runs])
+    settings = LatencySettings(warmup=0, repeats=6, max_spread=0.5)
+    first = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False)
+    assert first.build_s > 0 and first.total_spread == pytest.approx(0.1)
+    CountingTimer(monkeypatch, fail_after=0)
+    again = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False)
+    assert again == first and again.spreads == first.spreads and again.build_s == 0.0
+
+
+@pytest.mark.parametrize("change", [{"runtime": "torchscript"}, {"memory_format": "channels_last"},
+                                    {"threads": None}, {"clock": "wall"}])
+def test_cache_key_names_runtime_memory_format_threads_and_clock(tiny, change: dict) -> None:
+    _, chain = tiny
+    base = latency_module._cache_key(chain, LatencySettings(), None)
+    other = latency_module._cache_key(chain, LatencySettings(**change), None)
+    assert base["runtime"] == "eager" and base["memory_format"] == "contiguous" and base["clock"] == "thread"
+    assert other != base and latency_module.fingerprint(other) != latency_module.fingerprint(base)
+
+
+def test_side_by_side_states_ratio_and_spread(monkeypatch) -> None:
+    from lightning_layermerge.report import side_by_side
+
+    passes = [[10.0, 10.0, 20.0, 20.0, 10.0, 10.0], [5.0, 5.0, 10.0, 10.0, 5.5, 5.5]]
+    monkeypatch.setattr(latency_module, "interleaved_samples", lambda runs, s: passes)
+    timed = side_by_side({"original": nn.Identity(), "candidate": nn.Identity()}, (torch.ones(1),),
+                         LatencySettings(repeats=6))
+    assert timed.ms == {"original": 10.0, "candidate": 5.5}  # medians of each network's passes
+    assert timed.ratio == {"original": 1.0, "candidate": 0.5}  # the load cancels in the pass ratios
+    assert timed.spread["candidate"] == pytest.approx(0.1) and timed.spread["original"] == 0.0
+
+
+def test_in_context_scales_entries_by_the_replaced_layers_in_place_over_alone(tiny) -> None:
+    _, chain = tiny
+    keep = {s.j: s.key for s in Plan.keep_all(chain).segments}
+    alone = {s.key: (0.0 if s.identity else 1.0 + s.j - s.i) for s in chain.segments}
+    in_place = {l: 2.0 * alone[keep[l]] for l in keep}  # every layer twice as slow in place ...
+    in_place[1] = alone[keep[1]]  # ... except the first
+    scaled = latency_module.in_context(chain, alone, in_place)
+    assert all(scaled[keep[l]] == pytest.approx(in_place[l]) for l in keep)  # keep-all: exactly the in-place time
+    for seg in chain.segments:
+        a = sum(alone[keep[l]] for l in range(seg.i + 1, seg.j + 1))
+        p = sum(in_place[l] for l in range(seg.i + 1, seg.j + 1))
+        assert scaled[seg.key] == pytest.approx(alone[seg.key] * p / a)
+    assert all(scaled[s.key] == 0.0 for s in chain.segments if s.identity)
+
+
+def test_context_table_adds_up_to_the_in_place_chain(tiny) -> None:
+    model, chain = tiny
+    table = build_latency_table(model, chain, LatencySettings(warmup=0, repeats=3, max_spread=10.0), progress=False)
+    plain = build_latency_table(model, chain, LatencySettings(warmup=0, repeats=3, max_spread=10.0, context=False),
+                                progress=False)
+    assert plain.entries == plain.alone and table.entries != table.alone
+    keep = Plan.keep_all(chain).keys
+    assert table.chain_ms == pytest.approx(sum(table.entries[k] for k in keep))
+    assert table.settings.context and latency_module._cache_key(chain, table.settings, None)["context"] is True
+    assert latency_module._cache_key(chain, plain.settings, None)["context"] is False

@@ -10,9 +10,12 @@ from lightning_layermerge.tables.importance import (
     weights_fingerprint,
 )
 from lightning_layermerge.tables.latency import (
+    LatencyLoadError,
+    LatencyLoadWarning,
     LatencySettings,
     LatencyTable,
     build_latency_table,
+    probe_load,
     segment_module,
     time_module,
 )
@@ -20,6 +23,8 @@ from lightning_layermerge.tables.latency import (
 __all__ = [
     "FineTune",
     "ImportanceWarning",
+    "LatencyLoadError",
+    "LatencyLoadWarning",
     "LatencySettings",
     "LatencyTable",
     "Score",
@@ -28,6 +33,7 @@ __all__ = [
     "build_latency_table",
     "combine_shards",
     "fingerprint",
+    "probe_load",
     "segment_module",
     "time_module",
     "weights_fingerprint",

@@ -5,16 +5,25 @@ Every legal segment ``(i, j, k)`` of a chain is timed as the module that
 :func:`~lightning_layermerge.merge` really produces for it: one ``nn.Conv2d`` of the merged
 geometry (or nothing for an identity segment) followed by the activation that ends the
 segment. The whole original network with BatchNorm folded (``merge`` of the keep-all plan) is
-timed too, so a budget given as a fraction of the model's latency can be turned into a budget
-for the table: the part of the model outside the chain (stem pooling, classifier, residual
-additions, shortcut projections, ...) is ``total_ms - chain_ms``. The whole network is timed
-operation by operation in place (:func:`time_nodes`) and summed, so that it is measured with
-the same statistic as the entries (medians of short passes).
+timed too (whole forward passes; operation by operation in place with ``reference=True``),
+so a budget given as a fraction of the model's latency can be turned into a budget for the
+table: the part of the model outside the chain (stem pooling, classifier, residual
+additions, shortcut projections, ...) is ``total_ms - chain_ms``.
 
-Timing protocol: ``warmup`` untimed forward passes, then ``repeats`` single forward passes
-each timed with :func:`time.perf_counter` (CUDA synchronised before and after each), median
-in milliseconds. Segments with identical module geometry are timed once per build, which
-also keeps the table self-consistent (equal modules get equal numbers, not two noisy draws).
+Timing protocol: ``warmup`` untimed forward passes, then ``repeats`` single forward passes,
+each timed on its own, median in milliseconds. By default (1 thread on CPU) the clock is the
+calling thread's CPU time (``time.thread_time``), which does not count time the thread spends
+descheduled while other processes use the CPU; otherwise :func:`time.perf_counter` (CUDA
+synchronised before and after each pass). Every timing states its spread (the passes split
+into :data:`SPREAD_BLOCKS` blocks, ``(max - min) / median`` of the block medians) and is
+measured again while it exceeds ``settings.max_spread``; a wall-clock setting on a busy CPU is
+detected before measuring (:func:`probe_load`) and handled as ``settings.on_load`` says.
+Modules run in the settings' runtime (eager, TorchScript or ONNX Runtime,
+:mod:`~lightning_layermerge.tables.runtime`). With ``settings.context`` (default) the original
+network is also timed operation by operation in place, and every entry is scaled by the
+in-place / alone time of the original layers it replaces (:func:`in_context`). Segments with
+identical module geometry are timed once per build, which also keeps the table
+self-consistent (equal modules get equal numbers, not two noisy draws).
 On a shared machine, where other processes slow everything down by a factor that changes
 from minute to minute, ``LatencySettings(reference=True)`` times every module interleaved
 with one fixed reference layer and rescales, so that entries measured minutes apart (and
@@ -33,9 +42,10 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +58,27 @@ from ..merge import merge
 from ..plan import Plan
 from ..prune import prune
 from .cache import TableCache, fingerprint
+from .runtime import MEMORY_FORMATS, RUNTIMES, prepare_call
 
 __all__ = [
+    "CLOCKS",
+    "ON_LOAD",
     "REFERENCE_KEY",
+    "SPREAD_BLOCKS",
+    "LatencyLoadError",
+    "LatencyLoadWarning",
+    "LoadProbe",
+    "Timing",
+    "probe_load",
+    "spread",
+    "time_samples",
     "TOTAL_KEY",
     "LatencySettings",
     "LatencyTable",
     "build_latency_table",
+    "check_load",
+    "in_context",
+    "spread_key",
     "interleaved_samples",
     "segment_module",
     "time_interleaved",
@@ -66,9 +90,22 @@ __all__ = [
 TOTAL_KEY = (-1, -1, 0)
 #: Reserved cache entry holding the reference module's latency (``settings.reference``).
 REFERENCE_KEY = (-2, -2, 0)
+#: Reserved cache entries ``(IN_PLACE, l, 0)``: chain layer ``l`` (conv + activation) timed in
+#: place in the BN-folded original (``settings.context``); ``(IN_PLACE, 0, 0)`` marks them done.
+IN_PLACE = -3
 
 #: Bumped whenever the measurement method changes, so old cache files are not reused.
-_METHOD_VERSION = 3
+_METHOD_VERSION = 4
+
+#: Clocks a pass can be timed with (``LatencySettings.clock``).
+CLOCKS = ("auto", "thread", "wall")
+#: Reactions to a busy CPU or unrepeatable timings (``LatencySettings.on_load``).
+ON_LOAD = ("fallback", "warn", "raise", "ignore")
+#: A timing's passes are split into this many consecutive blocks to state its spread.
+SPREAD_BLOCKS = 3
+#: Other processes using more CPU than ``cores - threads + LOAD_MARGIN`` cores make a
+#: multi-threaded or wall-clock timing unreliable.
+LOAD_MARGIN = 0.25
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -84,20 +121,54 @@ Key = tuple[int, int, int]
 class LatencySettings:
     """How table entries are measured.
 
+    The defaults are the robust ones: one thread, timed with the thread's own CPU clock
+    (``time.thread_time``), which does not count time the thread spends descheduled while
+    another process uses the CPU; every timing is repeated in blocks and its spread checked.
+
     Attributes:
         device: ``"cpu"`` or ``"cuda"`` / ``"cuda:n"``; CUDA timing is synchronised.
         batch_size: Batch size of the timed inputs; ``None`` keeps the example input's.
         dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` or ``"float64"``.
         warmup: Untimed forward passes before timing.
         repeats: Timed forward passes (one forward each); the median is reported.
-        threads: ``torch.set_num_threads`` during measurement (restored after); ``None``
-            leaves the current setting. On a shared CPU, 1 thread gives the stablest numbers.
+        threads: ``torch.set_num_threads`` (and ONNX Runtime's intra-op threads) during
+            measurement, restored after; ``None``: all cores (the current torch setting).
+            Default 1: the only setting whose timings stay repeatable while other processes
+            use the CPU.
         reference: Time every module interleaved pass by pass with one fixed reference
             module (a typical layer of the chain) and store ``median(module pass /
             reference pass) * reference_ms`` over pairs of adjacent passes, with
             ``reference_ms`` measured once per table. A slow-down from other processes
             that comes and goes during the build then cancels out, so entries and
             ``total_ms`` stay comparable (shared machines); costs up to twice the passes.
+        context: Price segments as they run inside the network, not alone (eager runtime):
+            the BN-folded original is also timed operation by operation in place, and every
+            entry ``(i, j, k)`` is scaled by ``sum(in place) / sum(alone)`` over the original
+            layers ``i+1..j`` it replaces (conv + activation). A layer timed alone in a tight
+            loop runs with its weights and input hot in cache; inside the network it does not
+            (or, with a big neighbour, even more so): measured 0.6-0.9x of its in-place time
+            on the digits networks and resnet18 at 16 px
+            (``recipes/benchmarks/results/latency_diagnose.md``). The keep-all plan's entries
+            then add up to the in-place chain, and ``outside_ms`` holds only the operations
+            outside the chain and the framework's overhead between operations.
+        runtime: What runs the network: ``"eager"`` PyTorch, ``"torchscript"`` (the file
+            ``export_torchscript`` writes, loaded back) or ``"onnxruntime"`` (the file
+            ``export_onnx`` writes, in an ONNX Runtime session; ``pip install -e ".[onnx]"``).
+            Table entries, calibration and the final measurement all use it.
+        memory_format: ``"contiguous"`` or ``"channels_last"`` weights and inputs (eager and
+            TorchScript).
+        clock: ``"thread"``: CPU time of the calling thread (``time.thread_time``; only with
+            ``device="cpu"`` and ``threads=1``, where all work runs on that thread);
+            ``"wall"``: ``time.perf_counter``; ``"auto"``: thread when allowed, else wall.
+        max_spread: Largest acceptable spread of a timing: the passes are split into
+            :data:`SPREAD_BLOCKS` consecutive blocks and ``(max - min) / median`` of the block
+            medians must not exceed it (e.g. 0.05: the blocks agree within 5 %).
+        retries: How often a timing whose spread exceeds ``max_spread`` is measured again.
+        on_load: What to do when the CPU is busy with other processes or timings stay
+            unrepeatable: ``"fallback"`` (default): measure at 1 thread with the thread clock
+            instead of a multi-threaded or wall-clock setting, with a warning, and warn about
+            entries still unrepeatable after the retries; ``"warn"``: keep the settings, warn;
+            ``"raise"``: stop with :class:`LatencyLoadError`; ``"ignore"``: no checks.
     """
 
     device: str = "cpu"
@@ -105,8 +176,15 @@ class LatencySettings:
     dtype: str = "float32"
     warmup: int = 10
     repeats: int = 30
-    threads: int | None = None
+    threads: int | None = 1
     reference: bool = False
+    context: bool = True
+    runtime: str = "eager"
+    memory_format: str = "contiguous"
+    clock: str = "auto"
+    max_spread: float = 0.05
+    retries: int = 1
+    on_load: str = "fallback"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -121,8 +199,30 @@ class LatencySettings:
         _check_int("warmup", self.warmup, minimum=0)
         _check_int("repeats", self.repeats, minimum=1)
         _check_int("threads", self.threads, minimum=1, optional=True)
+        _check_int("retries", self.retries, minimum=0)
         if not isinstance(self.reference, bool):
             raise TypeError(f"LatencySettings.reference must be a bool, got {type(self.reference).__name__}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"LatencySettings.runtime must be one of {list(RUNTIMES)}, got {self.runtime!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"LatencySettings.memory_format must be one of {list(MEMORY_FORMATS)}, "
+                             f"got {self.memory_format!r}")
+        if self.runtime == "onnxruntime" and self.memory_format != "contiguous":
+            raise ValueError("memory_format='channels_last' applies to runtime='eager' and 'torchscript'; "
+                             "ONNX Runtime chooses its own layouts")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"LatencySettings.clock must be one of {list(CLOCKS)}, got {self.clock!r}")
+        if self.clock == "thread" and not self._thread_clock_valid():
+            raise ValueError("LatencySettings(clock='thread') counts the calling thread's CPU time only, which is the "
+                             "whole forward only with device='cpu' and threads=1; pass threads=1 or clock='wall'")
+        if isinstance(self.max_spread, bool) or not isinstance(self.max_spread, (int, float)) or not (
+                self.max_spread > 0):
+            raise ValueError(f"LatencySettings.max_spread must be a positive number, got {self.max_spread!r}")
+        if self.on_load not in ON_LOAD:
+            raise ValueError(f"LatencySettings.on_load must be one of {list(ON_LOAD)}, got {self.on_load!r}")
+        if self.reference and self.runtime != "eager":
+            raise ValueError("LatencySettings(reference=True) times the network node by node, which needs "
+                             "runtime='eager'; with another runtime use threads=1 (thread CPU time) instead")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -133,6 +233,25 @@ class LatencySettings:
     def torch_device(self) -> torch.device:
         """The ``torch.device`` named by :attr:`device`."""
         return torch.device(self.device)
+
+    @property
+    def threads_used(self) -> int:
+        """The thread count measurements run with (``threads``, or torch's current setting)."""
+        return self.threads if self.threads is not None else torch.get_num_threads()
+
+    def _thread_clock_valid(self) -> bool:
+        return self.torch_device.type == "cpu" and self.threads == 1
+
+    @property
+    def clock_used(self) -> str:
+        """``"thread"`` or ``"wall"``: the clock :attr:`clock` resolves to."""
+        if self.clock == "auto":
+            return "thread" if self._thread_clock_valid() else "wall"
+        return self.clock
+
+    def robust(self) -> LatencySettings:
+        """These settings at 1 thread with the thread CPU clock (what ``on_load="fallback"`` switches to)."""
+        return replace(self, threads=1, clock="thread")
 
 
 def _check_int(name: str, value: Any, *, minimum: int, optional: bool = False) -> None:
@@ -154,13 +273,35 @@ class LatencyTable:
         total_ms: The whole original model with BatchNorm folded (``merge`` of the keep-all
             plan), at the same settings.
         chain_ms: Sum of the keep-all plan's entries.
-        settings: How the numbers were measured.
+        settings: How the numbers were measured: the settings the build really used (after
+            a fallback to the robust settings, those). Time calibration and final
+            measurements with these, so that all numbers come from one runtime and clock.
+        spreads: Spread (:func:`spread`) of each measured entry (identity segments: 0.0;
+            ``nan``: too few passes to tell).
+        total_spread: Spread of the whole-model timing.
+        unreliable: Entries whose spread stayed above ``settings.max_spread`` after the retries.
+        build_s: Seconds spent measuring in this build (0.0 when everything came from the cache).
+        load_note: What a busy machine made the build do (``""``: nothing).
+        alone: The entries as timed alone, before the in-context scaling (``settings.context``;
+            equal to ``entries`` without it).
     """
 
     entries: dict[Key, float]
     total_ms: float
     chain_ms: float
     settings: LatencySettings
+    spreads: dict[Key, float] = field(default_factory=dict, compare=False)
+    total_spread: float = field(default=math.nan, compare=False)
+    unreliable: list[Key] = field(default_factory=list, compare=False)
+    build_s: float = field(default=0.0, compare=False)
+    load_note: str = field(default="", compare=False)
+    alone: dict[Key, float] = field(default_factory=dict, compare=False)
+
+    @property
+    def max_spread(self) -> float:
+        """The largest spread of any measured entry or of the total (``nan`` if none is known)."""
+        known = [v for v in [*self.spreads.values(), self.total_spread] if not math.isnan(v)]
+        return max(known) if known else math.nan
 
     @property
     def outside_ms(self) -> float:
@@ -362,44 +503,233 @@ def interleaved_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]],
 
     The raw material of :func:`time_interleaved`: pass ``r`` of every run is timed right
     after pass ``r`` of the previous run, so ratios of same-index passes compare modules
-    under the same load.
+    under the same load. Each run is prepared in the settings' runtime and memory format
+    (:func:`~lightning_layermerge.tables.runtime.prepare_call`) and timed with the settings'
+    clock (:attr:`LatencySettings.clock_used`).
 
     Args:
         runs: ``(module, inputs)`` pairs; modules are moved to the device/dtype in place.
-        settings: Device, dtype, warm-up, repeats and threads.
+        settings: Device, dtype, warm-up, repeats, threads, runtime and clock.
 
     Returns:
         For each run, its ``settings.repeats`` pass times in ms, in pass order.
     """
-    device, dtype = settings.torch_device, settings.torch_dtype
+    device = settings.torch_device
     _check_device(device)
-    prepared = []
-    for module, inputs in runs:
-        args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        module.to(device=device, dtype=dtype).eval()
-        prepared.append((module, tuple(_to(a, device, dtype) for a in args)))
-    times: list[list[float]] = [[] for _ in prepared]
+    times: list[list[float]] = [[] for _ in runs]
     with _num_threads(settings.threads), torch.no_grad():
-        for module, args in prepared:
+        calls = [_prepare(module, inputs, settings) for module, inputs in runs]
+        for call in calls:
             for _ in range(settings.warmup):
-                module(*args)
+                call()
+        clock = _clock(settings)
         for _ in range(settings.repeats):
-            for samples, (module, args) in zip(times, prepared):
-                _sync(device)
-                start = time.perf_counter()
-                module(*args)
-                _sync(device)
-                samples.append((time.perf_counter() - start) * 1e3)
+            for samples, call in zip(times, calls):
+                samples.append(_timed_call(call, device, clock)[1])
     return times
 
 
-def _timed_call(fn: Any, device: torch.device) -> tuple[Any, float]:
-    """Run ``fn()`` and return its result and its wall time in ms (CUDA synchronised)."""
+def _prepare(module: nn.Module, inputs: tuple | torch.Tensor, settings: LatencySettings) -> Any:
+    """``module`` on ``inputs`` as a zero-argument call in the settings' runtime."""
+    args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    return prepare_call(module, args, runtime=settings.runtime, memory_format=settings.memory_format,
+                        device=settings.torch_device, dtype=settings.torch_dtype, threads=settings.threads)
+
+
+def _clock(settings: LatencySettings) -> Any:
+    """``time.thread_time`` or ``time.perf_counter``, as the settings resolve."""
+    return time.thread_time if settings.clock_used == "thread" else time.perf_counter
+
+
+def _timed_call(fn: Any, device: torch.device, clock: Any = time.perf_counter) -> tuple[Any, float]:
+    """Run ``fn()`` and return its result and its time in ms on ``clock`` (CUDA synchronised)."""
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     out = fn()
     _sync(device)
-    return out, (time.perf_counter() - start) * 1e3
+    return out, (clock() - start) * 1e3
+
+
+# ---------------------------------------------------------------------- spread and load
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One timing: its median and how repeatable it was.
+
+    Attributes:
+        ms: Median over the passes (or median pass ratio times the reference, in reference mode).
+        spread: ``(max - min) / median`` of the medians of :data:`SPREAD_BLOCKS` consecutive
+            blocks of passes (``nan`` with fewer than two passes per block).
+        attempts: How many times it was measured (1 + re-measurements for spread).
+    """
+
+    ms: float
+    spread: float
+    attempts: int = 1
+
+
+def spread(samples: Sequence[float], blocks: int = SPREAD_BLOCKS) -> float:
+    """Relative spread of a timing: ``(max - min) / median`` of its block medians.
+
+    The passes are split, in order, into ``blocks`` consecutive blocks (as if the timing
+    were repeated ``blocks`` times). A load that comes and goes shows as blocks that disagree.
+
+    Args:
+        samples: Per-pass times (or ratios), in pass order.
+        blocks: Number of blocks.
+
+    Returns:
+        The spread (0.02: the blocks agree within 2 % of the median), or ``nan`` with fewer
+        than two samples per block (single passes say nothing about repeatability).
+    """
+    n = len(samples)
+    if n < 2 * max(blocks, 1):
+        return math.nan
+    medians = [statistics.median(samples[b * n // blocks:(b + 1) * n // blocks]) for b in range(blocks)]
+    centre = statistics.median(samples)
+    return (max(medians) - min(medians)) / centre if centre > 0 else math.nan
+
+
+def time_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]], settings: LatencySettings,
+                 statistic: Any = None) -> tuple[list[list[float]], float]:
+    """:func:`interleaved_samples`, re-measured while the spread exceeds ``settings.max_spread``.
+
+    Args:
+        runs: ``(module, inputs)`` pairs.
+        settings: Timing settings (``max_spread``, ``retries``).
+        statistic: ``samples -> per-pass values`` whose spread is checked (default: the
+            passes of the last run).
+
+    Returns:
+        The samples of the most repeatable attempt and its spread (``nan``: not assessable).
+    """
+    statistic = statistic or (lambda samples: samples[-1])
+    best: tuple[list[list[float]], float] | None = None
+    for _ in range(1 + settings.retries):
+        samples = interleaved_samples(runs, settings)
+        s = spread(statistic(samples))
+        if best is None or not (s >= best[1]):  # nan never beats a number; a smaller spread does
+            best = (samples, s)
+        if not (s > settings.max_spread):  # within the limit, or not assessable
+            break
+    return best
+
+
+class LatencyLoadError(RuntimeError):
+    """Timings are not repeatable (another process is using the CPU); see the message for what to do."""
+
+
+class LatencyLoadWarning(UserWarning):
+    """Timings may be unreliable, or the settings were changed to the robust ones because of load."""
+
+
+@dataclass(frozen=True)
+class LoadProbe:
+    """How busy the machine was just before measuring.
+
+    Attributes:
+        cores: CPUs the scheduler can use (``os.cpu_count()``).
+        others: CPU used by other processes, in cores (``None`` where ``/proc/stat`` is missing).
+        preempted: Fraction of a single-threaded busy loop's wall time spent descheduled.
+        seconds: How long the probe took.
+    """
+
+    cores: int
+    others: float | None
+    preempted: float
+    seconds: float
+
+    def busy_for(self, threads: int) -> bool:
+        """Whether ``threads`` timing threads would have to share cores with other processes."""
+        if self.others is not None:
+            return self.others > max(self.cores - threads, 0) + LOAD_MARGIN
+        return self.preempted > 0.1
+
+    def describe(self) -> str:
+        """A short human-readable account, e.g. ``"other processes use 1.7 of 2 cores"``."""
+        if self.others is not None:
+            return f"other processes use {self.others:.1f} of {self.cores} cores"
+        return f"a busy loop was descheduled {self.preempted:.0%} of the time"
+
+
+def _proc_stat() -> tuple[float, float] | None:
+    """``(busy, total)`` jiffies summed over all CPUs, from ``/proc/stat`` (``None`` off Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [float(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user/nice
+    return total - idle, total
+
+
+def probe_load(seconds: float = 0.3) -> LoadProbe:
+    """Measure how much CPU other processes use, and how often a busy thread is descheduled.
+
+    For ``seconds``, one thread of this process spins on a small loop. ``/proc/stat`` gives the
+    whole machine's busy CPU time over the probe, minus this process's own CPU time: what
+    other processes used. The spinning thread's CPU time over its wall time gives the
+    fraction it was descheduled (the portable fallback where ``/proc/stat`` is missing).
+
+    Args:
+        seconds: Probe duration.
+
+    Returns:
+        A :class:`LoadProbe`.
+    """
+    cores = os.cpu_count() or 1
+    before_stat, before_self = _proc_stat(), time.process_time()
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
+    x = 0
+    while time.perf_counter() - wall0 < seconds:
+        for i in range(1000):
+            x += i
+    wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+    after_stat, own = _proc_stat(), time.process_time() - before_self
+    others = None
+    if before_stat is not None and after_stat is not None and after_stat[1] > before_stat[1]:
+        busy_fraction = (after_stat[0] - before_stat[0]) / (after_stat[1] - before_stat[1])
+        others = max(busy_fraction * cores - own / wall, 0.0)
+    return LoadProbe(cores=cores, others=others, preempted=max(1.0 - cpu / wall, 0.0), seconds=wall)
+
+
+def check_load(settings: LatencySettings, probe: Any = None) -> tuple[LatencySettings, LoadProbe | None, str]:
+    """Decide, before measuring, whether the settings can give repeatable numbers now.
+
+    Only CPU timings with the wall clock are at risk (the thread clock ignores time spent
+    descheduled); for those, a busy machine is handled as ``settings.on_load`` says.
+
+    Args:
+        settings: The requested settings.
+        probe: The load probe (default :func:`probe_load`; replaceable in tests).
+
+    Returns:
+        The settings to measure with (:meth:`LatencySettings.robust` after a fallback), the
+        probe (``None`` if none was needed) and a note saying what was done (``""``: nothing).
+
+    Raises:
+        LatencyLoadError: With ``on_load="raise"`` on a busy machine.
+    """
+    if settings.on_load == "ignore" or settings.torch_device.type != "cpu" or settings.clock_used == "thread":
+        return settings, None, ""
+    found = (probe or probe_load)()
+    if not found.busy_for(settings.threads_used):
+        return settings, found, ""
+    problem = (f"another process is using the CPU ({found.describe()}), so timings at threads="
+               f"{settings.threads_used} with the wall clock are not repeatable")
+    advice = "pass LatencySettings(threads=1) (it times per-thread CPU time) or stop the other process(es)"
+    if settings.on_load == "raise":
+        raise LatencyLoadError(f"{problem}; {advice}")
+    if settings.on_load == "warn":
+        note = f"{problem}; measuring anyway (on_load='warn'): {advice}"
+        warnings.warn(note, LatencyLoadWarning, stacklevel=3)
+        return settings, found, note
+    note = (f"{problem}; measuring at threads=1 with the thread CPU clock instead (on_load='fallback'). "
+            f"To time {settings.threads_used} threads, stop the other process(es)")
+    warnings.warn(note, LatencyLoadWarning, stacklevel=3)
+    return settings.robust(), found, note
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
@@ -410,7 +740,8 @@ def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
 
 
 def _node_pass(gm: fx.GraphModule, args: tuple, device: torch.device,
-               reference: tuple[nn.Module, tuple] | None) -> tuple[dict[str, float], dict[str, float]]:
+               reference: tuple[nn.Module, tuple] | None,
+               clock: Any = time.perf_counter) -> tuple[dict[str, float], dict[str, float]]:
     """One forward of ``gm``, node by node: ms of every call node (and of a reference pass before each)."""
     env: dict[fx.Node, Any] = {}
     last_use: dict[fx.Node, fx.Node] = {}
@@ -438,8 +769,8 @@ def _node_pass(gm: fx.GraphModule, args: tuple, device: torch.device,
                 fn = lambda: getattr(a[0], str(node.target))(*a[1:], **kw)  # noqa: E731
             if reference is not None:
                 ref_module, ref_args = reference
-                ref_times[node.name] = _timed_call(lambda: ref_module(*ref_args), device)[1]
-            env[node], times[node.name] = _timed_call(fn, device)
+                ref_times[node.name] = _timed_call(lambda: ref_module(*ref_args), device, clock)[1]
+            env[node], times[node.name] = _timed_call(fn, device, clock)
         for arg in node.all_input_nodes:
             if last_use.get(arg) is node:
                 env.pop(arg, None)
@@ -486,7 +817,7 @@ def time_nodes(gm: fx.GraphModule, inputs: tuple | torch.Tensor, settings: Laten
             if ref is not None:
                 ref[0](*ref[1])
         for _ in range(settings.repeats):
-            times, ref_times = _node_pass(gm, args, device, ref)
+            times, ref_times = _node_pass(gm, args, device, ref, _clock(settings))
             for name, ms in times.items():
                 samples.setdefault(name, []).append(ms / ref_times[name] if ref is not None else ms)
     return {name: statistics.median(values) for name, values in samples.items()}
@@ -557,11 +888,26 @@ def _cache_key(chain: Chain, settings: LatencySettings, batch: int | None) -> di
         "batch": shapes,
         "torch": str(torch.__version__),
         # The thread count actually used, also when the settings leave it alone.
-        "threads": settings.threads if settings.threads is not None else torch.get_num_threads(),
+        "threads": settings.threads_used,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
         "reference": settings.reference,
+        "runtime": _runtime_version(settings.runtime),
+        "memory_format": settings.memory_format,
+        "clock": settings.clock_used,
+        "context": _uses_context(settings),
     }
+
+
+def _runtime_version(runtime: str) -> str:
+    """The runtime and, for ONNX Runtime, its version (numbers change between releases)."""
+    if runtime != "onnxruntime":
+        return runtime
+    try:
+        import onnxruntime
+    except ImportError:
+        return runtime
+    return f"onnxruntime {onnxruntime.__version__}"
 
 
 def _open_cache(cache_dir: str | os.PathLike | None, chain: Chain, key: dict[str, Any]) -> TableCache | None:
@@ -570,6 +916,16 @@ def _open_cache(cache_dir: str | os.PathLike | None, chain: Chain, key: dict[str
         return None
     path = Path(cache_dir) / f"latency-{chain.fingerprint}-{fingerprint(key)[:12]}.json"
     return TableCache(path, key)
+
+
+def spread_key(key: Key) -> Key:
+    """Where the cache file keeps the spread of entry ``key``: ``(i, j, -1 - k)``.
+
+    Real entries have ``k >= 0``, so a negative ``k`` never collides with them (nor with the
+    reserved :data:`TOTAL_KEY` / :data:`REFERENCE_KEY`, whose own spreads map to ``k = -1``).
+    """
+    i, j, k = key
+    return (i, j, -1 - k)
 
 
 class _Store:
@@ -587,6 +943,15 @@ class _Store:
         if self.cache is not None:
             self.cache.put(key, value)
 
+    def spread(self, key: Key) -> float:
+        """The stored spread of ``key`` (``nan`` if none)."""
+        return self.values.get(spread_key(key), math.nan)
+
+    def put_timing(self, key: Key, ms: float, spread_: float) -> None:
+        """Store an entry and its spread (the spread first: a stored entry always has one)."""
+        self.put(spread_key(key), spread_)
+        self.put(key, ms)
+
 
 def build_latency_table(
     model: nn.Module,
@@ -598,49 +963,168 @@ def build_latency_table(
 ) -> LatencyTable:
     """Measure the latency of every legal segment of ``chain`` and of the whole model.
 
+    Before measuring, a wall-clock CPU setting checks the machine's load
+    (:func:`check_load`, as ``settings.on_load`` says: fall back to 1 thread with the thread
+    CPU clock, warn, or raise). Every timing states its spread and is measured again while
+    the spread exceeds ``settings.max_spread`` (``settings.retries`` times); entries that stay
+    unrepeatable are listed in :attr:`LatencyTable.unreliable` and warned about (or raise,
+    with ``on_load="raise"``).
+
     Args:
         model: The network ``chain`` was traced from (timed as ``merge`` of the keep-all plan).
         chain: From :func:`~lightning_layermerge.trace`.
-        settings: Device, batch size, dtype, warm-up, repeats and threads.
+        settings: Device, batch size, dtype, warm-up, repeats, threads, runtime and load policy.
         cache_dir: Directory of the on-disk cache. Entries are stored as they are measured,
             in a file named after the architecture and settings; an interrupted build
             resumes and a repeated build measures nothing. ``None``: no cache.
         progress: Show a progress bar.
 
     Returns:
-        The :class:`LatencyTable`.
+        The :class:`LatencyTable`; its ``settings`` are the ones really used.
 
     Raises:
         TypeError: If ``chain`` is not a :class:`~lightning_layermerge.Chain`.
-        ValueError: If the device is unavailable.
+        ValueError: If the device or runtime is unavailable.
+        LatencyLoadError: With ``on_load="raise"``, if the machine is busy or entries stay
+            unrepeatable.
     """
     if not isinstance(chain, Chain):
         raise TypeError(f"chain must come from lightning_layermerge.trace(...), got {type(chain).__name__}")
     if not isinstance(settings, LatencySettings):
         raise TypeError(f"settings must be a LatencySettings, got {type(settings).__name__}")
     _check_device(settings.torch_device)
-    store = _Store(_open_cache(cache_dir, chain, _cache_key(chain, settings, settings.batch_size)))
+    key = _cache_key(chain, settings, settings.batch_size)
+    store = _Store(_open_cache(cache_dir, chain, key))
+    if not _complete(store, chain):  # a complete cached table needs no load check
+        settings, _, note = check_load(settings)
+        if note:
+            key = _cache_key(chain, settings, settings.batch_size)
+            store = _Store(_open_cache(cache_dir, chain, key))
+    else:
+        note = ""
     timer = _Timer(chain, settings, store)
     # Geometries already measured (also in an earlier, interrupted build) are not re-timed.
-    by_geometry = {_geometry(s): store.get(s.key) for s in chain.segments if store.get(s.key) is not None}
+    by_geometry = {_geometry(s): s.key for s in chain.segments if store.get(s.key) is not None}
     bar = tqdm(total=len(chain.segments) + 1, desc="latency table", unit="entry", disable=not progress)
-    measured = 0
+    measured, start = 0, time.perf_counter()
     with bar, _num_threads(settings.threads):
         for seg in chain.segments:
             if store.get(seg.key) is None:
                 geometry = _geometry(seg)
-                if geometry not in by_geometry:
-                    by_geometry[geometry] = 0.0 if seg.identity else timer(*_segment_run(chain, seg, settings))
-                    measured += not seg.identity
-                store.put(seg.key, by_geometry[geometry])
+                if geometry in by_geometry:
+                    source = by_geometry[geometry]
+                    store.put_timing(seg.key, store.values[source], store.spread(source))
+                elif seg.identity:
+                    store.put_timing(seg.key, 0.0, 0.0)
+                    by_geometry[geometry] = seg.key
+                else:
+                    timing = timer(*_segment_run(chain, seg, settings))
+                    store.put_timing(seg.key, timing.ms, timing.spread)
+                    by_geometry[geometry] = seg.key
+                    measured += 1
             bar.update(1)
             bar.set_postfix(measured=measured)
         if store.get(TOTAL_KEY) is None:
-            store.put(TOTAL_KEY, timer.whole(*_whole_run(model, chain, settings)))
+            timing = timer.whole(*_whole_run(model, chain, settings))
+            store.put_timing(TOTAL_KEY, timing.ms, timing.spread)
         bar.update(1)
-    entries = {s.key: store.values[s.key] for s in chain.segments}
+        if _uses_context(settings) and store.get((IN_PLACE, 0, 0)) is None:
+            for layer, ms in _in_place_layers(timer, chain, *_whole_run(model, chain, settings)).items():
+                store.put((IN_PLACE, layer, 0), ms)
+            store.put((IN_PLACE, 0, 0), 1.0)  # done (also when no layer could be found in place)
+    raw = {s.key: store.values[s.key] for s in chain.segments}
+    entries = raw
+    if _uses_context(settings):
+        in_place = {l: store.values[(IN_PLACE, l, 0)] for l in range(1, chain.num_layers + 1)
+                    if (IN_PLACE, l, 0) in store.values}
+        entries = in_context(chain, raw, in_place)
     chain_ms = sum(entries[k] for k in Plan.keep_all(chain).keys)
-    return LatencyTable(entries, store.values[TOTAL_KEY], chain_ms, settings)
+    table = LatencyTable(entries, store.values[TOTAL_KEY], chain_ms, settings, alone=raw,
+                         spreads={s.key: store.spread(s.key) for s in chain.segments},
+                         total_spread=store.spread(TOTAL_KEY),
+                         build_s=time.perf_counter() - start if measured or timer.used else 0.0, load_note=note)
+    table.unreliable = [k for k, v in table.spreads.items() if v > settings.max_spread]
+    if table.total_spread > settings.max_spread:
+        table.unreliable.append(TOTAL_KEY)
+    _report_unreliable(table)
+    return table
+
+
+def _uses_context(settings: LatencySettings) -> bool:
+    """Whether entries are scaled to in-place prices (needs node-by-node timing: eager)."""
+    return settings.context and settings.runtime == "eager"
+
+
+def _in_place_layers(timer: _Timer, chain: Chain, gm: fx.GraphModule, inputs: tuple) -> dict[int, float]:
+    """ms of every chain layer (its merged conv + its activation) timed in place in the BN-folded original."""
+    nodes = timer.nodes(gm, inputs)
+    out = {}
+    for seg in Plan.keep_all(chain).segments:
+        conv = nodes.get(f"merged_{seg.i}_{seg.j}")
+        if conv is None:
+            continue
+        act = chain.positions[seg.j].activation
+        out[seg.j] = conv + (nodes.get(act, 0.0) if act is not None else 0.0)
+    return out
+
+
+def in_context(chain: Chain, alone: dict[Key, float], in_place: dict[int, float]) -> dict[Key, float]:
+    """Entries scaled from "timed alone" to "inside the network".
+
+    Entry ``(i, j, k)`` is multiplied by ``sum(in_place[l]) / sum(alone[keep-all l])`` over the
+    layers ``l = i+1..j`` it replaces; layers without an in-place time count as factor 1.
+
+    Args:
+        chain: The chain.
+        alone: Entries timed alone (``(i, j, k) -> ms``).
+        in_place: Chain layer ``l`` -> its conv + activation timed in place (ms).
+
+    Returns:
+        The scaled entries (identity segments stay 0).
+    """
+    alone_layer = {s.j: alone[s.key] for s in Plan.keep_all(chain).segments}
+    placed = {l: in_place.get(l, alone_layer[l]) for l in alone_layer}
+    cum_alone, cum_placed = [0.0], [0.0]
+    for l in range(1, chain.num_layers + 1):
+        cum_alone.append(cum_alone[-1] + alone_layer.get(l, 0.0))
+        cum_placed.append(cum_placed[-1] + placed.get(l, 0.0))
+    out = {}
+    for key, ms in alone.items():
+        i, j, _ = key
+        denominator = cum_alone[j] - cum_alone[i]
+        out[key] = ms * (cum_placed[j] - cum_placed[i]) / denominator if denominator > 0 else ms
+    return out
+
+
+def _complete(store: _Store, chain: Chain) -> bool:
+    """Whether the cache already holds every entry, the total and (context) the in-place layers."""
+    return (store.get(TOTAL_KEY) is not None and all(store.get(s.key) is not None for s in chain.segments)
+            and (store.get((IN_PLACE, 0, 0)) is not None or not _uses_context_key(store)))
+
+
+def _uses_context_key(store: _Store) -> bool:
+    """Whether the store's cache key asks for in-place layers (memory-only stores: assume so)."""
+    return store.cache is None or bool(store.cache.key.get("context", True))
+
+
+def _report_unreliable(table: LatencyTable) -> None:
+    """Warn about (or, with ``on_load="raise"``, refuse) entries that stayed unrepeatable."""
+    settings = table.settings
+    if not table.unreliable or settings.on_load == "ignore":
+        return
+    worst = max(table.unreliable, key=lambda k: table.spreads.get(k, table.total_spread))
+    worst_spread = table.spreads.get(worst, table.total_spread)
+    what = "the whole model" if worst == TOTAL_KEY else f"segment {worst}"
+    message = (f"{len(table.unreliable)} latency table timing(s) stayed unrepeatable after {settings.retries} "
+               f"re-measurement(s): spread up to {worst_spread:.1%} ({what}) > max_spread={settings.max_spread:g}")
+    if settings.clock_used == "wall" and settings.torch_device.type == "cpu":
+        message += ("; another process is probably using the CPU: pass LatencySettings(threads=1) (per-thread "
+                    "CPU time) or stop it")
+    else:
+        message += "; raise repeats, or stop other processes using the CPU"
+    if settings.on_load == "raise":
+        raise LatencyLoadError(message)
+    warnings.warn(message, LatencyLoadWarning, stacklevel=3)
 
 
 def _segment_run(chain: Chain, seg: Segment, settings: LatencySettings) -> tuple[nn.Module, tuple]:
@@ -666,6 +1150,7 @@ class _Timer:
     def __init__(self, chain: Chain, settings: LatencySettings, store: _Store) -> None:
         self.chain, self.settings, self.store = chain, settings, store
         self.reference: tuple[nn.Module, tuple] | None = None
+        self.used = False
 
     def _reference(self) -> tuple[tuple[nn.Module, tuple], float]:
         """The reference run and its latency, created (and measured, once per table) lazily."""
@@ -679,18 +1164,47 @@ class _Timer:
             self.store.put(REFERENCE_KEY, ref_ms)
         return self.reference, ref_ms
 
-    def whole(self, gm: fx.GraphModule, inputs: tuple) -> float:
-        """The network's latency: the sum of its operations' latencies, timed one by one in place."""
-        if not self.settings.reference:
-            return sum(time_nodes(gm, inputs, self.settings).values())
-        reference, ref_ms = self._reference()
-        return sum(time_nodes(gm, inputs, self.settings, reference=reference).values()) * ref_ms
+    def whole(self, gm: fx.GraphModule, inputs: tuple) -> Timing:
+        """The network's latency.
 
-    def __call__(self, module: nn.Module, inputs: tuple) -> float:
+        Without a reference: whole forward passes in the settings' runtime (what the final
+        side-by-side measurement times). With a reference (eager only): the sum of its
+        operations' latencies, each timed in place relative to the reference pass before it.
+        """
+        self.used = True
         if not self.settings.reference:
-            return time_module(module, inputs, self.settings)
+            return self(gm, inputs)
         reference, ref_ms = self._reference()
-        refs, ours = interleaved_samples([reference, (module, inputs)], self.settings)
+        return Timing(sum(time_nodes(gm, inputs, self.settings, reference=reference).values()) * ref_ms, math.nan)
+
+    def nodes(self, gm: fx.GraphModule, inputs: tuple) -> dict[str, float]:
+        """Every operation of ``gm`` timed in place (ms; relative to the reference, rescaled, in reference mode)."""
+        self.used = True
+        if not self.settings.reference:
+            return time_nodes(gm, inputs, self.settings)
+        reference, ref_ms = self._reference()
+        return {n: v * ref_ms for n, v in time_nodes(gm, inputs, self.settings, reference=reference).items()}
+
+    def __call__(self, module: nn.Module, inputs: tuple) -> Timing:
+        self.used = True
+        if not self.settings.reference:
+            (samples,), s = _timed_with_retries([(module, inputs)], self.settings)
+            return Timing(statistics.median(samples), s)
+        reference, ref_ms = self._reference()
+        (refs, ours), s = _timed_with_retries([reference, (module, inputs)], self.settings, _pass_ratios)
         # Ratio of each pass to the reference pass just before it: a slow-down from other
         # processes that lasts longer than one pass cancels out; the median drops outliers.
-        return statistics.median(o / r for o, r in zip(ours, refs)) * ref_ms
+        return Timing(statistics.median(_pass_ratios([refs, ours])) * ref_ms, s)
+
+
+def _pass_ratios(samples: list[list[float]]) -> list[float]:
+    """Per-pass ratio of the last run to the first (pass-by-pass interleaved)."""
+    return [o / r if r > 0 else math.inf for o, r in zip(samples[-1], samples[0])]
+
+
+def _timed_with_retries(runs: list, settings: LatencySettings, statistic: Any = None) -> tuple[list[list[float]], float]:
+    """:func:`time_samples` when checks are on, one plain attempt with ``on_load="ignore"``."""
+    if settings.on_load == "ignore":
+        samples = interleaved_samples(runs, settings)
+        return samples, spread((statistic or (lambda x: x[-1]))(samples))
+    return time_samples(runs, settings, statistic)

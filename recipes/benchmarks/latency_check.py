@@ -32,6 +32,13 @@ Run (about 7 minutes on 2 cores)::
 
     python recipes/benchmarks/latency_check.py
 
+``--matrix`` runs the latency-fidelity matrix instead (models x budgets x threads x runtimes x
+load, resumable; see ``latency_matrix.py``)::
+
+    python recipes/benchmarks/latency_check.py --matrix              # all of it (quiet machine)
+    python recipes/benchmarks/latency_check.py --matrix --models digits-resnet --loads none
+    python recipes/benchmarks/latency_check.py --matrix --report     # md + png from the CSV
+
 Writes ``recipes/benchmarks/results/latency_check.md`` and ``latency_check.png``.
 """
 
@@ -54,6 +61,7 @@ import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import randomize_batchnorm  # noqa: E402  (realistic BN statistics, shared with the tests)
 
 from lightning_layermerge import Chain, Plan, merge, prune, solve, trace  # noqa: E402
@@ -103,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--stem", default="latency_check", help="file name stem of the .md and .png written")
     p.add_argument("--seed", type=int, default=0)
+    from latency_matrix import add_arguments  # the --matrix options
+
+    add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -261,6 +272,10 @@ def _cli(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Build the table, check every budget, write the report; exit 1 if the target is missed."""
     args = parse_args(argv)
+    if args.matrix:
+        from latency_matrix import main as matrix_main
+
+        return matrix_main(args)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)  # for the side-by-side runs too (the table sets it itself)

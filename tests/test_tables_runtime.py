@@ -1,0 +1,116 @@
+"""Tests of the timing runtimes (lightning_layermerge.tables.runtime): eager, TorchScript, ONNX Runtime.
+
+No milliseconds are asserted: the tests check that each runtime runs the exported program,
+gives the module's output, and that the table and side-by-side measurements use it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_layermerge import Plan, merge, prune, trace
+from lightning_layermerge import serialization
+from lightning_layermerge.report import side_by_side
+from lightning_layermerge.tables.latency import LatencySettings, build_latency_table
+from lightning_layermerge.tables.runtime import check_runtime, prepare_call
+
+
+def conv_relu() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+
+
+def run(module: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    kwargs = {"runtime": "eager", "memory_format": "contiguous", "device": torch.device("cpu"),
+              "dtype": torch.float32, "threads": 1, **kwargs}
+    with torch.no_grad():
+        out = prepare_call(module, (x,), **kwargs)()
+    return torch.as_tensor(out[0] if isinstance(out, list) else out)
+
+
+@pytest.mark.parametrize("runtime", ["eager", "torchscript", "onnxruntime"])
+def test_each_runtime_computes_the_module(runtime: str) -> None:
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    module, x = conv_relu(), torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        expected = module(x)
+    assert torch.allclose(run(module, x, runtime=runtime), expected, atol=1e-5)
+
+
+def test_the_exported_files_are_the_ones_timed(monkeypatch) -> None:
+    exported: list[str] = []
+    for name in ("export_torchscript", "export_onnx"):
+        real = getattr(serialization, name)
+        monkeypatch.setattr(serialization, name, lambda *a, _real=real, _n=name, **k: exported.append(_n) or _real(*a, **k))
+    module, x = conv_relu(), torch.randn(1, 3, 8, 8)
+    run(module, x, runtime="torchscript")
+    assert exported == ["export_torchscript"]
+    if pytest.importorskip("onnxruntime"):
+        run(conv_relu(), x, runtime="onnxruntime")
+        assert exported == ["export_torchscript", "export_onnx"]
+
+
+def test_channels_last_moves_weights_and_inputs() -> None:
+    module, x = conv_relu(), torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        expected = module(x)
+    out = run(module, x, memory_format="channels_last")
+    assert module[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.allclose(out, expected, atol=1e-5)
+
+
+def test_unsupported_combinations_say_what_to_do() -> None:
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        check_runtime("tvm", "contiguous", cpu, torch.float32)
+    with pytest.raises(ValueError, match="use memory_format='contiguous'"):
+        check_runtime("onnxruntime", "channels_last", cpu, torch.float32)
+    with pytest.raises(ValueError, match="bfloat16"):
+        check_runtime("onnxruntime", "contiguous", cpu, torch.bfloat16)
+
+
+def test_missing_onnxruntime_names_the_extra(monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[onnx\]"'):
+        check_runtime("onnxruntime", "contiguous", torch.device("cpu"), torch.float32)
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(self.a(x)))
+
+
+@pytest.mark.parametrize("runtime, memory_format", [("torchscript", "channels_last"), ("onnxruntime", "contiguous")])
+def test_table_and_side_by_side_in_another_runtime(runtime: str, memory_format: str) -> None:
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    model = Small().eval()
+    chain = trace(model, torch.randn(2, 3, 8, 8))
+    settings = LatencySettings(warmup=1, repeats=3, runtime=runtime, memory_format=memory_format, max_spread=10.0)
+    table = build_latency_table(model, chain, settings, progress=False)
+    assert table.settings.runtime == runtime and table.total_ms > 0
+    assert all(table.entries[s.key] > 0 for s in chain.segments if not s.identity)
+    folded = merge(prune(model, chain, Plan.keep_all(chain)))
+    timed = side_by_side({"original": folded, "removed": merge(prune(model, chain, Plan.remove_all(chain)))},
+                         chain.example, table.settings)
+    assert timed.settings.runtime == runtime and set(timed.ratio) == {"original", "removed"}
+    assert timed.ratio["original"] == 1.0 and np.isfinite(timed.ratio["removed"]) and timed.ratio["removed"] > 0
