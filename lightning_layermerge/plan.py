@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,19 @@ class Plan:
         specs.append((seg.i, seg.j, seg.k, seg.convs))
         specs += [(l - 1, l, chain.layer(l).kernel, (l,)) for l in range(seg.j + 1, chain.num_layers + 1)]
         return cls.from_segments(chain, specs)
+
+    @classmethod
+    def random(cls, chain: Chain, rng: random.Random) -> Plan:
+        """A uniformly random walk over legal segments from position 0 to L (tests, benchmarks)."""
+        by_start: dict[int, list[Segment]] = {}
+        for seg in chain.segments:
+            by_start.setdefault(seg.i, []).append(seg)
+        at, keys = 0, []
+        while at < chain.num_layers:
+            seg = rng.choice(by_start[at])
+            keys.append(seg.key)
+            at = seg.j
+        return cls.from_segments(chain, keys)
 
     @classmethod
     def remove_all(cls, chain: Chain) -> Plan:

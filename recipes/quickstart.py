@@ -77,8 +77,8 @@ def main() -> None:
         budget=args.budget,
         target="model",
         monitor="val_loss",
-        importance=ImportanceSettings(fraction=0.15, steps=20, batch_size=32, lr=0.02),
-        latency=LatencySettings(device="cpu", batch_size=64, threads=1, warmup=10, repeats=30, reference=True),
+        importance=ImportanceSettings(batch_size=32, lr=0.02),  # default floors: >= 30 steps, val-set scoring
+        latency=LatencySettings(batch_size=64),  # defaults: 1 thread, thread CPU clock, in-context prices
         distill=Distillation(alpha=1.0, temperature=4.0),
         cache_dir=str(Path(args.out) / "cache"),
     )

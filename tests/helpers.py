@@ -16,16 +16,8 @@ from lightning_layermerge import Chain, Plan
 
 
 def random_plan(chain: Chain, rng: random.Random) -> Plan:
-    """A uniformly random walk over legal segments from position 0 to L."""
-    by_start: dict[int, list] = {}
-    for seg in chain.segments:
-        by_start.setdefault(seg.i, []).append(seg)
-    at, keys = 0, []
-    while at < chain.num_layers:
-        seg = rng.choice(by_start[at])
-        keys.append(seg.key)
-        at = seg.j
-    return Plan.from_segments(chain, keys)
+    """``Plan.random``: a uniformly random walk over legal segments from position 0 to L."""
+    return Plan.random(chain, rng)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -274,16 +274,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def random_plan(chain: Any, rng: random.Random) -> Plan:
-    """A uniformly random walk over legal segments from position 0 to L."""
-    by_start: dict[int, list] = {}
-    for seg in chain.segments:
-        by_start.setdefault(seg.i, []).append(seg)
-    at, keys = 0, []
-    while at < chain.num_layers:
-        seg = rng.choice(by_start[at])
-        keys.append(seg.key)
-        at = seg.j
-    return Plan.from_segments(chain, keys)
+    """``Plan.random``: a uniformly random walk over legal segments from position 0 to L."""
+    return Plan.random(chain, rng)
 
 
 def plans_stage(store: Store, net: str, model: nn.Module, chain: Any, args: argparse.Namespace,

@@ -37,16 +37,8 @@ RESULTS = Path(__file__).parent / "results" / "loaded_latency.md"
 
 
 def random_plan(chain, rng: random.Random) -> Plan:
-    """A random walk over legal segments from position 0 to L."""
-    by_start: dict[int, list] = {}
-    for seg in chain.segments:
-        by_start.setdefault(seg.i, []).append(seg)
-    at, keys = 0, []
-    while at < chain.num_layers:
-        seg = rng.choice(by_start[at])
-        keys.append(seg.key)
-        at = seg.j
-    return Plan.from_segments(chain, keys)
+    """``Plan.random``: a random walk over legal segments from position 0 to L."""
+    return Plan.random(chain, rng)
 
 
 def side_by_side(a: Callable[[], object], b: Callable[[], object]) -> tuple[float, float, float]:
