@@ -257,8 +257,11 @@ def time_pair(ref: nn.Module, model: nn.Module, batch: int, warmup: int, repeats
         for m in pair:
             for _ in range(warmup):
                 m(x)
-        for _ in range(repeats):
-            for i, m in enumerate(pair):
+        for rep in range(repeats):
+            # ABBA order: whichever runs first after the other processes had the core pays for
+            # cold caches; alternating cancels that (it made identical networks differ by 1.6x).
+            for i in ((0, 1) if rep % 2 == 0 else (1, 0)):
+                m = pair[i]
                 w0, c0 = time.perf_counter(), time.thread_time()
                 m(x)
                 cpu[i].append((time.thread_time() - c0) * 1e3)
