@@ -25,7 +25,10 @@ For each network (``resnet20``: a CIFAR-style ResNet-20, 3 stages x 3 BasicBlock
    callback's ``Distillation`` for the LayerMerge methods, the same ``kd_loss`` added to the
    loss for width pruning), per fine-tuning seed;
 4. save the final network and measure its latency in a **separate process** against the
-   BN-folded original, side by side (interleaved, median), at batch 1 and at batch 64;
+   BN-folded original, side by side (interleaved in ABBA order, median), at batch 1 and at
+   batch 64, by the thread CPU time of each pass (wall time is recorded too: on a busy shared
+   machine it swings by several x; see ``time_pair``). ``--remeasure`` re-times every saved
+   network (e.g. on a quieter machine); ``--redo METHOD`` drops that method's rows;
 5. append one row to the results CSV. A (net, method, budget, seed) already in the CSV is
    skipped, so the benchmark resumes after a stop.
 
@@ -71,7 +74,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compare import NOTES_BEGIN, NOTES_END, _notes, _test_acc, _trainer, _write  # noqa: E402
+from compare import _notes, _test_acc, _trainer, _write  # noqa: E402
 from fashion import DEFAULT_DIR, FashionMNISTDataModule  # noqa: E402
 from nets import Classifier, SmallMobileNetV2  # noqa: E402
 
