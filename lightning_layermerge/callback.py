@@ -45,7 +45,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import fx, nn
+from torch import nn
 
 from .adapters import unwrap_compressed, wrap_compressed
 from .checks import check_budget, check_cache_dir, check_choice, check_monitor, check_plan, check_target, check_type

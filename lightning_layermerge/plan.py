@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import random
+import random as _random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -75,7 +75,7 @@ class Plan:
         return cls.from_segments(chain, specs)
 
     @classmethod
-    def random(cls, chain: Chain, rng: random.Random) -> Plan:
+    def random(cls, chain: Chain, rng: _random.Random) -> Plan:
         """A uniformly random walk over legal segments from position 0 to L (tests, benchmarks)."""
         by_start: dict[int, list[Segment]] = {}
         for seg in chain.segments:

@@ -14,7 +14,6 @@ exact. A per-channel bias added between them (a UNet's time embedding) stays too
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -17,7 +17,7 @@ from lm_helpers import FAST_LATENCY, one_thread, quiet_trainer
 from torch import fx, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_layermerge import LayerMergeCallback, LayerMergeUNet2DModel, Plan, adapters, merge, prune, trace
+from lightning_layermerge import LayerMergeCallback, LayerMergeUNet2DModel, adapters, merge, prune, trace
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from helpers import rel_err
 from lightning_layermerge import Plan, merge, prune, trace

@@ -11,7 +11,6 @@ the recipe file itself.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import random_plan
 from torch import nn
 
 from lightning_layermerge import Plan, merge, prune, trace

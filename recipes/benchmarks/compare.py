@@ -66,7 +66,6 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nets import Cifar10DataModule, Classifier, DigitsDataModule, build_net  # noqa: E402

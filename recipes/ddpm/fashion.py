@@ -31,7 +31,6 @@ latency), ``fashion_samples.png`` (grids), ``fashion.json`` (all numbers).
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import json
 import logging
