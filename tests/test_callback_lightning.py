@@ -361,3 +361,28 @@ def test_report_explains_parameter_growth() -> None:
     assert "more parameters, yet faster" in str(report)
     report.params_after = 90
     assert "more parameters" not in str(report)
+
+
+# --------------------------------------------------------------------------- checkpoints of earlier versions
+
+#: Written by the callback at commit 8bead90 (state version 1, before the teacher weights and the
+#: original-weights fingerprint were stored): LitTiny, budget 0.7, 2 steps, ModelCheckpoint(save_last).
+OLD_CHECKPOINT = TESTS / "fixtures" / "callback_v1_8bead90.pt"
+
+
+def test_a_checkpoint_of_the_first_callback_version_resumes_and_restores(tmp_path: Path) -> None:
+    from lightning_layermerge.resume import read_checkpoint, state_from_checkpoint
+
+    saved = read_checkpoint(OLD_CHECKPOINT)  # plain data: weights_only=True reads it
+    state = state_from_checkpoint(saved)
+    assert state["version"] == 1 and "original_weights" not in state and TEACHER_KEY not in saved
+
+    restored = restore_pruned(LitTiny(), OLD_CHECKPOINT)
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in saved["state_dict"].items())
+
+    CountingCallback.plans = 0
+    cb = CountingCallback(budget=0.7, importance=FAST, latency=FAST_LATENCY, cache_dir=False, verbose=False)
+    trainer = quiet_trainer(max_steps=4, callbacks=[cb])
+    trainer.fit(LitTiny(seed=3), train_dataloaders=fixed_loader(), ckpt_path=str(OLD_CHECKPOINT))
+    assert CountingCallback.plans == 0 and trainer.global_step == 4
+    assert cb.plan.to_dict() == state["plan"] and cb.report is not None and cb.report.merged
