@@ -222,8 +222,8 @@ class LayerMergeCallback(Callback):
         """Errors about the module that are known before any work."""
         if self.distill is not None and not pl_module.automatic_optimization:
             raise ValueError("LayerMergeCallback(distill=...) needs automatic optimization: with manual "
-                             "optimization the loss cannot be extended. Add the KD term to your training_step "
-                             "yourself (the teacher is callback.teacher) or drop distill")
+                             "optimization the loss cannot be extended. Drop distill, or add a KD term to your "
+                             "training_step yourself (from a frozen copy of the original network)")
 
     def _resume_checkpoint(self, trainer: pl.Trainer) -> Mapping | None:
         """The checkpoint ``fit(ckpt_path=...)`` resumes from, if it holds a LayerMerge plan.
