@@ -394,18 +394,10 @@ class LayerMergeCallback(Callback):
             state = state_from_checkpoint(checkpoint)
             if state is None:
                 return
-            original = self._original
             current = get_path(pl_module, state["target"])
-            if original is None and is_compressed(current) and not set(pl_module.state_dict()) == set(
-                    checkpoint.get("state_dict", {})):
-                raise ValueError(
-                    f"LayerMergeCallback: the checkpoint holds the network compressed during fit, but module."
-                    f"{state['target']} is already compressed and this callback did not run that fit, so the "
-                    "checkpoint's architecture cannot be rebuilt. Evaluate a fresh module instead: "
-                    "trainer.test(MyModule(...), ckpt_path=...) with this callback in the Trainer, or "
-                    "restore_pruned(MyModule(...), path, merged=True)"
-                )
-            if rebuild_pruned(pl_module, checkpoint, original=original) or is_compressed(current):
+            # rebuild_pruned raises, naming the calls that work, if the target is compressed
+            # already and this callback did not keep the original to rebuild from.
+            if rebuild_pruned(pl_module, checkpoint, original=self._original) or is_compressed(current):
                 self._evaluating = state["target"]
 
         self._load_patch = LoadCheckpointPatch(pl_module, before)

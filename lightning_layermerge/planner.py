@@ -4,17 +4,17 @@ Perf metric and a one-step check of the module's own training code -> latency ta
 0, broadcast) -> budget check (with the DP's rounding) -> importance table (sharded over
 ranks, gathered) -> solve -> calibration against a side-by-side measurement. Everything that
 can fail because of user input fails before the importance table, and everything that does
-not need the latency table fails before it. Every rank makes the same collective calls in the same order, so DDP never hangs and
-every rank ends with the identical plan.
+not need the latency table fails before it. Every rank makes the same collective calls in the
+same order, so DDP never hangs and every rank ends with the identical plan.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 import math
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,7 @@ class Planner:
 
     def _resolution_for(self, table: LatencyTable, chain: Chain, budget_ms: float) -> int | None:
         """The coarsest resolution at which the DP finds any plan within ``budget_ms``."""
-        fastest = {k: -v for k, v in table.entries.items()}
+        fastest = _fastest(table)
         for resolution in RESOLUTIONS:
             try:
                 solve_for(table, fastest, chain, budget_ms, self.method, resolution=resolution)
@@ -413,9 +413,13 @@ def make_runner(trainer: pl.Trainer, pl_module: pl.LightningModule, path: str,
 
 def min_chain_ms(table: LatencyTable, chain: Chain, method: str) -> float:
     """Smallest chain latency ``method`` can reach: solve with importance = -latency, no budget limit."""
-    neg = {k: -v for k, v in table.entries.items()}
     roomy = sum(table.entries.values()) + 1.0
-    return solve_for(table, neg, chain, roomy, method).latency
+    return solve_for(table, _fastest(table), chain, roomy, method).latency
+
+
+def _fastest(table: LatencyTable) -> dict:
+    """Importance = -latency: the DP then picks the fastest plan within a budget."""
+    return {k: -v for k, v in table.entries.items()}
 
 
 def solve_for(table: LatencyTable, importance: dict, chain: Chain, budget_ms: float, method: str, *,

@@ -202,8 +202,9 @@ def rebuild_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, origin
             raise ValueError(
                 f"the module's '{path}' is already compressed with another plan, so the checkpoint's architecture "
                 "cannot be rebuilt from it. Build a fresh module (original architecture) and load the checkpoint "
-                "into it: MyModule.load_from_checkpoint(path) with rebuild_pruned in on_load_checkpoint, or "
-                "restore_pruned(MyModule(...), path)"
+                "into it: trainer.test(MyModule(...), ckpt_path=...) with LayerMergeCallback in the Trainer, "
+                "MyModule.load_from_checkpoint(path) with rebuild_pruned in on_load_checkpoint, or "
+                "restore_pruned(MyModule(...), path, merged=True)"
             )
         original = current
     set_path(pl_module, path, compressed_architecture(original, state))

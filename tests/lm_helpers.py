@@ -14,6 +14,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_layermerge.subruns import ImportanceSettings
 from lightning_layermerge.tables.latency import LatencySettings
 
+#: A UNet2DModel config small enough for fast tests: attention down and up, a channel change
+#: (8 -> 16: shortcut conv), GroupNorm with 4 groups.
+TINY_UNET = {
+    "sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
+    "block_out_channels": (8, 16), "norm_num_groups": 4,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+}
+
 #: Importance settings that keep a table build to a few seconds.
 FAST_IMPORTANCE = ImportanceSettings(fraction=0.05, steps=2, batch_size=16, lr=0.01)
 #: Latency settings that keep a table build to a few seconds (1 thread: stable numbers).

@@ -10,7 +10,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lm_helpers import FAST_LATENCY, one_thread, quiet_trainer
+from lm_helpers import FAST_LATENCY, TINY_UNET, one_thread, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_layermerge import Distillation, ImportanceSettings, LayerMergeCallback
@@ -20,11 +20,6 @@ from diffusion import DiffusionModule, sample  # noqa: E402
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
-TINY_UNET = {
-    "sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
-    "block_out_channels": (8, 16), "norm_num_groups": 4,
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-}
 
 
 class KeepPruned(Callback):

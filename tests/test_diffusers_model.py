@@ -13,7 +13,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 from helpers import random_plan, rel_err
-from lm_helpers import FAST_LATENCY, one_thread, quiet_trainer
+from lm_helpers import FAST_LATENCY, TINY_UNET, one_thread, quiet_trainer
 from torch import fx, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -27,12 +27,6 @@ from diffusion import DiffusionModule  # noqa: E402
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
-# Attention down and up, a channel change (8 -> 16: shortcut conv), GroupNorm with 4 groups.
-TINY_UNET = {
-    "sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
-    "block_out_channels": (8, 16), "norm_num_groups": 4,
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-}
 TIMESTEPS = 50  # scheduler training timesteps
 STEPS = 4  # inference steps
 
