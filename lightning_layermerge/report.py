@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from .tables.allocator import allocator_regime
 from .tables.latency import LatencySettings, check_load, spread, time_samples
 
 __all__ = ["LayerMergeReport", "SideBySide", "count_parameters", "measure_side_by_side", "side_by_side"]
@@ -180,7 +181,7 @@ class LayerMergeReport:
         """A readable multi-line summary."""
         ls = self.latency_settings
         where = ", ".join(f"{k}={ls[k]}" for k in ("runtime", "memory_format", "device", "batch_size", "dtype",
-                                                   "threads", "clock", "precision") if k in ls)
+                                                   "threads", "clock", "allocator", "precision") if k in ls)
         lines = [
             f"LayerMerge report ({self.method}, target '{self.target}', budget {self.budget:g})",
             f"  plan             : {len(self.segments)} merged layers; kept {len(self.kept_convs)}/{self.num_layers} convs, "
@@ -362,10 +363,11 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def settings_dict(settings: LatencySettings) -> dict[str, Any]:
-    """The latency settings as a dict, with the thread count and clock actually used filled in."""
+    """The latency settings as a dict, with the thread count, clock and allocator regime actually used filled in."""
     data = asdict(settings)
     data["threads"] = settings.threads_used
     data["clock"] = settings.clock_used
+    data["allocator"] = allocator_regime(settings.allocator)
     return data
 
 

@@ -93,6 +93,7 @@ def test_text_names_runtime_threads_batch_and_spreads() -> None:
     report.load_note = "another process is using the CPU"
     text = report.to_text()
     assert "runtime=torchscript" in text and "batch_size=16" in text and "threads=1" in text and "clock=thread" in text
+    assert f"allocator={settings['allocator']}" in text and settings["allocator"].startswith(("cached", "system"))
     assert "measured ratio spread 2.1%" in text and "table max spread 4.3%" in text and "12 s" in text
     assert "0.580->0.600 (±1.2%)" in text and "another process is using the CPU" in text
     metrics = report.metrics()

@@ -89,20 +89,23 @@ class CountingTimer:
 
 
 def distinct_geometries(chain) -> int:
-    """How many different non-identity modules the chain's segments produce."""
-    return len({latency_module._geometry(s) for s in chain.segments if not s.identity})
+    """How many different timed modules the chain's segments produce (all but bare identities)."""
+    return len({latency_module._geometry(s) for s in chain.segments if not (s.identity and s.activation is None)})
 
 
 # ---------------------------------------------------------------------- building
 
 
-def test_every_legal_segment_has_an_entry_and_identities_are_zero(tiny) -> None:
+def test_every_legal_segment_has_an_entry_and_identities_cost_their_activation(tiny) -> None:
     model, chain = tiny
     table = build_latency_table(model, chain, FAST, progress=False)
     assert set(table.entries) == {s.key for s in chain.segments}
-    identities = [s.key for s in chain.segments if s.identity]
-    assert identities, "TinyNet must have identity segments for this test to mean anything"
-    assert all(table.entries[k] == 0.0 for k in identities)
+    bare = [s.key for s in chain.segments if s.identity and s.activation is None]
+    activated = [s.key for s in chain.segments if s.identity and s.activation is not None]
+    assert activated, "TinyNet must have identity segments for this test to mean anything"
+    assert all(table.entries[k] == 0.0 for k in bare)  # nothing left to run
+    # A removed conv leaves the activation after it in the network; it is priced, not free.
+    assert all(table.alone[k] > 0 for k in activated)
     assert all(table.entries[s.key] > 0 for s in chain.segments if not s.identity)
     keep_all = Plan.keep_all(chain).keys
     assert table.chain_ms == pytest.approx(sum(table.entries[k] for k in keep_all), rel=1e-12)
@@ -357,7 +360,10 @@ def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, t
     monkeypatch.setattr(latency_module, "time_nodes", fake_nodes)
     table = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False)
     assert table.total_ms == 6.0  # (2.5 + 0.5) x 2.0
-    assert {table.entries[s.key] for s in chain.segments} == {0.0, 6.0}  # 3 x 2.0
+    (skip,) = chain.skips
+    for seg in chain.segments:  # 3 x 2.0, plus the in-place addition (0.5 x 2.0) where the segment keeps it
+        keeps_add = chain.analysis.skip_role(skip, seg.i, seg.j) == "end"
+        assert table.entries[seg.key] == (7.0 if keeps_add else 6.0)
     assert len(runs) == distinct_geometries(chain)
     (path,) = tmp_path.iterdir()
     assert latency_module.TableCache(path, latency_module._cache_key(chain, settings, None)).get(
@@ -509,10 +515,10 @@ def test_unrepeatable_entries_are_flagged_before_any_plan(tiny, monkeypatch, on_
     with pytest.warns(latency_module.LatencyLoadWarning, match=r"stayed unrepeatable after 1 re-measurement"):
         table = build_latency_table(model, chain, settings, progress=False)
     assert len(calls) == 2 * (distinct_geometries(chain) + 1)  # every timing measured twice (in place: time_nodes)
-    measured = {s.key for s in chain.segments if not s.identity}
+    measured = {s.key for s in chain.segments if not (s.identity and s.activation is None)}
     assert set(table.unreliable) == measured | {TOTAL_KEY}
     assert all(table.spreads[k] == pytest.approx(2.0) for k in measured) and table.max_spread == pytest.approx(2.0)
-    assert all(table.spreads[s.key] == 0.0 for s in chain.segments if s.identity)
+    assert all(table.spreads[s.key] == 0.0 for s in chain.segments if s.identity and s.activation is None)
 
 
 def test_spreads_are_cached_with_the_entries(tiny, tmp_path: Path, monkeypatch) -> None:
@@ -528,7 +534,7 @@ def test_spreads_are_cached_with_the_entries(tiny, tmp_path: Path, monkeypatch) 
 
 
 @pytest.mark.parametrize("change", [{"runtime": "torchscript"}, {"memory_format": "channels_last"},
-                                    {"threads": None}, {"clock": "wall"}])
+                                    {"threads": None}, {"clock": "wall"}, {"allocator": "system"}])
 def test_cache_key_names_runtime_memory_format_threads_and_clock(tiny, change: dict) -> None:
     _, chain = tiny
     base = latency_module._cache_key(chain, LatencySettings(), None)
@@ -574,3 +580,51 @@ def test_context_table_adds_up_to_the_in_place_chain(tiny) -> None:
     assert table.chain_ms == pytest.approx(sum(table.entries[k] for k in keep))
     assert table.settings.context and latency_module._cache_key(chain, table.settings, None)["context"] is True
     assert latency_module._cache_key(chain, plain.settings, None)["context"] is False
+
+
+def plan_folds(chain, plan: Plan, skip) -> bool:
+    """Whether one of the plan's segments folds ``skip`` into its merged conv."""
+    return any(chain.analysis.skip_role(skip, seg.i, seg.j) == "fold" for seg in plan.segments)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "resnet18"])
+def test_skip_costs_are_paid_exactly_by_the_plans_that_keep_the_addition(tiny, arch: str) -> None:
+    if arch == "tiny":
+        chain = tiny[1]
+    else:
+        model = torchvision.models.resnet18(num_classes=3).eval()
+        chain = trace(model, torch.randn(1, 3, 32, 32))
+    assert chain.skips, "the network must have residual additions for this test to mean anything"
+    costs = [float(2 ** n) for n in range(len(chain.skips))]  # distinct powers of two: each sum names its skips
+    zero = {s.key: 0.0 for s in chain.segments}
+    moved = latency_module.with_skip_costs(chain, zero, costs)
+    assert all(v >= 0 for v in moved.values())
+    rng, folded_some = random.Random(0), False
+    for trial in range(60):
+        plan = Plan.keep_all(chain) if trial == 0 else Plan.random(chain, rng)
+        kept = sum(c for skip, c in zip(chain.skips, costs) if not plan_folds(chain, plan, skip))
+        folded_some |= kept < sum(costs)
+        # Every skip is in the entries (additive role), so a plan pays exactly the skips it keeps.
+        assert sum(moved[k] for k in plan.keys) == kept
+    assert folded_some, "no random plan folded a skip; the test would not tell anything"
+
+
+def test_context_table_moves_the_in_place_addition_into_the_entries(tiny, tmp_path: Path) -> None:
+    model, chain = tiny
+    settings = LatencySettings(warmup=1, repeats=5, max_spread=10.0)
+    table = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False)
+    stored = latency_module._open_cache(tmp_path, chain, latency_module._cache_key(chain, table.settings, None)).items()
+    costs = [stored[(latency_module.IN_PLACE_SKIP, n, 0)] for n in range(len(chain.skips))]
+    assert costs and all(c > 0 for c in costs)  # TinyNet's addition is timed in place
+    in_place = {l: stored[(latency_module.IN_PLACE, l, 0)] for l in range(1, chain.num_layers + 1)}
+    expected = latency_module.with_skip_costs(chain, latency_module.in_context(chain, table.alone, in_place), costs)
+    assert table.entries == pytest.approx(expected)
+    # The keep-all chain now holds the addition, so the constant part outside it is smaller by its cost.
+    assert table.chain_ms == pytest.approx(sum(latency_module.in_context(chain, table.alone, in_place)[k]
+                                               for k in Plan.keep_all(chain).keys) + sum(costs))
+
+
+def test_node_times_are_rescaled_to_the_whole_pass() -> None:
+    nodes = {"a": 1.0, "b": 3.0}
+    assert latency_module._scaled_to(nodes, 2.0) == {"a": 0.5, "b": 1.5}
+    assert latency_module._scaled_to(nodes, math.nan) == nodes  # nothing to scale to: unchanged

@@ -4,7 +4,7 @@ into one conv of kernel size k.
 Every legal segment ``(i, j, k)`` of a chain is timed as the module that
 :func:`~lightning_layermerge.merge` really produces for it: one ``nn.Conv2d`` of the merged
 geometry (or nothing for an identity segment) followed by the activation that ends the
-segment. The whole original network with BatchNorm folded (``merge`` of the keep-all plan) is
+segment (a removed conv leaves that activation in the network, so it is priced too). The whole original network with BatchNorm folded (``merge`` of the keep-all plan) is
 timed too (whole forward passes; operation by operation in place with ``reference=True``),
 so a budget given as a fraction of the model's latency can be turned into a budget for the
 table: the part of the model outside the chain (stem pooling, classifier, residual
@@ -21,7 +21,11 @@ detected before measuring (:func:`probe_load`) and handled as ``settings.on_load
 Modules run in the settings' runtime (eager, TorchScript or ONNX Runtime,
 :mod:`~lightning_layermerge.tables.runtime`). With ``settings.context`` (default) the original
 network is also timed operation by operation in place, and every entry is scaled by the
-in-place / alone time of the original layers it replaces (:func:`in_context`). Segments with
+in-place / alone time of the original layers it replaces (:func:`in_context`), and the
+residual additions with their shortcut projections, timed in place too, are priced with the
+segments that keep them rather than as a constant (:func:`with_skip_costs`): a segment that
+spans a whole block folds them away. All timing runs with the allocator keeping freed memory
+(``settings.allocator``, :mod:`~lightning_layermerge.tables.allocator`). Segments with
 identical module geometry are timed once per build, which also keeps the table
 self-consistent (equal modules get equal numbers, not two noisy draws).
 On a shared machine, where other processes slow everything down by a factor that changes
@@ -57,6 +61,7 @@ from ..graph import Chain, Segment
 from ..merge import merge
 from ..plan import Plan
 from ..prune import prune
+from .allocator import ALLOCATORS, allocator_regime, cached_allocator
 from .cache import TableCache, fingerprint
 from .runtime import MEMORY_FORMATS, RUNTIMES, prepare_call
 
@@ -78,12 +83,15 @@ __all__ = [
     "build_latency_table",
     "check_load",
     "in_context",
+    "skip_costs",
+    "with_skip_costs",
     "spread_key",
     "interleaved_samples",
     "segment_module",
     "time_interleaved",
     "time_module",
     "time_nodes",
+    "timing_environment",
 ]
 
 #: Reserved cache entry holding ``total_ms`` (no legal segment has a negative position).
@@ -93,9 +101,12 @@ REFERENCE_KEY = (-2, -2, 0)
 #: Reserved cache entries ``(IN_PLACE, l, 0)``: chain layer ``l`` (conv + activation) timed in
 #: place in the BN-folded original (``settings.context``); ``(IN_PLACE, 0, 0)`` marks them done.
 IN_PLACE = -3
+#: Reserved cache entries ``(IN_PLACE_SKIP, s, 0)``: residual addition ``chain.skips[s]`` with its
+#: shortcut, timed in place (``settings.context``).
+IN_PLACE_SKIP = -4
 
 #: Bumped whenever the measurement method changes, so old cache files are not reused.
-_METHOD_VERSION = 4
+_METHOD_VERSION = 5
 
 #: Clocks a pass can be timed with (``LatencySettings.clock``).
 CLOCKS = ("auto", "thread", "wall")
@@ -104,8 +115,10 @@ ON_LOAD = ("fallback", "warn", "raise", "ignore")
 #: A timing's passes are split into this many consecutive blocks to state its spread.
 SPREAD_BLOCKS = 3
 #: Other processes using more CPU than ``cores - threads + LOAD_MARGIN`` cores make a
-#: multi-threaded or wall-clock timing unreliable.
-LOAD_MARGIN = 0.25
+#: multi-threaded or wall-clock timing unreliable. Half a core: the probe's ``/proc/stat``
+#: accounting is tick-based (10 ms) and kernel threads use a little CPU, so a smaller margin
+#: flagged quiet 2-core machines; a real competing process uses a whole core.
+LOAD_MARGIN = 0.5
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -150,7 +163,9 @@ class LatencySettings:
             on the digits networks and resnet18 at 16 px
             (``recipes/benchmarks/results/latency_diagnose.md``). The keep-all plan's entries
             then add up to the in-place chain, and ``outside_ms`` holds only the operations
-            outside the chain and the framework's overhead between operations.
+            outside the chain and the framework's overhead between operations. The residual
+            additions and shortcut projections timed in the same pass move into the entries
+            of the segments that keep them (:func:`with_skip_costs`).
         runtime: What runs the network: ``"eager"`` PyTorch, ``"torchscript"`` (the file
             ``export_torchscript`` writes, loaded back) or ``"onnxruntime"`` (the file
             ``export_onnx`` writes, in an ONNX Runtime session; ``pip install -e ".[onnx]"``).
@@ -169,6 +184,12 @@ class LatencySettings:
             instead of a multi-threaded or wall-clock setting, with a warning, and warn about
             entries still unrepeatable after the retries; ``"warn"``: keep the settings, warn;
             ``"raise"``: stop with :class:`LatencyLoadError`; ``"ignore"``: no checks.
+        allocator: ``"cached"`` (default): time with the C library's allocator keeping freed
+            memory, as a warmed-up serving process (or jemalloc, tcmalloc, ONNX Runtime's
+            arena) does; without it every large activation is a fresh ``mmap`` whose page
+            faults cost as much as a small conv and vary 2x from minute to minute
+            (:mod:`~lightning_layermerge.tables.allocator`). ``"system"``: time the process as
+            it is. glibc only; elsewhere both mean ``"system"``.
     """
 
     device: str = "cpu"
@@ -185,6 +206,7 @@ class LatencySettings:
     max_spread: float = 0.05
     retries: int = 1
     on_load: str = "fallback"
+    allocator: str = "cached"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -220,6 +242,8 @@ class LatencySettings:
             raise ValueError(f"LatencySettings.max_spread must be a positive number, got {self.max_spread!r}")
         if self.on_load not in ON_LOAD:
             raise ValueError(f"LatencySettings.on_load must be one of {list(ON_LOAD)}, got {self.on_load!r}")
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"LatencySettings.allocator must be one of {list(ALLOCATORS)}, got {self.allocator!r}")
         if self.reference and self.runtime != "eager":
             raise ValueError("LatencySettings(reference=True) times the network node by node, which needs "
                              "runtime='eager'; with another runtime use threads=1 (thread CPU time) instead")
@@ -269,7 +293,8 @@ class LatencyTable:
     """Measured latencies of every legal segment, plus the whole model's.
 
     Attributes:
-        entries: Milliseconds per legal segment ``(i, j, k)`` (0.0 for identity segments).
+        entries: Milliseconds per legal segment ``(i, j, k)`` (an identity segment costs its
+            activation, 0.0 without one).
         total_ms: The whole original model with BatchNorm folded (``merge`` of the keep-all
             plan), at the same settings.
         chain_ms: Sum of the keep-all plan's entries.
@@ -441,6 +466,13 @@ def _num_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextmanager
+def timing_environment(settings: LatencySettings) -> Iterator[None]:
+    """Threads and allocator regime of ``settings`` for the block (both restored after)."""
+    with _num_threads(settings.threads), cached_allocator(settings.allocator == "cached"):
+        yield
+
+
 def _sync(device: torch.device) -> None:
     """Wait for queued CUDA kernels, so that a timer measures finished work."""
     if device.type == "cuda":
@@ -517,7 +549,7 @@ def interleaved_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]],
     device = settings.torch_device
     _check_device(device)
     times: list[list[float]] = [[] for _ in runs]
-    with _num_threads(settings.threads), torch.no_grad():
+    with timing_environment(settings), torch.no_grad():
         calls = [_prepare(module, inputs, settings) for module, inputs in runs]
         for call in calls:
             for _ in range(settings.warmup):
@@ -811,7 +843,7 @@ def time_nodes(gm: fx.GraphModule, inputs: tuple | torch.Tensor, settings: Laten
         ref_args = (ref_inputs,) if isinstance(ref_inputs, torch.Tensor) else tuple(ref_inputs)
         ref = (ref_module.to(device=device, dtype=dtype).eval(), tuple(_to(a, device, dtype) for a in ref_args))
     samples: dict[str, list[float]] = {}
-    with _num_threads(settings.threads), torch.no_grad():
+    with timing_environment(settings), torch.no_grad():
         for _ in range(settings.warmup):
             gm(*args)
             if ref is not None:
@@ -896,6 +928,7 @@ def _cache_key(chain: Chain, settings: LatencySettings, batch: int | None) -> di
         "memory_format": settings.memory_format,
         "clock": settings.clock_used,
         "context": _uses_context(settings),
+        "allocator": allocator_regime(settings.allocator),
     }
 
 
@@ -1007,14 +1040,14 @@ def build_latency_table(
     by_geometry = {_geometry(s): s.key for s in chain.segments if store.get(s.key) is not None}
     bar = tqdm(total=len(chain.segments) + 1, desc="latency table", unit="entry", disable=not progress)
     measured, start = 0, time.perf_counter()
-    with bar, _num_threads(settings.threads):
+    with bar, timing_environment(settings):
         for seg in chain.segments:
             if store.get(seg.key) is None:
                 geometry = _geometry(seg)
                 if geometry in by_geometry:
                     source = by_geometry[geometry]
                     store.put_timing(seg.key, store.values[source], store.spread(source))
-                elif seg.identity:
+                elif seg.identity and seg.activation is None:
                     store.put_timing(seg.key, 0.0, 0.0)
                     by_geometry[geometry] = seg.key
                 else:
@@ -1029,15 +1062,19 @@ def build_latency_table(
             store.put_timing(TOTAL_KEY, timing.ms, timing.spread)
         bar.update(1)
         if _uses_context(settings) and store.get((IN_PLACE, 0, 0)) is None:
-            for layer, ms in _in_place_layers(timer, chain, *_whole_run(model, chain, settings)).items():
+            nodes = _scaled_to(timer.nodes(*_whole_run(model, chain, settings)), store.values[TOTAL_KEY])
+            for layer, ms in _in_place_layers(chain, nodes).items():
                 store.put((IN_PLACE, layer, 0), ms)
+            for index, ms in enumerate(skip_costs(chain, nodes)):
+                store.put((IN_PLACE_SKIP, index, 0), ms)
             store.put((IN_PLACE, 0, 0), 1.0)  # done (also when no layer could be found in place)
     raw = {s.key: store.values[s.key] for s in chain.segments}
     entries = raw
     if _uses_context(settings):
         in_place = {l: store.values[(IN_PLACE, l, 0)] for l in range(1, chain.num_layers + 1)
                     if (IN_PLACE, l, 0) in store.values}
-        entries = in_context(chain, raw, in_place)
+        costs = [store.values.get((IN_PLACE_SKIP, index, 0), 0.0) for index in range(len(chain.skips))]
+        entries = with_skip_costs(chain, in_context(chain, raw, in_place), costs)
     chain_ms = sum(entries[k] for k in Plan.keep_all(chain).keys)
     table = LatencyTable(entries, store.values[TOTAL_KEY], chain_ms, settings, alone=raw,
                          spreads={s.key: store.spread(s.key) for s in chain.segments},
@@ -1055,9 +1092,8 @@ def _uses_context(settings: LatencySettings) -> bool:
     return settings.context and settings.runtime == "eager"
 
 
-def _in_place_layers(timer: _Timer, chain: Chain, gm: fx.GraphModule, inputs: tuple) -> dict[int, float]:
+def _in_place_layers(chain: Chain, nodes: dict[str, float]) -> dict[int, float]:
     """ms of every chain layer (its merged conv + its activation) timed in place in the BN-folded original."""
-    nodes = timer.nodes(gm, inputs)
     out = {}
     for seg in Plan.keep_all(chain).segments:
         conv = nodes.get(f"merged_{seg.i}_{seg.j}")
@@ -1093,6 +1129,74 @@ def in_context(chain: Chain, alone: dict[Key, float], in_place: dict[int, float]
         i, j, _ = key
         denominator = cum_alone[j] - cum_alone[i]
         out[key] = ms * (cum_placed[j] - cum_placed[i]) / denominator if denominator > 0 else ms
+    return out
+
+
+def _scaled_to(nodes: dict[str, float], total_ms: float) -> dict[str, float]:
+    """Node times rescaled so that they add up to the whole network's time.
+
+    Timing every operation on its own adds a clock read and an interpreter step per node
+    (a few microseconds each, up to 5 % of a small network), which the whole forward pass
+    does not pay; without the rescaling the in-place chain alone would exceed ``total_ms`` and
+    the operations outside it would be priced at nothing.
+    """
+    measured = sum(nodes.values())
+    if measured <= 0 or not math.isfinite(total_ms) or total_ms <= 0:
+        return nodes
+    return {name: ms * total_ms / measured for name, ms in nodes.items()}
+
+
+def skip_costs(chain: Chain, nodes: dict[str, float]) -> list[float]:
+    """In-place ms of every residual addition with its shortcut (projection conv, norm, ...).
+
+    Args:
+        chain: The chain; one cost per ``chain.skips`` entry, in order.
+        nodes: Node name -> in-place ms in the BN-folded original (:func:`time_nodes`); an
+            operation that is not there (already folded into a conv) costs 0.
+    """
+    return [nodes.get(skip.add, 0.0) + sum(nodes.get(n, 0.0) for n in skip.shortcut) for skip in chain.skips]
+
+
+def with_skip_costs(chain: Chain, entries: dict[Key, float], costs: Sequence[float]) -> dict[Key, float]:
+    """Entries that carry the residual additions (and shortcuts) their segments keep or remove.
+
+    A segment that spans a whole residual block folds its addition and shortcut projection
+    into the merged conv, so a plan of such segments runs without them; a table that leaves
+    them in the constant ``outside_ms`` prices those plans too high (measured: up to 10 % of
+    the original's latency on small ResNets). Two exact, additive ways to move a skip's cost
+    ``c`` out of the constant part:
+
+    * when the keep-all layer ending at the skip's position holds the addition (role
+      ``"end"``), every plan has exactly one segment that holds it, ending there (keeps it)
+      or spanning it (folds it): ``c`` is added to every ``"end"`` entry and leaves
+      ``outside_ms``;
+    * otherwise (the addition lies after that layer's cut) ``c`` stays in ``outside_ms`` and
+      is subtracted from the entries that fold it, floored at 0 (a merged conv is dearer
+      than the addition it absorbs in every network measured so far).
+
+    Args:
+        chain: The chain.
+        entries: ``(i, j, k) -> ms`` (alone or in context).
+        costs: One in-place cost per ``chain.skips`` entry (:func:`skip_costs`).
+
+    Returns:
+        The entries with the skips' costs moved as described.
+    """
+    analysis = chain.analysis
+    out = dict(entries)
+    segments = {s.key: s for s in chain.segments}
+    for skip, cost in zip(chain.skips, costs):
+        if cost <= 0:
+            continue
+        b = skip.position
+        additive = analysis.skip_role(skip, b - 1, b) == "end"
+        for key, ms in out.items():
+            seg = segments[key]
+            role = analysis.skip_role(skip, seg.i, seg.j)
+            if additive and role == "end":
+                out[key] = ms + cost
+            elif not additive and role == "fold":
+                out[key] = max(ms - cost, 0.0)
     return out
 
 

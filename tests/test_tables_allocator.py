@@ -1,0 +1,44 @@
+"""The allocator regime latency is timed in (glibc: freed memory kept while timing)."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+import torch
+
+from lightning_layermerge.tables.allocator import ALLOCATORS, allocator_regime, cached_allocator
+from lightning_layermerge.tables.latency import LatencySettings
+
+GLIBC = allocator_regime("cached") == "cached"
+
+
+def minor_faults_per_allocation(numel: int, rounds: int = 8) -> float:
+    """Mean minor page faults of allocating and filling a fresh float tensor of ``numel`` elements."""
+    torch.empty(numel).fill_(1.0)  # the first one may grow the heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        torch.empty(numel).fill_(1.0)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / rounds
+
+
+@pytest.mark.skipif(not GLIBC, reason="the cached regime needs glibc's mallopt; elsewhere it is a documented no-op")
+def test_cached_allocator_stops_page_faults_on_large_tensors() -> None:
+    numel = 24 * 1024 * 1024  # 96 MB: above any mmap threshold glibc uses on its own
+    pages = numel * 4 / resource.getpagesize()
+    assert minor_faults_per_allocation(numel) > 0.5 * pages  # a fresh mmap, faulted in page by page
+    with cached_allocator():
+        with cached_allocator():  # nesting is harmless
+            assert minor_faults_per_allocation(numel) < 0.01 * pages  # reused heap memory
+    assert minor_faults_per_allocation(numel) > 0.5 * pages  # back to mmap for huge tensors afterwards
+
+
+def test_allocator_setting_is_validated_and_reported() -> None:
+    assert ALLOCATORS == ("cached", "system")
+    assert LatencySettings().allocator == "cached"  # the repeatable regime is the default
+    assert allocator_regime("system") == "system"
+    assert allocator_regime("cached") in ("cached", "system (no glibc)")
+    with pytest.raises(ValueError, match="allocator must be one of"):
+        LatencySettings(allocator="jemalloc")
+    with pytest.raises(ValueError, match="allocator must be one of"):
+        allocator_regime("jemalloc")
