@@ -19,12 +19,12 @@ from lm_helpers import (FAST_IMPORTANCE, FAST_LATENCY, LitTiny, LitTinyVal, Tiny
 from torch import fx
 
 from lightning_layermerge import Plan, merge, prune, trace
-from lightning_layermerge.callback import LayerMergeCallback, restore_pruned
-from lightning_layermerge.distill import Distillation
-from lightning_layermerge.planner import Planner
-from lightning_layermerge.report import LayerMergeReport
-from lightning_layermerge.subruns import TRAIN_LOSS_KEY, ImportanceSettings, SubRunner
-from lightning_layermerge.tables.latency import build_latency_table
+from lightning_layermerge import LayerMergeCallback, restore_pruned
+from lightning_layermerge import Distillation
+from lightning_layermerge.fit.planner import Planner
+from lightning_layermerge import LayerMergeReport
+from lightning_layermerge.fit.subruns import TRAIN_LOSS_KEY, ImportanceSettings, SubRunner
+from lightning_layermerge import build_latency_table
 
 TESTS = Path(__file__).parent
 
@@ -237,7 +237,7 @@ def test_relative_importance_divides_perf_by_the_original(tmp_path_factory: pyte
 
 
 def test_merge_check_falls_back_to_the_pruned_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_layermerge.target as target_module
+    import lightning_layermerge.fit.target as target_module
 
     model = TinyNet().eval()
     x = torch.randn(4, 1, 8, 8)

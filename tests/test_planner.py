@@ -8,8 +8,8 @@ from lm_helpers import FAST_IMPORTANCE, FAST_LATENCY, TinyNet
 from torch import nn
 
 from lightning_layermerge import Plan, merge, prune, trace
-from lightning_layermerge.planner import CALIBRATION_SLACK, Planner, min_chain_ms
-from lightning_layermerge.tables.latency import build_latency_table
+from lightning_layermerge.fit.planner import CALIBRATION_SLACK, Planner, min_chain_ms
+from lightning_layermerge import build_latency_table
 
 
 def conv_cost(module: nn.Module) -> float:
@@ -83,8 +83,8 @@ def test_min_chain_ms_is_the_fastest_covering(setting) -> None:
 def test_depth_skips_pairs_without_an_all_kept_segment() -> None:
     """A strided conv followed by a 3x3 cannot merge with both kept (the strided-conv rule), so the
     pair has segments but none keeps every conv; Depth must plan around it (it used to raise)."""
-    from lightning_layermerge.planner import solve_for
-    from lightning_layermerge.tables.latency import LatencySettings, LatencyTable
+    from lightning_layermerge.fit.planner import solve_for
+    from lightning_layermerge import LatencySettings, LatencyTable
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lightning_layermerge.solve import Solution, solve
+from lightning_layermerge import Solution, solve
 
 Entry = tuple[int, int, int]
 EPS = 1e-9  # relative float tolerance on the budget (see the solve module docstring)

@@ -51,12 +51,12 @@ from diffusers import ConfigMixin, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from torch import fx, nn
 
-from ..capture import ExampleInput
-from ..graph import trace
-from ..merge import merge
-from ..plan import Plan
-from ..prune import META_KEY, prune
-from ..serialization import attach_input_spec, example_from_spec, input_spec
+from ..surgery.capture import ExampleInput
+from ..surgery.graph import trace
+from ..surgery.merge import merge
+from ..surgery.plan import Plan
+from ..surgery.prune import META_KEY, prune
+from ..surgery.serialization import attach_input_spec, example_from_spec, input_spec
 
 __all__ = ["CONFIG_KEY", "LayerMergeUNet2DModel", "wrap_unet"]
 

@@ -71,11 +71,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nets import Cifar10DataModule, Classifier, DigitsDataModule, build_net  # noqa: E402
 
 from lightning_layermerge import Plan, merge, prune, trace  # noqa: E402
-from lightning_layermerge.callback import LayerMergeCallback  # noqa: E402
-from lightning_layermerge.distill import Distillation  # noqa: E402
-from lightning_layermerge.report import measure_side_by_side  # noqa: E402
-from lightning_layermerge.subruns import ImportanceSettings  # noqa: E402
-from lightning_layermerge.tables.latency import LatencySettings  # noqa: E402
+from lightning_layermerge import LayerMergeCallback  # noqa: E402
+from lightning_layermerge import Distillation  # noqa: E402
+from lightning_layermerge.planning.report import measure_side_by_side  # noqa: E402
+from lightning_layermerge import ImportanceSettings  # noqa: E402
+from lightning_layermerge import LatencySettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("layermerge", "layeronly", "depth")

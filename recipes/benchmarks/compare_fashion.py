@@ -80,10 +80,10 @@ from nets import Classifier, SmallMobileNetV2  # noqa: E402
 
 from digits import DigitsResNet  # noqa: E402
 from lightning_layermerge import Plan, merge, prune, trace  # noqa: E402
-from lightning_layermerge.callback import LayerMergeCallback  # noqa: E402
-from lightning_layermerge.distill import Distillation, kd_loss  # noqa: E402
-from lightning_layermerge.subruns import ImportanceSettings  # noqa: E402
-from lightning_layermerge.tables.latency import LatencySettings  # noqa: E402
+from lightning_layermerge import LayerMergeCallback  # noqa: E402
+from lightning_layermerge.fit.distill import Distillation, kd_loss  # noqa: E402
+from lightning_layermerge import ImportanceSettings  # noqa: E402
+from lightning_layermerge import LatencySettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LM_METHODS = ("layermerge", "layeronly", "depth")

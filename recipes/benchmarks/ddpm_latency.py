@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ddpm"))
 from diffusion import DDPM_CIFAR10_UNET, build_unet  # noqa: E402
 
 from lightning_layermerge import LatencySettings, Plan, build_latency_table, merge, prune, solve, trace  # noqa: E402
-from lightning_layermerge.planner import min_chain_ms  # noqa: E402
-from lightning_layermerge.report import measure_side_by_side  # noqa: E402
+from lightning_layermerge.fit.planner import min_chain_ms  # noqa: E402
+from lightning_layermerge.planning.report import measure_side_by_side  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import randomize_batchnorm  # noqa: E402  (realistic BN statistics, shared with the tests)
 
 from lightning_layermerge import Chain, Plan, merge, prune, solve, trace  # noqa: E402
-from lightning_layermerge.tables.latency import (  # noqa: E402
+from lightning_layermerge.planning.tables.latency import (  # noqa: E402
     LatencySettings,
     LatencyTable,
     build_latency_table,

@@ -59,8 +59,8 @@ from latency_check import l1_importance, random_merge_plan  # noqa: E402
 from latency_models import MODELS, build  # noqa: E402
 
 from lightning_layermerge import Chain, Plan, merge, prune, solve, trace  # noqa: E402
-from lightning_layermerge.report import side_by_side  # noqa: E402
-from lightning_layermerge.tables.latency import (  # noqa: E402
+from lightning_layermerge.planning.report import side_by_side  # noqa: E402
+from lightning_layermerge.planning.tables.latency import (  # noqa: E402
     LatencySettings,
     LatencyTable,
     batched_example,

@@ -141,8 +141,8 @@ def run_cell(args: argparse.Namespace) -> None:
     from latency_models import build
 
     from lightning_layermerge import Plan, merge, prune, solve, trace
-    from lightning_layermerge.report import side_by_side
-    from lightning_layermerge.tables.latency import LatencySettings, build_latency_table
+    from lightning_layermerge.planning.report import side_by_side
+    from lightning_layermerge import LatencySettings, build_latency_table
 
     load, model_name, threads, runtime = args.cell.split(",")
     done = done_rows(args.csv)

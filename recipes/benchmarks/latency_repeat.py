@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 
 def _settings(threads: str, runtime: str):
-    from lightning_layermerge.tables.latency import LatencySettings
+    from lightning_layermerge import LatencySettings
 
     return LatencySettings(threads=1 if threads == "1" else None, runtime=runtime)
 
@@ -38,7 +38,7 @@ def child(model_name: str, keys: list, threads: str, runtime: str, seed: int) ->
     from latency_models import build
 
     from lightning_layermerge import Plan, merge, prune, trace
-    from lightning_layermerge.report import side_by_side
+    from lightning_layermerge.planning.report import side_by_side
 
     model, example = build(model_name, seed)
     chain = trace(model, example)
@@ -69,7 +69,7 @@ def main() -> int:
     from latency_models import build
 
     from lightning_layermerge import Plan, solve, trace
-    from lightning_layermerge.tables.latency import build_latency_table
+    from lightning_layermerge import build_latency_table
 
     lines = ["# The same plan measured in separate processes (issue 12)", "",
              f"Command: `python recipes/benchmarks/latency_repeat.py --models {' '.join(args.models)} --budget "

@@ -70,10 +70,18 @@ def _function_table() -> dict[str, Callable]:
     table["builtins.getattr"] = builtins.getattr
     table.update({f"torch.{n}": getattr(torch, n) for n in _TORCH if hasattr(torch, n)})
     table.update({f"torch.nn.functional.{n}": getattr(F, n) for n in _FUNCTIONAL if hasattr(F, n)})
-    for fn in (_diffusers_adapter._broadcast_timesteps, _diffusers_adapter._unet_output,
-               portable_modules.stochastic_depth):
-        table[f"{fn.__module__}.{fn.__name__}"] = fn
+    table.update(_PACKAGE_FUNCTIONS)
     return table
+
+
+# Functions of this package a graph may call, by the name written into saved files. The names
+# are the modules' paths when the format was introduced; they are spelled out (not derived from
+# ``fn.__module__``) so that moving a module does not change the format or orphan saved files.
+_PACKAGE_FUNCTIONS: dict[str, Callable] = {
+    "lightning_layermerge.adapters.diffusers._broadcast_timesteps": _diffusers_adapter._broadcast_timesteps,
+    "lightning_layermerge.adapters.diffusers._unet_output": _diffusers_adapter._unet_output,
+    "lightning_layermerge.modules.stochastic_depth": portable_modules.stochastic_depth,
+}
 
 
 #: Functions a ``call_function`` node may call, by the name stored in the file.

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..graph import Chain, Segment
-from ..plan import Plan
-from ..prune import prune
+from ...surgery.graph import Chain, Segment
+from ...surgery.plan import Plan
+from ...surgery.prune import prune
 from .cache import TableCache, fingerprint
 
 __all__ = [

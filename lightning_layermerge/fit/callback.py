@@ -47,24 +47,24 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from .adapters import unwrap_compressed, wrap_compressed
+from ..surgery.adapters import unwrap_compressed, wrap_compressed
 from .checks import check_budget, check_cache_dir, check_choice, check_monitor, check_plan, check_target, check_type
 from .distill import Distillation, DistillationPatch, frozen_teacher
-from .graph import Chain
-from .merge import merge
-from .plan import Plan
-from .prune import META_KEY, prune
+from ..surgery.graph import Chain
+from ..surgery.merge import merge
+from ..surgery.plan import Plan
+from ..surgery.prune import META_KEY, prune
 from .planner import Planner, make_runner, train_loader
-from .report import LayerMergeReport, count_parameters, settings_dict, side_by_side
+from ..planning.report import LayerMergeReport, count_parameters, settings_dict, side_by_side
 from .resume import (CHECKPOINT_KEY, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
                      fit_weights_only, is_compressed, read_checkpoint, rebuild_pruned, restore_pruned,
                      state_from_checkpoint)
-from .serialization import attach_input_spec, example_from_spec, input_spec
-from .solve import METHODS
+from ..surgery.serialization import attach_input_spec, example_from_spec, input_spec
+from ..planning.solve import METHODS
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader, get_path, set_path
 from .target import example_input, merge_checked, resolve_target, trace_target
-from .tables.importance import weights_fingerprint
-from .tables.latency import LatencySettings, LatencyTable, batched_example
+from ..planning.tables.importance import weights_fingerprint
+from ..planning.tables.latency import LatencySettings, LatencyTable, batched_example
 
 __all__ = ["LayerMergeCallback", "rebuild_pruned", "restore_pruned"]
 

@@ -53,10 +53,10 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from ..graph import Chain, Segment
-from ..merge import merge
-from ..plan import Plan
-from ..prune import prune
+from ...surgery.graph import Chain, Segment
+from ...surgery.merge import merge
+from ...surgery.plan import Plan
+from ...surgery.prune import prune
 from .cache import TableCache, fingerprint
 from .runtime import MEMORY_FORMATS, RUNTIMES, prepare_call
 

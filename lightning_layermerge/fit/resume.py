@@ -28,13 +28,13 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import fx, nn
 
-from .adapters import unwrap_compressed
-from .graph import trace
-from .merge import merge
-from .plan import Plan
-from .prune import META_KEY, prune
-from .serialization import attach_input_spec, example_from_spec
-from .serialization import read_checkpoint as read_checkpoint_file
+from ..surgery.adapters import unwrap_compressed
+from ..surgery.graph import trace
+from ..surgery.merge import merge
+from ..surgery.plan import Plan
+from ..surgery.prune import META_KEY, prune
+from ..surgery.serialization import attach_input_spec, example_from_spec
+from ..surgery.serialization import read_checkpoint as read_checkpoint_file
 from .subruns import get_path, set_path
 
 __all__ = ["CHECKPOINT_KEY", "STATE_KEY", "TEACHER_KEY", "LoadCheckpointPatch", "fit_checkpoint_path",

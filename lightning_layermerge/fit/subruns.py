@@ -35,12 +35,12 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from .bn_recalibration import default_forward, recalibrate_batchnorm
+from ..planning.bn_recalibration import default_forward, recalibrate_batchnorm
 from .distill import Distillation, DistillationPatch, frozen_teacher
-from .graph import Chain, Segment
-from .plan import Plan
-from .prune import prune
-from .tables.noise import measure_null_perfs
+from ..surgery.graph import Chain, Segment
+from ..surgery.plan import Plan
+from ..surgery.prune import prune
+from ..planning.tables.noise import measure_null_perfs
 
 __all__ = [
     "MIN_SCORE_SAMPLES", "MIN_STEPS", "TRAIN_LOSS_KEY", "VAL_LOSS_KEYS", "ImportanceSettings", "Monitor", "SubRunner",

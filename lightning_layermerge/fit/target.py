@@ -13,9 +13,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .graph import Chain, trace
-from .merge import merge
-from .serialization import attach_input_spec
+from ..surgery.graph import Chain, trace
+from ..surgery.merge import merge
+from ..surgery.serialization import attach_input_spec
 from .subruns import get_path
 
 __all__ = ["MERGE_TOLERANCE", "capture_input", "default_target", "example_input", "merge_checked",

@@ -24,17 +24,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from tqdm.auto import tqdm
 
-from .graph import Chain
-from .merge import merge
-from .plan import Plan
-from .prune import prune
-from .report import side_by_side
-from .solve import Solution, solve
+from ..surgery.graph import Chain
+from ..surgery.merge import merge
+from ..surgery.plan import Plan
+from ..surgery.prune import prune
+from ..planning.report import side_by_side
+from ..planning.solve import Solution, solve
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader
-from .tables.cache import TableCache, fingerprint
-from .tables.importance import build_importance_table, combine_shards, weights_fingerprint
-from .tables.noise import NoiseLevel, noise_level, pick_noise_entries, warn_if_noisy
-from .tables.latency import LatencySettings, LatencyTable, batched_example, build_latency_table
+from ..planning.tables.cache import TableCache, fingerprint
+from ..planning.tables.importance import build_importance_table, combine_shards, weights_fingerprint
+from ..planning.tables.noise import NoiseLevel, noise_level, pick_noise_entries, warn_if_noisy
+from ..planning.tables.latency import LatencySettings, LatencyTable, batched_example, build_latency_table
 
 __all__ = ["CALIBRATION_AIM", "CALIBRATION_SLACK", "MAX_REPLANS", "Planner", "make_runner", "train_loader"]
 

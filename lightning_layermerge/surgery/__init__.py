@@ -1,0 +1,19 @@
+"""Surgery (torch only): find a network's conv chain, prune it to a plan, merge what remains.
+
+:func:`trace` captures a network with torch.fx and returns its :class:`Chain`;
+:func:`prune` keeps the layers a :class:`Plan` keeps (identity for the rest);
+:func:`merge` folds each kept run into one conv; :func:`save_compressed` /
+:func:`load_compressed` store the result without pickled code. Nothing here imports
+Lightning or the planning layer.
+"""
+
+from .graph import Chain, Layer, Position, Segment, Skip, trace
+from .merge import merge
+from .plan import Plan
+from .prune import prune
+from .serialization import export_onnx, export_torchscript, load_compressed, save_compressed
+
+__all__ = [
+    "Chain", "Layer", "Plan", "Position", "Segment", "Skip", "export_onnx", "export_torchscript",
+    "load_compressed", "merge", "prune", "save_compressed", "trace",
+]
