@@ -1,6 +1,7 @@
 """lightning_layermerge: LayerMerge (ICML 2024) depth compression for PyTorch Lightning.
 
-Surgery (torch only): :func:`trace`, :func:`prune`, :func:`merge`, :class:`Plan`;
+Surgery (torch only): :func:`trace`, :func:`prune`, :func:`merge`, :class:`Plan`,
+:func:`fold_batchnorm` (the original with BatchNorm folded: the latency reference);
 saving and export: :func:`save_compressed`, :func:`load_compressed`, :func:`export_torchscript`,
 :func:`export_onnx`.
 Planning (no Lightning): :func:`build_latency_table`, :func:`build_importance_table`,
@@ -20,6 +21,7 @@ from .surgery.graph import Chain, Layer, Position, Segment, Skip, trace
 from .surgery.merge import merge
 from .surgery.plan import Plan
 from .surgery.prune import prune
+from .surgery.rebuild import fold_batchnorm
 from .surgery.serialization import export_onnx, export_torchscript, load_compressed, save_compressed
 
 _moved.install()
@@ -27,7 +29,7 @@ _moved.install()
 __all__ = [
     "Chain", "Distillation", "ImportanceSettings", "LatencySettings", "LatencyTable", "Layer", "LayerMergeCallback",
     "LayerMergeReport", "LayerMergeUNet2DModel", "Plan", "Position", "Segment", "Skip", "Solution", "build_importance_table",
-    "build_latency_table", "export_onnx", "export_torchscript", "load_compressed", "merge", "prune",
+    "build_latency_table", "export_onnx", "export_torchscript", "fold_batchnorm", "load_compressed", "merge", "prune",
     "rebuild_pruned", "restore_pruned", "save_compressed", "solve", "trace",
 ]
 

@@ -18,9 +18,7 @@ from lm_helpers import (FAST_IMPORTANCE, FAST_LATENCY, LitTiny, LitTinyVal, Tiny
                         quiet_trainer)
 from torch import fx
 
-from lightning_layermerge import Plan, merge, prune, trace
-from lightning_layermerge import LayerMergeCallback, restore_pruned
-from lightning_layermerge import Distillation
+from lightning_layermerge import Distillation, LayerMergeCallback, Plan, merge, prune, restore_pruned, trace
 from lightning_layermerge.fit.planner import Planner
 from lightning_layermerge import LayerMergeReport
 from lightning_layermerge.fit.subruns import TRAIN_LOSS_KEY, ImportanceSettings, SubRunner

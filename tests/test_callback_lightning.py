@@ -18,9 +18,8 @@ from lm_helpers import (FAST_LATENCY, LitEval, LitManual, LitNeedsDatamodule, Li
 from torch import fx
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_layermerge import LatencyTable, Plan, build_latency_table, restore_pruned, solve, trace
-from lightning_layermerge import LayerMergeCallback
-from lightning_layermerge import Distillation
+from lightning_layermerge import Distillation, LatencyTable, LayerMergeCallback, Plan, build_latency_table
+from lightning_layermerge import restore_pruned, solve, trace
 from lightning_layermerge.fit.planner import Planner
 from lightning_layermerge import LayerMergeReport
 from lightning_layermerge.fit.resume import TEACHER_KEY

@@ -10,10 +10,7 @@ from helpers import load_recipe
 from lm_helpers import one_thread
 from torch import fx
 
-from lightning_layermerge import LayerMergeCallback
-from lightning_layermerge import Distillation
-from lightning_layermerge import ImportanceSettings
-from lightning_layermerge import LatencySettings
+from lightning_layermerge import Distillation, ImportanceSettings, LatencySettings, LayerMergeCallback
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 main = load_recipe(RECIPES / "cli" / "main.py").main

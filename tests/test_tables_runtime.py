@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_layermerge import Plan, merge, prune, trace
-from lightning_layermerge import serialization
+from lightning_layermerge import Plan, merge, prune, serialization, trace
 from lightning_layermerge.planning.report import side_by_side
 from lightning_layermerge import LatencySettings, build_latency_table
 from lightning_layermerge.planning.tables.runtime import check_runtime, prepare_call

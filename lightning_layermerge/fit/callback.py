@@ -47,24 +47,24 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ..planning.report import LayerMergeReport, count_parameters, settings_dict, side_by_side
+from ..planning.solve import METHODS
+from ..planning.tables.importance import weights_fingerprint
+from ..planning.tables.latency import LatencySettings, LatencyTable, batched_example
 from ..surgery.adapters import unwrap_compressed, wrap_compressed
+from ..surgery.graph import Chain
+from ..surgery.meta import SurgeryMeta, attach_input_spec, example_from_spec, input_spec
+from ..surgery.plan import Plan
+from ..surgery.prune import prune
+from ..surgery.rebuild import fold_batchnorm
 from .checks import check_budget, check_cache_dir, check_choice, check_monitor, check_plan, check_target, check_type
 from .distill import Distillation, DistillationPatch, frozen_teacher
-from ..surgery.graph import Chain
-from ..surgery.merge import merge
-from ..surgery.plan import Plan
-from ..surgery.prune import META_KEY, prune
 from .planner import Planner, make_runner, train_loader
-from ..planning.report import LayerMergeReport, count_parameters, settings_dict, side_by_side
 from .resume import (CHECKPOINT_KEY, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
                      fit_weights_only, is_compressed, read_checkpoint, rebuild_pruned, restore_pruned,
                      state_from_checkpoint)
-from ..surgery.serialization import attach_input_spec, example_from_spec, input_spec
-from ..planning.solve import METHODS
 from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader, get_path, set_path
 from .target import example_input, merge_checked, resolve_target, trace_target
-from ..planning.tables.importance import weights_fingerprint
-from ..planning.tables.latency import LatencySettings, LatencyTable, batched_example
 
 __all__ = ["LayerMergeCallback", "rebuild_pruned", "restore_pruned"]
 
@@ -410,10 +410,11 @@ class LayerMergeCallback(Callback):
         if path is None or trainer.state.fn == "fit":
             return
         net = unwrap_compressed(get_path(pl_module, path))
-        if net.meta[META_KEY].get("merged"):
+        record = SurgeryMeta.of(net)
+        if record.merged:
             return
         training = net.training
-        final, merged, _ = merge_checked(net, example_from_spec(net.meta[META_KEY]["inputs"]))
+        final, merged, _ = merge_checked(net, example_from_spec(record.inputs))
         final = _like(final.to(pl_module.device), net).train(training) if merged else net
         set_path(pl_module, path, final if self._original is None else wrap_compressed(self._original, final))
         rank_zero_info(f"LayerMerge: evaluating the checkpoint's compressed '{path}' "
@@ -524,7 +525,7 @@ class LayerMergeCallback(Callback):
             rank_zero_info(f"LayerMerge: timing the compressed network against the original (BatchNorm folded), "
                            f"interleaved, {settings.warmup} + {settings.repeats} passes each ...")
         start = time.perf_counter()
-        folded = merge(prune(self._original, self.chain, Plan.keep_all(self.chain)), share=True)
+        folded = fold_batchnorm(self._original, self.chain, share=True)
         inputs = batched_example(self.chain, settings.batch_size)
         timed = side_by_side({"original": folded, "compressed": final}, inputs, settings)
         report.measured_original_ms, report.measured_ms = timed.ms["original"], timed.ms["compressed"]

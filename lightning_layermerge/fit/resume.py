@@ -29,11 +29,9 @@ import lightning.pytorch as pl
 from torch import fx, nn
 
 from ..surgery.adapters import unwrap_compressed
-from ..surgery.graph import trace
 from ..surgery.merge import merge
-from ..surgery.plan import Plan
-from ..surgery.prune import META_KEY, prune
-from ..surgery.serialization import attach_input_spec, example_from_spec
+from ..surgery.meta import SurgeryMeta, example_from_spec
+from ..surgery.rebuild import rebuild_compressed
 from ..surgery.serialization import read_checkpoint as read_checkpoint_file
 from .subruns import get_path, set_path
 
@@ -138,8 +136,7 @@ class LoadCheckpointPatch:
 
 def is_compressed(module: nn.Module) -> bool:
     """Whether ``module`` was made by ``prune`` (and possibly ``merge``), or wraps such a network."""
-    module = unwrap_compressed(module)
-    return isinstance(module, fx.GraphModule) and META_KEY in getattr(module, "meta", {})
+    return SurgeryMeta.present(unwrap_compressed(module))
 
 
 def compressed_architecture(original: nn.Module, state: Mapping) -> fx.GraphModule:
@@ -152,13 +149,8 @@ def compressed_architecture(original: nn.Module, state: Mapping) -> fx.GraphModu
     Returns:
         ``prune(original, plan)``, merged as well if the state says the weights are merged.
     """
-    example = example_from_spec(state["inputs"])
-    chain = trace(original, example)
-    net = prune(original, chain, Plan.from_dict(chain, state["plan"]))
-    if state.get("merged"):
-        net = merge(net)
-    attach_input_spec(net, example)
-    return net
+    return rebuild_compressed(original, state["plan"], example_from_spec(state["inputs"]),
+                              merged=bool(state.get("merged")))
 
 
 def rebuild_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, original: nn.Module | None = None, *,
@@ -248,6 +240,6 @@ def restore_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, *, str
     pl_module.load_state_dict(checkpoint["state_dict"], strict=strict)
     if merged:
         target = get_path(pl_module, state["target"])
-        if not target.meta[META_KEY].get("merged"):
+        if not SurgeryMeta.of(target).merged:
             set_path(pl_module, state["target"], merge(target.eval()))
     return pl_module

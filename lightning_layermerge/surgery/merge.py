@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.nn.utils import skip_init
 
 from .ops import Kind, classify
-from .prune import META_KEY
+from .meta import MergeRegion, SurgeryMeta
 
 
 @dataclass
@@ -308,20 +308,22 @@ def merge(pruned: fx.GraphModule, *, share: bool = False) -> fx.GraphModule:
         TypeError: ``pruned`` did not come from ``prune``.
         ValueError: the graph no longer has the structure ``prune`` produced.
     """
-    if not isinstance(pruned, fx.GraphModule) or META_KEY not in getattr(pruned, "meta", {}):
+    if not SurgeryMeta.present(pruned):
         raise TypeError("merge expects the network returned by lightning_layermerge.prune(...)")
-    if pruned.meta[META_KEY].get("merged"):
+    meta = SurgeryMeta.of(pruned)
+    if meta.merged:
         raise ValueError("this network is already merged")
     gm = (_copy_sharing_tensors(pruned) if share else copy.deepcopy(pruned)).eval()
     # Last segment first: a segment's entry is the previous segment's output node, which
     # must still exist (by name) when the later segment is merged.
-    for region in reversed(gm.meta[META_KEY]["regions"]):
+    for region in reversed(meta.regions):
         _merge_region(gm, region)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    gm.meta[META_KEY]["merged"] = True
+    meta.merged = True
+    meta.write(gm)
     return gm.eval()
 
 
@@ -344,9 +346,9 @@ def _copy_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm, memo)
 
 
-def _merge_region(gm: fx.GraphModule, region: dict) -> None:
+def _merge_region(gm: fx.GraphModule, region: MergeRegion) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
-    entry, output = nodes[region["entry"]], nodes[region["output"]]
+    entry, output = nodes[region.entry], nodes[region.output]
     if output is entry:
         return  # an identity segment merges to nothing
     modules = dict(gm.named_modules())
@@ -355,10 +357,10 @@ def _merge_region(gm: fx.GraphModule, region: dict) -> None:
         output.replace_all_uses_with(entry)  # only dropout/identity left: merges to nothing
         return
     padding = _input_padding(members, entry, modules)
-    shape_c = region["channels"]
+    shape_c = region.channels
     device = next(iter(gm.parameters())).device if any(True for _ in gm.parameters()) else torch.device("cpu")
     maps: dict[fx.Node, Map] = {}
-    base = AffineConv.identity(shape_c, device, padding, max(region["in_hw"]))
+    base = AffineConv.identity(shape_c, device, padding, max(region.in_hw))
     like: torch.Tensor | None = None
     biases: dict[fx.Node, dict[fx.Node, torch.Tensor]] = {}  # see _carry_biases
     # Free each map after its last reader: a long segment of wide convs holds one merged
@@ -381,7 +383,7 @@ def _merge_region(gm: fx.GraphModule, region: dict) -> None:
     final, terms = _resolved(maps[output]), biases[output]
     if like is None:
         like = next(iter(gm.parameters()), torch.zeros(()))
-    name = f"merged_{region['i']}_{region['j']}"
+    name = f"merged_{region.i}_{region.j}"
     with gm.graph.inserting_before(output):
         if terms and _is_identity(final):
             new = entry  # e.g. all convs removed, only the bias is left

@@ -2,7 +2,7 @@
 
 The result is a trainable ``torch.fx.GraphModule`` that computes, in every segment, a
 chain of *unpadded* convolutions on an input padded once (the paper: "move all padding of
-a merge block to its input"), so that :func:`~lightning_layermerge.merge.merge` is exact
+a merge block to its input"), so that :func:`~lightning_layermerge.surgery.merge.merge` is exact
 after any amount of fine-tuning.
 
 A GroupNorm (``Kind.MOVABLE_NORM``) between convs of one segment cannot be folded; it is
@@ -24,14 +24,13 @@ from torch import fx, nn
 from .capture import capture
 from .graph import Chain, Segment, _Analysis
 from .ops import Kind
+from .meta import MergeRegion, SurgeryMeta
 from .plan import Plan
-
-META_KEY = "layermerge"
-
 
 @dataclass(frozen=True)
 class Region:
-    """Where one segment lives in a pruned graph: ``merge`` replaces entry -> output by a conv."""
+    """Where one segment lives while the graph is rewritten (node names of the captured graph);
+    :meth:`_Rewriter.resolve_region` turns it into the stored :class:`MergeRegion`."""
 
     i: int
     j: int
@@ -85,11 +84,7 @@ def prune(
         for seg in plan.segments:
             rewriter.add_bottleneck_activation(seg, bottleneck_activation)
     gm = rewriter.finish()
-    gm.meta[META_KEY] = {
-        "regions": [rewriter.resolve_region(r) for r in regions],
-        "plan": plan.to_dict(),
-        "merged": False,
-    }
+    SurgeryMeta(plan=plan.to_dict(), regions=[rewriter.resolve_region(r) for r in regions]).write(gm)
     gm.train(model.training)
     return gm
 
@@ -285,15 +280,14 @@ class _Rewriter:
         first = next((n for n in after if self.a.ops[n].kind is not Kind.IDENTITY), None)
         return first is not None and self.a.ops[first].kind is Kind.MOVABLE_NORM
 
-    def resolve_region(self, region: Region) -> dict:
+    def resolve_region(self, region: Region) -> MergeRegion:
         """The region with node names resolved to the final graph."""
-        return {
-            "i": region.i, "j": region.j, "k": region.k, "convs": list(region.convs),
-            "entry": self.new_entries.get(self.node(region.entry).name, self.node(region.entry)).name,
-            "output": self.node(region.output).name,
-            "padding": region.padding, "channels": self.a.cap.shapes[region.entry][1],
-            "in_hw": list(self.a.cap.shapes[region.entry][2:]),
-        }
+        return MergeRegion(
+            region.i, region.j, region.k, tuple(region.convs),
+            entry=self.new_entries.get(self.node(region.entry).name, self.node(region.entry)).name,
+            output=self.node(region.output).name, padding=region.padding,
+            channels=self.a.cap.shapes[region.entry][1], in_hw=tuple(self.a.cap.shapes[region.entry][2:]),
+        )
 
     def finish(self) -> fx.GraphModule:
         self.gm.graph.lint()

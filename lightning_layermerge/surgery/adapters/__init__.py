@@ -143,10 +143,10 @@ def wrap_compressed(original: nn.Module, network: nn.Module) -> nn.Module:
 
 def unwrap_compressed(module: nn.Module) -> nn.Module:
     """The network inside a wrapper made by :func:`wrap_compressed` (its ``.network``); else ``module``."""
-    from ..prune import META_KEY  # not at import time: prune imports this package
+    from ..meta import SurgeryMeta  # not at import time: meta imports capture, which imports this package
 
     inner = getattr(module, "network", None)
-    if not isinstance(module, fx.GraphModule) and isinstance(inner, fx.GraphModule) and META_KEY in inner.meta:
+    if not isinstance(module, fx.GraphModule) and SurgeryMeta.present(inner):
         return inner
     return module
 
