@@ -60,6 +60,7 @@ from ..surgery.rebuild import fold_batchnorm
 from .checks import check_budget, check_cache_dir, check_choice, check_monitor, check_plan, check_target, check_type
 from .distill import Distillation, DistillationPatch, frozen_teacher
 from .planner import Planner, make_runner, train_loader
+from .state import STATE_VERSION, CompressionState
 from .resume import (CHECKPOINT_KEY, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
                      fit_weights_only, is_compressed, read_checkpoint, rebuild_pruned, restore_pruned,
                      state_from_checkpoint)
@@ -68,7 +69,6 @@ from .target import example_input, merge_checked, resolve_target, trace_target
 
 __all__ = ["LayerMergeCallback", "rebuild_pruned", "restore_pruned"]
 
-_STATE_VERSION = 1
 #: Budgets under this fraction warn: few networks keep their accuracy at such a speed-up.
 LOW_BUDGET = 0.2
 
@@ -171,7 +171,7 @@ class LayerMergeCallback(Callback):
         self._teacher: nn.Module | None = None
         self._runner: SubRunner | None = None
         self._monitor: Monitor | None = None
-        self._state: dict[str, Any] | None = None
+        self._state: CompressionState | None = None
         self._kd: DistillationPatch | None = None
         self._load_patch: LoadCheckpointPatch | None = None
         self._resumed_from: str | None = None
@@ -206,7 +206,7 @@ class LayerMergeCallback(Callback):
         example = example_input(pl_module, target, lambda: next(iter(check_loader(train_loader(trainer)))))
         chain = trace_target(target, example, path)
         if resume is not None:  # fit(ckpt_path=...): the checkpoint's plan and teacher, nothing measured
-            state = state_from_checkpoint(resume)
+            state = CompressionState.from_dict(state_from_checkpoint(resume))
             plan = self._plan_from_state(chain, state, path)
             teacher = self._teacher_for_resume(resume, state, target, path)
         else:
@@ -240,7 +240,8 @@ class LayerMergeCallback(Callback):
         self._resumed_from = path
         return checkpoint
 
-    def _teacher_for_resume(self, checkpoint: Mapping, state: dict, target: nn.Module, path: str) -> nn.Module | None:
+    def _teacher_for_resume(self, checkpoint: Mapping, state: CompressionState, target: nn.Module,
+                            path: str) -> nn.Module | None:
         """The original network to distil from on resume: stored in the checkpoint, or the module's own
         target if its weights are the ones the plan was made from.
 
@@ -254,7 +255,7 @@ class LayerMergeCallback(Callback):
         if stored is not None:
             teacher.load_state_dict(stored)
             return teacher
-        if state.get("original_weights") == weights_fingerprint(target):
+        if state.original_weights == weights_fingerprint(target):
             return teacher
         raise ValueError(
             f"LayerMergeCallback(distill=...): the checkpoint being resumed holds no teacher weights (it was written "
@@ -264,13 +265,14 @@ class LayerMergeCallback(Callback):
         )
 
     def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, target: nn.Module,
-              chain: Chain) -> tuple[Plan, dict]:
+              chain: Chain) -> tuple[Plan, CompressionState]:
         """Tables -> solve -> calibrate (``planner.Planner``); keeps its results on the callback."""
         planner = Planner(budget=self.budget, method=self.method, monitor=self.monitor, mode=self.mode,
                           importance=self.importance_settings, latency=self._timing,
                           calibrate=self.calibrate, cache_dir=self._cache(trainer), verbose=self.verbose)
         try:
-            return planner.run(trainer, pl_module, path, target, chain)
+            plan, facts = planner.run(trainer, pl_module, path, target, chain)
+            return plan, CompressionState.from_dict({**facts, "plan": plan.to_dict()})
         finally:
             self.latency_table, self.importance_table = planner.latency_table, planner.importance_table
             self.importance_shard, self.calibration = planner.importance_shard, planner.calibration
@@ -281,48 +283,47 @@ class LayerMergeCallback(Callback):
             return None
         return str(self.cache_dir) if self.cache_dir else os.path.join(trainer.default_root_dir, ".layermerge_cache")
 
-    def _known_state(self) -> dict | None:
+    def _known_state(self) -> CompressionState | None:
         """A plan that needs no profiling (``plan=``)."""
         source = self._given_plan
         if source is None:
             return None
         if isinstance(source, Mapping):  # a state dict, or a bare Plan.to_dict()
-            return dict(source) if "plan" in source else {"plan": dict(source)}
+            return CompressionState.from_dict(source if "plan" in source else {"plan": dict(source)})
         state = state_from_checkpoint(source)
         if not state:
             raise ValueError(f"LayerMergeCallback(plan={source!r}): the checkpoint holds no LayerMerge plan; it was "
                              "not written during a LayerMergeCallback fit")
-        return state
+        return CompressionState.from_dict(state)
 
-    def _plan_from_state(self, chain: Chain, state: dict, path: str) -> Plan:
-        plan_dict = state["plan"]
-        if state.get("target", path) != path:
-            raise ValueError(f"LayerMergeCallback(plan=...): the plan was made for target '{state['target']}', not "
-                             f"'{path}'; pass target={state['target']!r}")
-        return Plan.from_dict(chain, plan_dict)
+    def _plan_from_state(self, chain: Chain, state: CompressionState, path: str) -> Plan:
+        if state.target is not None and state.target != path:
+            raise ValueError(f"LayerMergeCallback(plan=...): the plan was made for target '{state.target}', not "
+                             f"'{path}'; pass target={state.target!r}")
+        return Plan.from_dict(chain, state.plan)
 
     def _apply(self, pl_module: pl.LightningModule, path: str, target: nn.Module, chain: Chain, plan: Plan,
-               state: dict, teacher: nn.Module | None) -> None:
+               state: CompressionState, teacher: nn.Module | None) -> None:
         """Replace the target by the pruned network; remember what resume and the report need."""
         pruned = _like(prune(target, chain, plan), target)
         attach_input_spec(pruned, chain.example)
         self._teacher = teacher
         set_path(pl_module, path, pruned)
         self._original, self._target_path, self.chain, self.plan = target, path, chain, plan
-        self._state = {**state, "version": _STATE_VERSION, "target": path, "plan": plan.to_dict(),
-                       "inputs": input_spec(chain.example), "budget": state.get("budget", self.budget),
-                       "method": state.get("method", self.method), "merged": False,
-                       "original_weights": state.get("original_weights") or weights_fingerprint(target)}
-        if self._monitor is None and state.get("monitor") and self.monitor in (None, state["monitor"]):
+        self._state = dataclasses.replace(
+            state, version=STATE_VERSION, target=path, plan=plan.to_dict(), inputs=input_spec(chain.example),
+            budget=self.budget if state.budget is None else state.budget, method=state.method or self.method,
+            merged=False, original_weights=state.original_weights or weights_fingerprint(target))
+        if self._monitor is None and state.monitor and self.monitor in (None, state.monitor):
             # A known plan (plan= or a checkpoint) carries the metric it was scored with.
-            self._monitor = Monitor(state["monitor"], state.get("mode", self.mode), bool(state.get("training_loss")))
+            self._monitor = Monitor(state.monitor, state.mode or self.mode, state.training_loss)
         self._load_patch = LoadCheckpointPatch(pl_module, lambda checkpoint: self._rebuild_for(pl_module, checkpoint))
         self._active = True
         self._log_plan(pl_module)
 
     def _log_plan(self, pl_module: pl.LightningModule) -> None:
         st, plan = self._state, self.plan
-        ratio = st["predicted_ms"] / st["table_original_ms"] if st.get("predicted_ms") else None
+        ratio = st.predicted_ms / st.table_original_ms if st.predicted_ms else None
         if self.verbose:
             pred = f", predicted latency {ratio:.3f}x of the original ({1 / ratio:.2f}x faster)" if ratio else ""
             rounds = "; ".join(f"predicted {c['predicted']:.3f} measured {c['measured']:.3f}" for c in self.calibration)
@@ -351,31 +352,32 @@ class LayerMergeCallback(Callback):
             set_path(pl_module, self._target_path, self._original)  # leave the model as it was
             self._active = False
             raise ValueError(_NOT_COMPRESSED)
-        if state["plan"]["segments"] != self._state["plan"]["segments"]:
-            self.plan = self._plan_from_state(self.chain, state, self._target_path)
+        if state["plan"]["segments"] != self._state.plan["segments"]:
+            self.plan = self._plan_from_state(self.chain, CompressionState.from_dict(state), self._target_path)
             pruned = _like(prune(self._original, self.chain, self.plan), self._original)
             attach_input_spec(pruned, self.chain.example)
             set_path(pl_module, self._target_path, pruned)
         if self.distill is not None and self._resumed_from is None:
-            self._teacher = self._teacher_for_resume(checkpoint, state, self._original, self._target_path)
-        self._state = {**self._state, **state}
+            self._teacher = self._teacher_for_resume(checkpoint, CompressionState.from_dict(state), self._original,
+                                                     self._target_path)
+        self._state = self._state.updated(state)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Store the plan at the top level too (for :func:`rebuild_pruned`), and the teacher when distilling."""
         if self._state is not None:
-            checkpoint[CHECKPOINT_KEY] = copy.deepcopy(self._state)
+            checkpoint[CHECKPOINT_KEY] = copy.deepcopy(self._state.to_dict())
         if self._active and self._teacher is not None:
             checkpoint[TEACHER_KEY] = {k: v.detach().cpu() for k, v in self._teacher.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The plan state (plan, target, example-input shapes, predicted latency, metric)."""
-        return copy.deepcopy(self._state) if self._state is not None else {}
+        return copy.deepcopy(self._state.to_dict()) if self._state is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Merge a checkpoint's state into the current one (the architecture is already rebuilt)."""
         # The architecture was already rebuilt from the same state in _rebuild_for.
         if state_dict and self._state is not None:
-            self._state = {**self._state, **state_dict}
+            self._state = self._state.updated(state_dict)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -478,7 +480,7 @@ class LayerMergeCallback(Callback):
         # as a LayerMergeUNet2DModel for pipelines); the state-dict keys stay the network's own.
         final = wrap_compressed(self._original, _like(final, pruned))
         set_path(pl_module, self._target_path, final)
-        self._state["merged"] = merged  # checkpoints saved from now on hold the merged weights
+        self._state.merged = merged  # checkpoints saved from now on hold the merged weights
         self.report = self._build_report(trainer, pl_module, final, merged, error)
         self._publish(trainer, self.report)
         # Done: drop the copies (teacher, sub-run module) so they do not hold memory. The user's
@@ -494,12 +496,12 @@ class LayerMergeCallback(Callback):
             layer_names=[l.name for l in chain.layers], segments=plan.keys,
             kept_activations=sorted(plan.kept_activations), kept_convs=sorted(plan.kept_convs),
             irreducible=sorted(chain.irreducible), latency_settings={**settings_dict(self._report_timing()), "precision": str(trainer.precision)},
-            table_original_ms=st.get("table_original_ms"), predicted_ms=st.get("predicted_ms"),
+            table_original_ms=st.table_original_ms, predicted_ms=st.predicted_ms,
             params_before=count_parameters(self._original), params_after=count_parameters(final),
-            monitor=st.get("monitor"), mode=st.get("mode", self.mode), metric_before=st.get("metric_before"),
-            merged=merged, merge_max_error=error, calibration=list(st.get("calibration", [])),
-            importance=dict(st.get("importance") or {}), table_build_s=st.get("table_build_s"),
-            table_max_spread=st.get("table_max_spread"), load_note=st.get("load_note") or "",
+            monitor=st.monitor, mode=st.mode or self.mode, metric_before=st.metric_before,
+            merged=merged, merge_max_error=error, calibration=list(st.calibration),
+            importance=dict(st.importance or {}), table_build_s=st.table_build_s,
+            table_max_spread=st.table_max_spread, load_note=st.load_note,
         )
         if trainer.is_global_zero:  # measured once, without contention between ranks
             self._measure(report, final)
@@ -511,7 +513,7 @@ class LayerMergeCallback(Callback):
         robust ones), from this run's table or the resumed checkpoint; else the requested ones."""
         if self.latency_table is not None:
             return self.latency_table.settings
-        saved = (self._state or {}).get("latency_settings")
+        saved = self._state.latency_settings if self._state is not None else None
         if saved:
             try:
                 return LatencySettings(**saved)

@@ -33,6 +33,7 @@ from ..surgery.merge import merge
 from ..surgery.meta import SurgeryMeta, example_from_spec
 from ..surgery.rebuild import rebuild_compressed
 from ..surgery.serialization import read_checkpoint as read_checkpoint_file
+from .state import CompressionState
 from .subruns import get_path, set_path
 
 __all__ = ["CHECKPOINT_KEY", "STATE_KEY", "TEACHER_KEY", "LoadCheckpointPatch", "fit_checkpoint_path",
@@ -139,18 +140,17 @@ def is_compressed(module: nn.Module) -> bool:
     return SurgeryMeta.present(unwrap_compressed(module))
 
 
-def compressed_architecture(original: nn.Module, state: Mapping) -> fx.GraphModule:
+def compressed_architecture(original: nn.Module, state: CompressionState) -> fx.GraphModule:
     """The network a checkpoint's weights belong to, built from the original architecture.
 
     Args:
         original: The uncompressed target (any weights; it is not modified).
-        state: The checkpoint's LayerMerge state (:func:`state_from_checkpoint`).
+        state: The checkpoint's LayerMerge state.
 
     Returns:
         ``prune(original, plan)``, merged as well if the state says the weights are merged.
     """
-    return rebuild_compressed(original, state["plan"], example_from_spec(state["inputs"]),
-                              merged=bool(state.get("merged")))
+    return rebuild_compressed(original, state.plan, example_from_spec(state.inputs or []), merged=state.merged)
 
 
 def rebuild_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, original: nn.Module | None = None, *,
@@ -182,10 +182,11 @@ def rebuild_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, origin
             ``original`` is given.
     """
     checkpoint = read_checkpoint(checkpoint, trusted=trusted)
-    state = state_from_checkpoint(checkpoint)
-    if not state:
+    stored = state_from_checkpoint(checkpoint)
+    if not stored:
         return False
-    path = state["target"]
+    state = CompressionState.from_dict(stored)
+    path = state.target
     current = get_path(pl_module, path)
     if _same_keys(pl_module, checkpoint.get("state_dict")):
         return False
@@ -233,13 +234,14 @@ def restore_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, *, str
             objects other than tensors and plain data and ``trusted`` is false.
     """
     checkpoint = read_checkpoint(checkpoint, trusted=trusted)
-    state = state_from_checkpoint(checkpoint)
-    if not state:
+    stored = state_from_checkpoint(checkpoint)
+    if not stored:
         raise ValueError("the checkpoint holds no LayerMerge plan; it was not written during a LayerMergeCallback fit")
+    state = CompressionState.from_dict(stored)
     rebuild_pruned(pl_module, checkpoint)
     pl_module.load_state_dict(checkpoint["state_dict"], strict=strict)
     if merged:
-        target = get_path(pl_module, state["target"])
+        target = get_path(pl_module, state.target)
         if not SurgeryMeta.of(target).merged:
-            set_path(pl_module, state["target"], merge(target.eval()))
+            set_path(pl_module, state.target, merge(target.eval()))
     return pl_module
