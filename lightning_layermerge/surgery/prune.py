@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .capture import capture
-from .graph import Chain, Segment, _Analysis
+from .analysis import ChainAnalysis
+from .chain import Chain, Segment
 from .ops import Kind
 from .meta import MergeRegion, SurgeryMeta
 from .plan import Plan
@@ -73,7 +74,7 @@ def prune(
     if plan.fingerprint != chain.fingerprint:
         raise ValueError("the plan was made for a different chain; build it from this chain")
     cap = capture(model, chain.example, shapes=chain.capture.shapes)
-    analysis = _Analysis(cap, chain.model_name)
+    analysis = ChainAnalysis(cap, chain.model_name)
     _check_same_architecture(analysis, chain)
     rewriter = _Rewriter(cap.gm, analysis)
     regions = [rewriter.apply(seg) for seg in plan.segments]
@@ -89,7 +90,7 @@ def prune(
     return gm
 
 
-def _check_same_architecture(analysis: _Analysis, chain: Chain) -> None:
+def _check_same_architecture(analysis: ChainAnalysis, chain: Chain) -> None:
     ours = [(l.name, l.in_shape, l.out_shape, l.kernel, l.stride) for l in analysis.layers]
     theirs = [(l.name, l.in_shape, l.out_shape, l.kernel, l.stride) for l in chain.layers]
     channels = [(l.in_channels, l.out_channels, l.groups) for l in analysis.layers]
@@ -103,7 +104,7 @@ def _check_same_architecture(analysis: _Analysis, chain: Chain) -> None:
 class _Rewriter:
     """Graph surgery on a captured GraphModule, segment by segment."""
 
-    def __init__(self, gm: fx.GraphModule, analysis: _Analysis) -> None:
+    def __init__(self, gm: fx.GraphModule, analysis: ChainAnalysis) -> None:
         self.gm = gm
         self.a = analysis
         self.nodes = {n.name: n for n in gm.graph.nodes}
