@@ -35,7 +35,7 @@ __all__ = [
 
 # Names of the Lightning layer (and of the diffusers model), by the module that defines them.
 _LAZY = {"LayerMergeCallback": "fit.callback", "restore_pruned": "fit.resume", "rebuild_pruned": "fit.resume",
-         "Distillation": "fit.distill", "ImportanceSettings": "fit.subruns",
+         "Distillation": "fit.distill", "ImportanceSettings": "fit.importance_settings",
          "LayerMergeUNet2DModel": "adapters.diffusers_model"}
 
 

@@ -18,11 +18,11 @@ from lm_helpers import (FAST_IMPORTANCE, FAST_LATENCY, LitTiny, LitTinyVal, Tiny
                         quiet_trainer)
 from torch import fx
 
-from lightning_layermerge import Distillation, LayerMergeCallback, Plan, merge, prune, restore_pruned, trace
+from lightning_layermerge import (Distillation, ImportanceSettings, LayerMergeCallback, LayerMergeReport, Plan,
+                                  build_latency_table, merge, prune, restore_pruned, trace)
+from lightning_layermerge.fit.importance_settings import TRAIN_LOSS_KEY
 from lightning_layermerge.fit.planner import Planner
-from lightning_layermerge import LayerMergeReport
-from lightning_layermerge.fit.subruns import TRAIN_LOSS_KEY, ImportanceSettings, SubRunner
-from lightning_layermerge import build_latency_table
+from lightning_layermerge.fit.subruns import SubRunner
 
 TESTS = Path(__file__).parent
 

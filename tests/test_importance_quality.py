@@ -17,13 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_layermerge import Plan, prune, trace
 from lightning_layermerge.planning.bn_recalibration import batchnorm_layers, recalibrate_batchnorm
-from lightning_layermerge.fit.subruns import (
-    MIN_SCORE_SAMPLES,
-    MIN_STEPS,
-    ImportanceSettings,
-    SubRunner,
-    draw_subsets,
-)
+from lightning_layermerge.fit.importance_settings import MIN_SCORE_SAMPLES, MIN_STEPS, ImportanceSettings
+from lightning_layermerge.fit.subruns import SubRunner
+from lightning_layermerge.fit.subsets import draw_subsets
 from lightning_layermerge.planning.tables.noise import (
     ImportanceNoiseWarning,
     measure_null_perfs,

@@ -64,7 +64,10 @@ from .state import STATE_VERSION, CompressionState
 from .resume import (CHECKPOINT_KEY, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
                      fit_weights_only, is_compressed, read_checkpoint, rebuild_pruned, restore_pruned,
                      state_from_checkpoint)
-from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader, get_path, set_path
+from .importance_settings import ImportanceSettings, Monitor
+from .paths import get_path, set_path
+from .subruns import SubRunner
+from .subsets import check_loader
 from .target import example_input, merge_checked, resolve_target, trace_target
 
 __all__ = ["LayerMergeCallback", "rebuild_pruned", "restore_pruned"]

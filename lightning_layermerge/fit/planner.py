@@ -34,7 +34,9 @@ from ..surgery.merge import merge
 from ..surgery.plan import Plan
 from ..surgery.prune import prune
 from ..surgery.rebuild import fold_batchnorm
-from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader
+from .importance_settings import ImportanceSettings, Monitor
+from .subruns import SubRunner
+from .subsets import check_loader
 
 __all__ = ["Planner", "make_runner", "train_loader"]
 

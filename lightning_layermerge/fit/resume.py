@@ -34,7 +34,7 @@ from ..surgery.meta import SurgeryMeta, example_from_spec
 from ..surgery.rebuild import rebuild_compressed
 from ..surgery.serialization import read_checkpoint as read_checkpoint_file
 from .state import CompressionState
-from .subruns import get_path, set_path
+from .paths import get_path, set_path
 
 __all__ = ["CHECKPOINT_KEY", "STATE_KEY", "TEACHER_KEY", "LoadCheckpointPatch", "fit_checkpoint_path",
            "fit_weights_only", "read_checkpoint", "rebuild_pruned", "restore_pruned", "state_from_checkpoint"]

@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from ..surgery.graph import Chain, trace
 from ..surgery.merge import merge
 from ..surgery.meta import attach_input_spec
-from .subruns import get_path
+from .paths import get_path
 
 __all__ = ["MERGE_TOLERANCE", "capture_input", "default_target", "example_input", "merge_checked",
            "relative_error", "resolve_target", "trace_target"]
