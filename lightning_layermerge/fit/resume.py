@@ -28,21 +28,31 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import fx, nn
 
+from ..planning.tables.importance import weights_fingerprint
 from ..surgery.adapters import unwrap_compressed
+from ..surgery.graph import Chain
 from ..surgery.merge import merge
 from ..surgery.meta import SurgeryMeta, example_from_spec
+from ..surgery.plan import Plan
 from ..surgery.rebuild import rebuild_compressed
 from ..surgery.serialization import read_checkpoint as read_checkpoint_file
 from .state import CompressionState
+from .distill import frozen_teacher
 from .paths import get_path, set_path
 
 __all__ = ["CHECKPOINT_KEY", "STATE_KEY", "TEACHER_KEY", "LoadCheckpointPatch", "fit_checkpoint_path",
-           "fit_weights_only", "read_checkpoint", "rebuild_pruned", "restore_pruned", "state_from_checkpoint"]
+           "fit_weights_only", "plan_for_target", "read_checkpoint", "rebuild_pruned", "restore_pruned",
+           "state_from_checkpoint", "state_of_plan_argument", "teacher_for_resume"]
 
 #: Top-level checkpoint key of the plan state.
 CHECKPOINT_KEY = "layermerge"
 #: Top-level checkpoint key of the teacher's (original target's) state dict, written when distilling.
 TEACHER_KEY = "layermerge_teacher"
+#: Why a fit cannot resume from an uncompressed checkpoint, and what to do instead.
+NOT_COMPRESSED = (
+    "LayerMergeCallback: the checkpoint being resumed holds no LayerMerge plan (it is an uncompressed model). Load "
+    "its weights into the module before fit (e.g. Module.load_from_checkpoint) and call fit without ckpt_path"
+)
 #: ``LayerMergeCallback.state_key``: where Lightning keeps the callback state in checkpoints.
 STATE_KEY = "LayerMergeCallback"
 
@@ -245,3 +255,53 @@ def restore_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, *, str
         if not SurgeryMeta.of(target).merged:
             set_path(pl_module, state.target, merge(target.eval()))
     return pl_module
+
+
+def state_of_plan_argument(source: Mapping | str | os.PathLike) -> CompressionState:
+    """The state ``LayerMergeCallback(plan=...)`` names: a state dict, a bare ``Plan.to_dict()``, or a
+    checkpoint path.
+
+    Raises:
+        ValueError: The checkpoint holds no LayerMerge plan.
+    """
+    if isinstance(source, Mapping):
+        return CompressionState.from_dict(source if "plan" in source else {"plan": dict(source)})
+    state = state_from_checkpoint(source)
+    if not state:
+        raise ValueError(f"LayerMergeCallback(plan={source!r}): the checkpoint holds no LayerMerge plan; it was "
+                         "not written during a LayerMergeCallback fit")
+    return CompressionState.from_dict(state)
+
+
+def plan_for_target(chain: Chain, state: CompressionState, path: str) -> Plan:
+    """The state's plan on ``chain``, checking it was made for the target at ``path``.
+
+    Raises:
+        ValueError: The plan was made for another target, or does not fit ``chain``.
+    """
+    if state.target is not None and state.target != path:
+        raise ValueError(f"LayerMergeCallback(plan=...): the plan was made for target '{state.target}', not "
+                         f"'{path}'; pass target={state.target!r}")
+    return Plan.from_dict(chain, state.plan)
+
+
+def teacher_for_resume(checkpoint: Mapping, state: CompressionState, target: nn.Module, path: str) -> nn.Module:
+    """The original network to distil from on resume: stored in the checkpoint, or the module's own
+    target if its weights are the ones the plan was made from.
+
+    Raises:
+        ValueError: The original weights cannot be recovered.
+    """
+    teacher = frozen_teacher(target)
+    stored = checkpoint.get(TEACHER_KEY)
+    if stored is not None:
+        teacher.load_state_dict(stored)
+        return teacher
+    if state.original_weights == weights_fingerprint(target):
+        return teacher
+    raise ValueError(
+        f"LayerMergeCallback(distill=...): the checkpoint being resumed holds no teacher weights (it was written "
+        f"without distill=), and the module's '{path}' does not hold the original weights the plan was made "
+        f"from, so there is no network to distil from. Load the original weights into module.{path} before "
+        "fit, or resume without distill"
+    )

@@ -18,7 +18,7 @@ from ..surgery.merge import merge
 from ..surgery.meta import attach_input_spec
 from .paths import get_path
 
-__all__ = ["MERGE_TOLERANCE", "capture_input", "default_target", "example_input", "merge_checked",
+__all__ = ["MERGE_TOLERANCE", "capture_input", "default_target", "example_input", "like_memory_format", "merge_checked",
            "relative_error", "resolve_target", "trace_target"]
 
 #: Relative tolerance for "merged equals pruned" on the example input (float32 rounding).
@@ -187,3 +187,12 @@ def relative_error(want: Any, got: Any) -> float:
     diff = max(float((a - b).abs().max()) for a, b in pairs)
     scale = max(float(a.abs().max()) for a, _ in pairs)
     return diff / max(scale, 1e-12)
+
+
+def like_memory_format(net: nn.Module, reference: nn.Module) -> nn.Module:
+    """``net`` in the memory format of ``reference``'s conv weights (``channels_last`` survives surgery)."""
+    weights = [p for p in reference.parameters() if p.dim() == 4]
+    if weights and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                       for p in weights):
+        net = net.to(memory_format=torch.channels_last)
+    return net
