@@ -72,12 +72,12 @@ def test_old_module_path_is_the_new_module(old: str) -> None:
 def test_saved_file_names_are_unchanged() -> None:
     """Names written into saved files resolve as they did before the package was split."""
     from lightning_layermerge.adapters.diffusers_model import LayerMergeUNet2DModel
-    from lightning_layermerge.surgery import graphdata, modules
+    from lightning_layermerge.surgery import allowlists, modules
 
     assert LayerMergeUNet2DModel.__module__ == "lightning_layermerge.adapters.diffusers_model"
-    assert graphdata.FUNCTIONS["lightning_layermerge.modules.stochastic_depth"] is modules.stochastic_depth
-    assert "lightning_layermerge.adapters.diffusers._broadcast_timesteps" in graphdata.FUNCTIONS
-    assert graphdata.MODULE_CLASSES["lightning_layermerge.modules.DropPath"] is modules.DropPath
+    assert allowlists.FUNCTIONS["lightning_layermerge.modules.stochastic_depth"] is modules.stochastic_depth
+    assert "lightning_layermerge.adapters.diffusers._broadcast_timesteps" in allowlists.FUNCTIONS
+    assert allowlists.MODULE_CLASSES["lightning_layermerge.modules.DropPath"] is modules.DropPath
 
 
 def test_importing_an_old_path_keeps_the_package_function() -> None:
