@@ -149,12 +149,16 @@ def trace_target(target: nn.Module, example: tuple, path: str) -> Chain:
         raise ValueError(f"LayerMergeCallback(target={path!r}): {err}") from err
 
 
-def merge_checked(pruned: fx.GraphModule, example: tuple) -> tuple[nn.Module, bool, float]:
-    """``merge(pruned)`` if it equals ``pruned`` on the example input, else ``pruned`` (with a warning)."""
+def merge_checked(pruned: fx.GraphModule, example: tuple, *,
+                  merge_fn: Callable[..., fx.GraphModule] = merge) -> tuple[nn.Module, bool, float]:
+    """``merge(pruned)`` if it equals ``pruned`` on the example input, else ``pruned`` (with a warning).
+
+    ``merge_fn`` is the merge to check (``merge``; a test passes a faulty one to see the fallback).
+    """
     pruned.eval()
     example = _like_parameters(example, pruned)
     try:
-        merged = merge(pruned, share=True)  # the caller keeps one of the two
+        merged = merge_fn(pruned, share=True)  # the caller keeps one of the two
         with torch.no_grad():
             error = relative_error(pruned(*example), merged(*example))
     except Exception as err:  # a failed merge must not lose the fine-tuned network
