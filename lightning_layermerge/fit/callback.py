@@ -59,8 +59,8 @@ from .state import STATE_VERSION, CompressionState
 from .evaluation import merge_for_evaluation, rebuild_for_evaluation
 from .final_report import build_report, measure_report, publish_report, report_timing
 from .precision import timing_settings
-from .resume import (CHECKPOINT_KEY, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
-                     NOT_COMPRESSED, fit_weights_only, is_compressed, plan_for_target, read_checkpoint, rebuild_pruned, restore_pruned,
+from .resume import (CHECKPOINT_KEY, NOT_COMPRESSED, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
+                     fit_weights_only, is_compressed, plan_for_target, read_checkpoint, rebuild_pruned, restore_pruned,
                      state_from_checkpoint, state_of_plan_argument, teacher_for_resume)
 from .importance_settings import ImportanceSettings, Monitor
 from .paths import get_path, set_path
@@ -92,7 +92,7 @@ class LayerMergeCallback(Callback):
             training loss on a held-out subset.
         mode: ``"min"`` or ``"max"``: whether a lower or a higher ``monitor`` is better.
         importance: How each importance entry is estimated (:class:`ImportanceSettings`).
-        latency: How latency is measured (:class:`~lightning_layermerge.tables.latency.LatencySettings`);
+        latency: How latency is measured (:class:`~lightning_layermerge.LatencySettings`);
             the final side-by-side measurement uses the same settings. The defaults are the
             robust ones: 1 thread timed by the thread's CPU clock (unaffected by other
             processes), entries priced in the context of the whole network, every timing
@@ -102,7 +102,7 @@ class LayerMergeCallback(Callback):
             float32 timing follows the trainer's dtype, since those weights are what gets
             deployed; with mixed precision the weights stay float32 and timing stays in
             ``latency.dtype``. The report states dtype and precision.
-        distill: Optional :class:`~lightning_layermerge.distill.Distillation` from the
+        distill: Optional :class:`~lightning_layermerge.Distillation` from the
             original network during fine-tuning.
         cache_dir: Directory for the latency and importance table caches. ``None``:
             ``<trainer.default_root_dir>/.layermerge_cache``; ``False``: no cache. With a cache,

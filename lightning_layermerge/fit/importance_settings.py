@@ -78,7 +78,7 @@ class ImportanceSettings:
             (30) steps, which re-estimate the statistics anyway; with ``steps=0`` it is the
             cheap mode (no training at all), ranking far better than one step.
         kd_alpha: Weight of knowledge distillation from the original target inside each
-            entry's fine-tune (``loss + kd_alpha * KD``, :func:`~lightning_layermerge.distill.kd_loss`);
+            entry's fine-tune (``loss + kd_alpha * KD``, :func:`~lightning_layermerge.fit.distill.kd_loss`);
             0: off.
         kd_temperature: Temperature of that distillation.
         noise_repeats: Runs of the unmodified network through the entry protocol (another

@@ -11,12 +11,13 @@ Lightning or the planning layer.
 
 from .graph import Chain, Layer, Position, Segment, Skip, trace
 from .merge import merge
+from .meta import SurgeryMeta
 from .plan import Plan
 from .prune import prune
 from .rebuild import fold_batchnorm, rebuild_compressed
 from .serialization import export_onnx, export_torchscript, load_compressed, save_compressed
 
 __all__ = [
-    "Chain", "Layer", "Plan", "Position", "Segment", "Skip", "export_onnx", "export_torchscript", "fold_batchnorm",
-    "load_compressed", "merge", "prune", "rebuild_compressed", "save_compressed", "trace",
+    "Chain", "Layer", "Plan", "Position", "Segment", "Skip", "SurgeryMeta", "export_onnx", "export_torchscript",
+    "fold_batchnorm", "load_compressed", "merge", "prune", "rebuild_compressed", "save_compressed", "trace",
 ]

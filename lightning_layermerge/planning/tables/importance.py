@@ -9,7 +9,7 @@ function (Perf, higher is better)::
 Entries are independent, so a build can be split into shards ``(rank, world_size)``: shard
 ``r`` computes the entries whose index in the sorted key list is ``r`` modulo ``world_size``;
 :func:`combine_shards` joins the results. Every entry is persisted through
-:class:`~lightning_layermerge.tables.cache.TableCache` as soon as it is known, so a build
+:class:`~lightning_layermerge.planning.tables.cache.TableCache` as soon as it is known, so a build
 that is interrupted resumes and a repeated build fine-tunes nothing.
 
 An entry whose run fails is never chosen by the solver: a non-finite score gives ``-inf``
