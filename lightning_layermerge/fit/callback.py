@@ -54,16 +54,16 @@ from ..surgery.prune import prune
 from .checks import (check_budget, check_cache_dir, check_choice, check_monitor, check_plan, check_target,
                      check_trainer, check_type)
 from .distill import Distillation, DistillationPatch, frozen_teacher
-from .planner import Planner, make_runner, train_loader
-from .state import STATE_VERSION, CompressionState
 from .evaluation import merge_for_evaluation, rebuild_for_evaluation
 from .final_report import build_report, measure_report, publish_report, report_timing
+from .importance_settings import ImportanceSettings, Monitor
+from .paths import get_path, set_path
+from .planner import Planner, make_runner, train_loader
 from .precision import timing_settings
 from .resume import (CHECKPOINT_KEY, NOT_COMPRESSED, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
                      fit_weights_only, is_compressed, plan_for_target, read_checkpoint, rebuild_pruned, restore_pruned,
                      state_from_checkpoint, state_of_plan_argument, teacher_for_resume)
-from .importance_settings import ImportanceSettings, Monitor
-from .paths import get_path, set_path
+from .state import STATE_VERSION, CompressionState
 from .subruns import SubRunner
 from .subsets import check_loader
 from .target import example_input, like_memory_format, merge_checked, resolve_target, trace_target
