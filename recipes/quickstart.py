@@ -33,11 +33,8 @@ from lightning.pytorch.loggers import CSVLogger
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 
-from lightning_layermerge.callback import LayerMergeCallback  # noqa: E402
-from lightning_layermerge.distill import Distillation  # noqa: E402
-from lightning_layermerge.serialization import save_compressed  # noqa: E402
-from lightning_layermerge.subruns import ImportanceSettings  # noqa: E402
-from lightning_layermerge.tables.latency import LatencySettings  # noqa: E402
+from lightning_layermerge import Distillation, ImportanceSettings, LatencySettings, LayerMergeCallback  # noqa: E402
+from lightning_layermerge import save_compressed  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

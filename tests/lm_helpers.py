@@ -11,8 +11,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_layermerge.subruns import ImportanceSettings
-from lightning_layermerge.tables.latency import LatencySettings
+from lightning_layermerge import ImportanceSettings, LatencySettings
 
 #: A UNet2DModel config small enough for fast tests: attention down and up, a channel change
 #: (8 -> 16: shortcut conv), GroupNorm with 4 groups.

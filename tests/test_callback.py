@@ -18,13 +18,11 @@ from lm_helpers import (FAST_IMPORTANCE, FAST_LATENCY, LitTiny, LitTinyVal, Tiny
                         quiet_trainer)
 from torch import fx
 
-from lightning_layermerge import Plan, merge, prune, trace
-from lightning_layermerge.callback import LayerMergeCallback, restore_pruned
-from lightning_layermerge.distill import Distillation
-from lightning_layermerge.planner import Planner
-from lightning_layermerge.report import LayerMergeReport
-from lightning_layermerge.subruns import TRAIN_LOSS_KEY, ImportanceSettings, SubRunner
-from lightning_layermerge.tables.latency import build_latency_table
+from lightning_layermerge import (Distillation, ImportanceSettings, LayerMergeCallback, LayerMergeReport, Plan,
+                                  build_latency_table, merge, prune, restore_pruned, trace)
+from lightning_layermerge.fit.importance_settings import TRAIN_LOSS_KEY
+from lightning_layermerge.fit.planner import Planner
+from lightning_layermerge.fit.subruns import SubRunner
 
 TESTS = Path(__file__).parent
 
@@ -236,14 +234,14 @@ def test_relative_importance_divides_perf_by_the_original(tmp_path_factory: pyte
         ImportanceSettings(relative="yes")
 
 
-def test_merge_check_falls_back_to_the_pruned_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_layermerge.target as target_module
+def test_merge_check_falls_back_to_the_pruned_network() -> None:
+    from lightning_layermerge.fit.target import merge_checked
 
     model = TinyNet().eval()
     x = torch.randn(4, 1, 8, 8)
     chain = trace(model, x)
     pruned = prune(model, chain, Plan.from_segments(chain, [(0, 1, 3), (1, 3, 5), (3, 4, 3)]))
-    final, merged, error = target_module.merge_checked(pruned, (x,))
+    final, merged, error = merge_checked(pruned, (x,))
     assert merged and error < 1e-5 and final is not pruned
 
     def broken_merge(net, **kwargs):
@@ -252,17 +250,15 @@ def test_merge_check_falls_back_to_the_pruned_network(monkeypatch: pytest.Monkey
             next(m for m in out.modules() if isinstance(m, torch.nn.Conv2d)).weight.mul_(1.5)
         return out
 
-    monkeypatch.setattr(target_module, "merge", broken_merge)
     with pytest.warns(UserWarning, match="differs from the pruned one.*keeping the pruned network"):
-        final, merged, error = target_module.merge_checked(pruned, (x,))
+        final, merged, error = merge_checked(pruned, (x,), merge_fn=broken_merge)
     assert final is pruned and not merged and error > 1e-3
 
     def failing_merge(net, **kwargs):
         raise ValueError("cannot merge this")
 
-    monkeypatch.setattr(target_module, "merge", failing_merge)
     with pytest.warns(UserWarning, match="merging failed.*cannot merge this"):
-        final, merged, error = target_module.merge_checked(pruned, (x,))
+        final, merged, error = merge_checked(pruned, (x,), merge_fn=failing_merge)
     assert final is pruned and not merged and math.isnan(error)
 
 

@@ -18,13 +18,12 @@ from lm_helpers import (FAST_LATENCY, LitEval, LitManual, LitNeedsDatamodule, Li
 from torch import fx
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_layermerge import LatencyTable, Plan, build_latency_table, restore_pruned, solve, trace
-from lightning_layermerge.callback import LayerMergeCallback
-from lightning_layermerge.distill import Distillation
-from lightning_layermerge.planner import Planner
-from lightning_layermerge.report import LayerMergeReport
-from lightning_layermerge.resume import TEACHER_KEY
-from lightning_layermerge.subruns import ImportanceSettings
+from lightning_layermerge import Distillation, LatencyTable, LayerMergeCallback, Plan, build_latency_table
+from lightning_layermerge import restore_pruned, solve, trace
+from lightning_layermerge.fit.planner import Planner
+from lightning_layermerge import LayerMergeReport
+from lightning_layermerge.fit.resume import TEACHER_KEY
+from lightning_layermerge import ImportanceSettings
 
 TESTS = Path(__file__).parent
 #: Sub-runs that use the module's own configure_optimizers (lr=None).
@@ -371,7 +370,7 @@ OLD_CHECKPOINT = TESTS / "fixtures" / "callback_v1_8bead90.pt"
 
 
 def test_a_checkpoint_of_the_first_callback_version_resumes_and_restores(tmp_path: Path) -> None:
-    from lightning_layermerge.resume import read_checkpoint, state_from_checkpoint
+    from lightning_layermerge.fit.resume import read_checkpoint, state_from_checkpoint
 
     saved = read_checkpoint(OLD_CHECKPOINT)  # plain data: weights_only=True reads it
     state = state_from_checkpoint(saved)

@@ -10,10 +10,7 @@ from helpers import load_recipe
 from lm_helpers import one_thread
 from torch import fx
 
-from lightning_layermerge.callback import LayerMergeCallback
-from lightning_layermerge.distill import Distillation
-from lightning_layermerge.subruns import ImportanceSettings
-from lightning_layermerge.tables.latency import LatencySettings
+from lightning_layermerge import Distillation, ImportanceSettings, LatencySettings, LayerMergeCallback
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 main = load_recipe(RECIPES / "cli" / "main.py").main

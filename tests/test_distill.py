@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lm_helpers import LitTiny
 from torch import nn
 
-from lightning_layermerge.distill import Distillation, DistillationPatch, frozen_teacher, kd_loss
+from lightning_layermerge.fit.distill import Distillation, DistillationPatch, frozen_teacher, kd_loss
 
 
 def test_kd_loss_on_logits_is_t2_scaled_kl() -> None:

@@ -16,15 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_layermerge import Plan, prune, trace
-from lightning_layermerge.bn_recalibration import batchnorm_layers, recalibrate_batchnorm
-from lightning_layermerge.subruns import (
-    MIN_SCORE_SAMPLES,
-    MIN_STEPS,
-    ImportanceSettings,
-    SubRunner,
-    draw_subsets,
-)
-from lightning_layermerge.tables.noise import (
+from lightning_layermerge.planning.bn_recalibration import batchnorm_layers, recalibrate_batchnorm
+from lightning_layermerge.fit.importance_settings import MIN_SCORE_SAMPLES, MIN_STEPS, ImportanceSettings
+from lightning_layermerge.fit.subruns import SubRunner
+from lightning_layermerge.fit.subsets import draw_subsets
+from lightning_layermerge.planning.tables.noise import (
     ImportanceNoiseWarning,
     measure_null_perfs,
     noise_level,
@@ -270,7 +266,7 @@ def test_subrunner_null_perfs_vary_with_the_repeat() -> None:
 
 
 def test_report_shows_the_noise_level_steps_and_build_time() -> None:
-    from lightning_layermerge.report import LayerMergeReport
+    from lightning_layermerge import LayerMergeReport
 
     level = noise_level({(0, 1, 1): math.exp(-0.5), (0, 2, 1): math.exp(-0.001)}, [-0.30, -0.31, -0.29],
                         entry_perfs={(0, 2, 1): [-0.301, -0.303]}, steps_per_entry=30, score_samples=270,
@@ -316,7 +312,7 @@ def test_callback_records_the_noise_level_in_its_state(tmp_path) -> None:
 
     from lm_helpers import FAST_IMPORTANCE, FAST_LATENCY, pretrained
 
-    from lightning_layermerge.callback import LayerMergeCallback
+    from lightning_layermerge import LayerMergeCallback
 
     settings = dataclasses.replace(FAST_IMPORTANCE, noise_repeats=2)
     state = pretrained(LitTinyVal(), steps=30).state_dict()

@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers import randomize_batchnorm, random_plan, rel_err
 from lightning_layermerge import Plan, merge, prune, trace
-from lightning_layermerge.merge import AffineConv
+from lightning_layermerge.surgery.affine import AffineConv
 
 
 def _check_all_plans(model: nn.Module, x: torch.Tensor, limit: int = 25, **prune_kwargs) -> int:

@@ -1,15 +1,17 @@
-"""Planner.calibrate: the search for the table budget whose plan measures within the budget."""
+"""Calibration and chain solving: the search for the table budget whose plan measures within the
+budget (observed through an injected ``measure``), the reachable floor and the Depth filter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from lm_helpers import FAST_IMPORTANCE, FAST_LATENCY, TinyNet
+from lm_helpers import FAST_LATENCY, TinyNet
 from torch import nn
 
-from lightning_layermerge import Plan, merge, prune, trace
-from lightning_layermerge.planner import CALIBRATION_SLACK, Planner, min_chain_ms
-from lightning_layermerge.tables.latency import build_latency_table
+from lightning_layermerge import LatencySettings, LatencyTable, Plan, build_latency_table, merge, prune, trace
+from lightning_layermerge.planning.calibrate import CALIBRATION_SLACK, MAX_REPLANS, calibrate
+from lightning_layermerge.planning.chain_solve import reachable_floor_ms, solve_chain
+from lightning_layermerge.surgery import fold_batchnorm
 
 
 def conv_cost(module: nn.Module) -> float:
@@ -32,34 +34,29 @@ def setting():
     return model, chain, table, importance
 
 
-def planner_for(budget: float, table, importance) -> Planner:
-    planner = Planner(budget=budget, method="layermerge", monitor=None, mode="min", importance=FAST_IMPORTANCE,
-                      latency=FAST_LATENCY, calibrate=True, cache_dir=None, verbose=False)
-    planner.latency_table, planner.importance_table = table, importance
-    return planner
-
-
 @pytest.mark.parametrize("machine_factor", [0.5, 1.6])
-def test_calibration_moves_the_table_budget_until_the_measurement_fits(setting, machine_factor: float,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_calibration_moves_the_table_budget_until_the_measurement_fits(setting, machine_factor: float) -> None:
     """A table that is pessimistic (x0.5) or optimistic (x1.6) about the real network."""
     model, chain, table, importance = setting
-    original = conv_cost(merge(prune(model, chain, Plan.keep_all(chain))))
+    original = conv_cost(fold_batchnorm(model, chain))
+    measured: list[tuple] = []
 
-    def measured_ratio(self, trainer, folded, candidate, inputs):
-        return min(1.0, machine_factor * conv_cost(candidate) / original)
+    def measure(plan: Plan) -> float:
+        measured.append(tuple(plan.keys))
+        return min(1.0, machine_factor * conv_cost(merge(prune(model, chain, plan))) / original)
 
-    monkeypatch.setattr(Planner, "measured_ratio", measured_ratio)
     budget = 0.7
-    planner = planner_for(budget, table, importance)
     start_ms = table.budget_for(budget)
-    first = Plan.from_segments(chain, planner.solve(table, importance, chain, start_ms))
-    chosen = planner.calibrate(None, model, chain, first, start_ms)
-    rounds = planner.calibration
-    assert rounds[0]["segments"] == first.keys
-    assert len(rounds) >= 1 and all(r["measured"] <= 1.0 for r in rounds)
-    chosen_ratio = next(r["measured"] for r in rounds if r["segments"] == chosen.keys)
+    first = Plan.from_segments(chain, solve_chain(table, importance, chain, start_ms, "layermerge").segments)
+    result = calibrate(table, importance, chain, first, start_ms, budget=budget, method="layermerge",
+                       measure=measure)
+    rounds = result.rounds
+    assert [tuple(r["segments"]) for r in rounds] == measured  # every round is one measure() call
+    assert rounds[0]["segments"] == first.keys and 1 <= len(rounds) <= 1 + MAX_REPLANS
+    assert all(r["measured"] <= 1.0 and r["spread"] is None for r in rounds)
+    chosen_ratio = result.measured
     fitting = [r["measured"] for r in rounds if r["measured"] <= budget]
+    assert result.fits == bool(fitting)
     if fitting:
         assert chosen_ratio <= budget
     first_ratio = rounds[0]["measured"]
@@ -70,22 +67,38 @@ def test_calibration_moves_the_table_budget_until_the_measurement_fits(setting, 
         assert len(rounds) > 1 and chosen_ratio < first_ratio  # over budget: a tighter plan was tried
 
 
-def test_min_chain_ms_is_the_fastest_covering(setting) -> None:
+def test_calibration_keeps_the_fastest_plan_when_none_fits(setting) -> None:
+    """A machine on which nothing reaches the budget: the fastest measured plan, flagged as not fitting."""
+    _, chain, table, importance = setting
+    start_ms = table.budget_for(0.7)
+    first = Plan.from_segments(chain, solve_chain(table, importance, chain, start_ms, "layermerge").segments)
+
+    def measure(plan: Plan) -> tuple[float, float]:
+        return 0.9 + 0.001 * len(plan.kept_convs), 0.01  # always over budget; fewer convs = faster
+
+    result = calibrate(table, importance, chain, first, start_ms, budget=0.7, method="layermerge", measure=measure)
+    assert not result.fits
+    assert result.measured == min(r["measured"] for r in result.rounds)
+    assert all(r["spread"] == 0.01 for r in result.rounds)
+
+
+def test_reachable_floor_is_the_fastest_covering(setting) -> None:
     _, chain, table, _ = setting
-    floor = min_chain_ms(table, chain, "layermerge")
+    floor = reachable_floor_ms(table, chain, "layermerge")
     assert floor <= table.chain_ms
-    assert floor == pytest.approx(min(table.predicted_ms(Plan.remove_all(chain).keys) - table.outside_ms,
-                                      table.chain_ms), rel=1.0)  # never above the keep-all chain
+    fastest = {k: -v for k, v in table.entries.items()}
+    roomy = sum(table.entries.values()) + 1.0
+    # The floor is the latency of the plan the DP picks when it is told to be as fast as possible.
+    assert floor == pytest.approx(solve_chain(table, fastest, chain, roomy, "layermerge").latency)
     # depth keeps every conv, so it can never be faster than layermerge
-    assert min_chain_ms(table, chain, "depth") >= floor - 1e-9
+    assert reachable_floor_ms(table, chain, "depth") >= floor - 1e-9
+    with pytest.raises(ValueError, match="infeasible"):
+        solve_chain(table, fastest, chain, floor * 0.99, "layermerge", resolution=64000)
 
 
 def test_depth_skips_pairs_without_an_all_kept_segment() -> None:
     """A strided conv followed by a 3x3 cannot merge with both kept (the strided-conv rule), so the
     pair has segments but none keeps every conv; Depth must plan around it (it used to raise)."""
-    from lightning_layermerge.planner import solve_for
-    from lightning_layermerge.tables.latency import LatencySettings, LatencyTable
-
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                           nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
@@ -96,7 +109,8 @@ def test_depth_skips_pairs_without_an_all_kept_segment() -> None:
     table = LatencyTable(entries, total_ms=10.0, chain_ms=sum(entries[k] for k in Plan.keep_all(chain).keys),
                          settings=LatencySettings())
     importance = {s.key: 1.0 for s in chain.segments}
-    sol = solve_for(table, importance, chain, budget_ms=sum(entries.values()), method="depth")
+    sol = solve_chain(table, importance, chain, budget_ms=sum(entries.values()), method="depth")
     plan = Plan.from_segments(chain, sol.segments)
     assert plan.kept_convs == frozenset(range(1, chain.num_layers + 1))
     assert all(k[:2] in kept for k in sol.segments)
+    assert reachable_floor_ms(table, chain, "depth") <= sol.latency + 1e-9

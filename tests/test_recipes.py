@@ -22,8 +22,7 @@ from lm_helpers import one_thread
 from PIL import Image
 from torch import fx
 
-from lightning_layermerge.callback import LayerMergeCallback
-from lightning_layermerge.distill import Distillation
+from lightning_layermerge import Distillation, LayerMergeCallback
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "imagenet"
 main = load_recipe(RECIPE / "main.py").main

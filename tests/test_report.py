@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_layermerge.report import LayerMergeReport, count_parameters, measure_side_by_side
-from lightning_layermerge.tables.latency import LatencySettings
+from lightning_layermerge.planning.report import LayerMergeReport, count_parameters, measure_side_by_side
+from lightning_layermerge import LatencySettings
 
 
 def make_report(**overrides) -> LayerMergeReport:
@@ -81,8 +81,8 @@ def test_measure_side_by_side_leaves_modules_alone() -> None:
 
 
 def test_text_names_runtime_threads_batch_and_spreads() -> None:
-    from lightning_layermerge.report import settings_dict
-    from lightning_layermerge.tables.latency import LatencySettings
+    from lightning_layermerge.planning.report import settings_dict
+    from lightning_layermerge import LatencySettings
 
     settings = settings_dict(LatencySettings(batch_size=16, runtime="torchscript"))
     assert settings["threads"] == 1 and settings["clock"] == "thread" and settings["runtime"] == "torchscript"

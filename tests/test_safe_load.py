@@ -30,8 +30,8 @@ from torch import nn
 
 import lightning_layermerge
 from lightning_layermerge import Plan, merge, prune, trace
-from lightning_layermerge.resume import restore_pruned, state_from_checkpoint
-from lightning_layermerge.serialization import (
+from lightning_layermerge.fit.resume import restore_pruned, state_from_checkpoint
+from lightning_layermerge.surgery.serialization import (
     attach_input_spec,
     export_onnx,
     export_torchscript,

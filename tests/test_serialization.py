@@ -13,7 +13,7 @@ from lm_helpers import TinyNet
 from torch import nn
 
 from lightning_layermerge import Plan, merge, prune, trace
-from lightning_layermerge.serialization import (
+from lightning_layermerge.surgery.serialization import (
     attach_input_spec,
     export_onnx,
     export_torchscript,

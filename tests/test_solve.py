@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lightning_layermerge.solve import Solution, solve
+from lightning_layermerge import Solution, solve
 
 Entry = tuple[int, int, int]
 EPS = 1e-9  # relative float tolerance on the budget (see the solve module docstring)
@@ -340,3 +340,16 @@ def test_bad_keys() -> None:
         solve({(0, 1, 0): 1.0}, {(0, 1, 0): 1.0}, 1, 5.0)
     with pytest.raises(ValueError, match=r"importance of \(0, 1, 3\) is \+inf"):
         solve({(0, 1, 3): 1.0}, {(0, 1, 3): math.inf}, 1, 5.0)
+
+
+def test_min_latency_is_the_floor_below_which_solve_fails() -> None:
+    from lightning_layermerge.planning.solve import min_latency
+
+    latency = {(0, 1, 3): 2.0, (1, 2, 3): 2.0, (0, 2, 5): 3.0, (0, 2, 1): 1.5, (1, 2, 1): 0.5}
+    importance = dict.fromkeys(latency, 1.0)
+    assert min_latency(latency, 2) == 1.5  # (0, 2, 1)
+    assert min_latency(latency, 2, "layeronly") == 2.5  # single layers only: (0, 1, 3) + (1, 2, 1)
+    assert min_latency(latency, 2, "depth") == 3.0  # the largest kernel of each pair: (0, 2, 5)
+    solve(latency, importance, 2, 1.5, resolution=64000)
+    with pytest.raises(ValueError, match="smallest achievable latency is 1.5"):
+        solve(latency, importance, 2, 1.49)

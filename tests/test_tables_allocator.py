@@ -7,8 +7,8 @@ import resource
 import pytest
 import torch
 
-from lightning_layermerge.tables.allocator import ALLOCATORS, allocator_regime, cached_allocator
-from lightning_layermerge.tables.latency import LatencySettings
+from lightning_layermerge.planning.tables.allocator import ALLOCATORS, allocator_regime, cached_allocator
+from lightning_layermerge.planning.tables.latency import LatencySettings
 
 GLIBC = allocator_regime("cached") == "cached"
 

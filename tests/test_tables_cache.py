@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_layermerge.tables import cache as cache_module
-from lightning_layermerge.tables.cache import TableCache, TableCacheWarning, fingerprint
+from lightning_layermerge.planning.tables import cache as cache_module
+from lightning_layermerge.planning.tables.cache import TableCache, TableCacheWarning, fingerprint
 
 KEY = {"arch": "abc123", "device": "cuda:0 NVIDIA H100", "dtype": "float32",
        "batch": [128, 3, 224, 224], "torch": "2.4.0"}

@@ -13,7 +13,7 @@ from helpers import randomize_batchnorm
 from torch import nn
 
 from lightning_layermerge import Plan, trace
-from lightning_layermerge.tables.importance import (
+from lightning_layermerge.planning.tables.importance import (
     ImportanceWarning,
     build_importance_table,
     combine_shards,

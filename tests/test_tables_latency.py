@@ -18,9 +18,9 @@ import torchvision
 from torch import nn
 
 from lightning_layermerge import Plan, merge, prune, trace
-from lightning_layermerge.tables import latency as latency_module
-from lightning_layermerge.tables.cache import TableCacheWarning
-from lightning_layermerge.tables.latency import (
+from lightning_layermerge.planning.tables import latency as latency_module
+from lightning_layermerge.planning.tables.cache import TableCacheWarning
+from lightning_layermerge.planning.tables.latency import (
     TOTAL_KEY,
     LatencySettings,
     LatencyTable,
@@ -544,7 +544,7 @@ def test_cache_key_names_runtime_memory_format_threads_and_clock(tiny, change: d
 
 
 def test_side_by_side_states_ratio_and_spread(monkeypatch) -> None:
-    from lightning_layermerge.report import side_by_side
+    from lightning_layermerge.planning.report import side_by_side
 
     passes = [[10.0, 10.0, 20.0, 20.0, 10.0, 10.0], [5.0, 5.0, 10.0, 10.0, 5.5, 5.5]]
     monkeypatch.setattr(latency_module, "interleaved_samples", lambda runs, s: passes)

@@ -11,11 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_layermerge import Plan, merge, prune, trace
-from lightning_layermerge import serialization
-from lightning_layermerge.report import side_by_side
-from lightning_layermerge.tables.latency import LatencySettings, build_latency_table
-from lightning_layermerge.tables.runtime import check_runtime, prepare_call
+from lightning_layermerge import Plan, merge, prune, serialization, trace
+from lightning_layermerge.planning.report import side_by_side
+from lightning_layermerge import LatencySettings, build_latency_table
+from lightning_layermerge.planning.tables.runtime import check_runtime, prepare_call
 
 
 def conv_relu() -> nn.Module:

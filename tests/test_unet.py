@@ -199,7 +199,7 @@ def test_unsupported_unet_configuration_is_refused() -> None:
 
 
 def test_adapter_forward_that_differs_is_refused() -> None:
-    from lightning_layermerge import adapters
+    from lightning_layermerge.surgery import adapters
 
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -51,12 +51,10 @@ from diffusers import ConfigMixin, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from torch import fx, nn
 
-from ..capture import ExampleInput
-from ..graph import trace
-from ..merge import merge
-from ..plan import Plan
-from ..prune import META_KEY, prune
-from ..serialization import attach_input_spec, example_from_spec, input_spec
+from ..surgery.capture import ExampleInput
+from ..surgery.merge import merge
+from ..surgery.meta import SurgeryMeta, example_from_spec, input_spec
+from ..surgery.rebuild import rebuild_compressed
 
 __all__ = ["CONFIG_KEY", "LayerMergeUNet2DModel", "wrap_unet"]
 
@@ -144,12 +142,12 @@ class LayerMergeUNet2DModel(ModelMixin, ConfigMixin):
                 and plan do not rebuild ``network``.
         """
         meta = _layermerge_meta(network)
-        inputs = input_spec(example_input) if example_input is not None else meta.get("inputs")
+        inputs = input_spec(example_input) if example_input is not None else meta.inputs
         if not inputs:
             raise ValueError("the network records no example input; pass example_input= (the (sample, timestep) "
                              "the plan was traced with)")
-        layermerge = {"format": FORMAT, "kind": "merged" if meta.get("merged") else "pruned",
-                      "plan": meta["plan"], "inputs": [[list(shape), dtype] for shape, dtype in inputs]}
+        layermerge = {"format": FORMAT, "kind": "merged" if meta.merged else "pruned",
+                      "plan": meta.plan, "inputs": [[list(shape), dtype] for shape, dtype in inputs]}
         config = _unet_config(_config_of(original))
         if verify:
             _check_rebuilds(network, _rebuild(config, layermerge))
@@ -206,9 +204,11 @@ class LayerMergeUNet2DModel(ModelMixin, ConfigMixin):
         if self.kind == "merged":
             raise ValueError("this LayerMergeUNet2DModel is already merged")
         merged = merge(self.network)  # a merged copy; self stays as it is (also its train/eval mode)
-        meta = self.network.meta[META_KEY]
-        if meta.get("inputs"):
-            merged.meta[META_KEY]["inputs"] = meta["inputs"]
+        inputs = SurgeryMeta.of(self.network).inputs
+        if inputs:
+            record = SurgeryMeta.of(merged)
+            record.inputs = inputs
+            record.write(merged)
         config = {k: v for k, v in self.config.items() if not k.startswith("_")}
         token = _PREBUILT.set(merged)
         try:
@@ -230,12 +230,11 @@ def wrap_unet(original: nn.Module, network: fx.GraphModule) -> LayerMergeUNet2DM
 # ---------------------------------------------------------------------- helpers
 
 
-def _layermerge_meta(network: nn.Module) -> dict:
-    meta = getattr(network, "meta", None)
-    if not isinstance(network, fx.GraphModule) or not isinstance(meta, dict) or META_KEY not in meta:
+def _layermerge_meta(network: nn.Module) -> SurgeryMeta:
+    if not SurgeryMeta.present(network):
         raise TypeError(f"expected the network returned by lightning_layermerge.prune(...) or merge(...) of a "
                         f"UNet2DModel, got {type(network).__name__}")
-    return meta[META_KEY]
+    return SurgeryMeta.of(network)
 
 
 def _config_of(original: nn.Module | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -298,16 +297,11 @@ def _rebuild(unet_config: Mapping[str, Any], layermerge: Mapping[str, Any]) -> f
     with _default_dtype(torch.float32):
         unet = UNet2DModel(**unet_config).float().eval()
         _placeholder_weights(unet)
-        example = example_from_spec(layermerge["inputs"])
-        chain = trace(unet, example)
         try:
-            plan = Plan.from_dict(chain, layermerge["plan"])
+            network = rebuild_compressed(unet, layermerge["plan"], example_from_spec(layermerge["inputs"]),
+                                         merged=layermerge["kind"] == "merged")
         except ValueError as err:
             raise ValueError(f"the stored plan does not fit the stored UNet2DModel config: {err}") from err
-        network = prune(unet, chain, plan)
-        if layermerge["kind"] == "merged":
-            network = merge(network.eval())
-    attach_input_spec(network, example)
     return network.to(dtype)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from lightning_layermerge.solve import solve  # noqa: E402
+from lightning_layermerge import solve  # noqa: E402
 
 NUM_LAYERS = 52
 MAX_SEGMENT = 7

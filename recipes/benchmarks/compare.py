@@ -70,12 +70,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nets import Cifar10DataModule, Classifier, DigitsDataModule, build_net  # noqa: E402
 
-from lightning_layermerge import Plan, merge, prune, trace  # noqa: E402
-from lightning_layermerge.callback import LayerMergeCallback  # noqa: E402
-from lightning_layermerge.distill import Distillation  # noqa: E402
-from lightning_layermerge.report import measure_side_by_side  # noqa: E402
-from lightning_layermerge.subruns import ImportanceSettings  # noqa: E402
-from lightning_layermerge.tables.latency import LatencySettings  # noqa: E402
+from lightning_layermerge import Distillation, LayerMergeCallback, fold_batchnorm, trace  # noqa: E402
+from lightning_layermerge.planning.report import measure_side_by_side  # noqa: E402
+from lightning_layermerge import ImportanceSettings, LatencySettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("layermerge", "layeronly", "depth")
@@ -215,7 +212,7 @@ def baseline(setup: Setup, net: str, log: Any) -> dict:
     dm.setup("fit")
     example = dm.train_set[:setup.latency.batch_size][0]
     chain = trace(model, example)
-    folded = merge(prune(model, chain, Plan.keep_all(chain)))
+    folded = fold_batchnorm(model, chain)
     times = measure_side_by_side({"folded": folded, "unfolded": model}, (example,), setup.latency)
 
     # Control: the uncompressed network fine-tuned exactly like the compressed ones (minus KD,

@@ -79,11 +79,9 @@ from fashion import DEFAULT_DIR, FashionMNISTDataModule  # noqa: E402
 from nets import Classifier, SmallMobileNetV2  # noqa: E402
 
 from digits import DigitsResNet  # noqa: E402
-from lightning_layermerge import Plan, merge, prune, trace  # noqa: E402
-from lightning_layermerge.callback import LayerMergeCallback  # noqa: E402
-from lightning_layermerge.distill import Distillation, kd_loss  # noqa: E402
-from lightning_layermerge.subruns import ImportanceSettings  # noqa: E402
-from lightning_layermerge.tables.latency import LatencySettings  # noqa: E402
+from lightning_layermerge import LayerMergeCallback, fold_batchnorm, merge, trace  # noqa: E402
+from lightning_layermerge.fit.distill import Distillation, kd_loss  # noqa: E402
+from lightning_layermerge import ImportanceSettings, LatencySettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LM_METHODS = ("layermerge", "layeronly", "depth")
@@ -235,7 +233,7 @@ def fold(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """BatchNorm folded into the convs (the library's keep-all merge): the deployment form."""
     model = model.eval()
     chain = trace(model, example)
-    return merge(prune(model, chain, Plan.keep_all(chain))).eval()
+    return fold_batchnorm(model, chain).eval()
 
 
 EXAMPLE = torch.zeros(64, 1, 28, 28)

@@ -33,7 +33,7 @@ def worker(devices: int, out: Path) -> None:
     from digits import DigitsClassifier, DigitsDataModule
 
     from lightning_layermerge import ImportanceSettings, LatencySettings, LayerMergeCallback
-    from lightning_layermerge.planner import Planner
+    from lightning_layermerge.fit.planner import Planner
 
     torch.set_num_threads(1)
     L.seed_everything(0)

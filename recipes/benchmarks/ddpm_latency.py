@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ddpm"))
 from diffusion import DDPM_CIFAR10_UNET, build_unet  # noqa: E402
 
-from lightning_layermerge import LatencySettings, Plan, build_latency_table, merge, prune, solve, trace  # noqa: E402
-from lightning_layermerge.planner import min_chain_ms  # noqa: E402
-from lightning_layermerge.report import measure_side_by_side  # noqa: E402
+from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune  # noqa: E402
+from lightning_layermerge import solve, trace  # noqa: E402
+from lightning_layermerge.planning.chain_solve import reachable_floor_ms  # noqa: E402
+from lightning_layermerge.planning.report import measure_side_by_side  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -48,10 +49,10 @@ def main() -> None:
     settings = LatencySettings(device="cpu", batch_size=args.batch, threads=1, warmup=3, repeats=10, reference=True)
     table = build_latency_table(unet, chain, settings, cache_dir=args.cache)
     importance = {s.key: 1.0 + len(s.convs) for s in chain.segments}
-    floor = min_chain_ms(table, chain, "layermerge")
+    floor = reachable_floor_ms(table, chain, "layermerge")
     floor_fraction = (table.outside_ms + floor) / table.total_ms
     rows = []
-    original = merge(prune(unet, chain, Plan.keep_all(chain)))
+    original = fold_batchnorm(unet, chain)
     timing = LatencySettings(device="cpu", threads=1, warmup=3, repeats=args.repeats)
     for asked in args.budgets:
         budget, label = asked, f"{asked}"

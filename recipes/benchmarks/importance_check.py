@@ -48,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nets import Classifier, DigitsDataModule, build_net  # noqa: E402
 
 from lightning_layermerge import Plan, prune, trace  # noqa: E402
-from lightning_layermerge.bn_recalibration import recalibrate_batchnorm  # noqa: E402
-from lightning_layermerge.subruns import ImportanceSettings, Monitor, SubRunner, quiet  # noqa: E402
+from lightning_layermerge.planning.bn_recalibration import recalibrate_batchnorm  # noqa: E402
+from lightning_layermerge.fit.importance_settings import ImportanceSettings, Monitor  # noqa: E402
+from lightning_layermerge.fit.subruns import SubRunner, quiet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NETS = ("resnet", "mobilenetv2")

@@ -3,7 +3,7 @@
 Two measurements, each in this one process, 1 thread, thread CPU clock:
 
 1. A 64-channel 3x3 conv at batch 64, 16 px, timed pass by pass with the C library's default
-   allocator and inside :func:`~lightning_layermerge.tables.allocator.cached_allocator`:
+   allocator and inside :func:`~lightning_layermerge.planning.tables.allocator.cached_allocator`:
    median / max ms per pass and minor page faults per pass.
 2. For each model (``latency_models.py``) and each allocator regime: the latency table with
    ``LatencySettings(threads=1, allocator=...)``, the DP plans at two budgets (L1 stand-in
@@ -35,8 +35,8 @@ from latency_check import l1_importance, random_merge_plan  # noqa: E402
 from latency_models import build  # noqa: E402
 
 from lightning_layermerge import Plan, merge, prune, solve, trace  # noqa: E402
-from lightning_layermerge.tables.allocator import cached_allocator  # noqa: E402
-from lightning_layermerge.tables.latency import (  # noqa: E402
+from lightning_layermerge.planning.tables.allocator import cached_allocator  # noqa: E402
+from lightning_layermerge.planning.tables.latency import (  # noqa: E402
     LatencySettings,
     build_latency_table,
     interleaved_samples,

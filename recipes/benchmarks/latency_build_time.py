@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 from latency_models import build  # noqa: E402
 
 from lightning_layermerge import trace  # noqa: E402
-from lightning_layermerge.tables.latency import LatencySettings, build_latency_table  # noqa: E402
+from lightning_layermerge.planning.tables.latency import LatencySettings, build_latency_table  # noqa: E402
 
 SETTINGS = {
     "before": LatencySettings(threads=1, context=False, on_load="ignore", allocator="system"),

@@ -64,8 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import randomize_batchnorm  # noqa: E402  (realistic BN statistics, shared with the tests)
 
-from lightning_layermerge import Chain, Plan, merge, prune, solve, trace  # noqa: E402
-from lightning_layermerge.tables.latency import (  # noqa: E402
+from lightning_layermerge import Chain, Plan, fold_batchnorm, merge, prune, solve, trace  # noqa: E402
+from lightning_layermerge.planning.tables.latency import (  # noqa: E402
     LatencySettings,
     LatencyTable,
     build_latency_table,
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     build_s = time.perf_counter() - t0
     importance = l1_importance(chain)
     compare = LatencySettings(device="cpu", warmup=3, repeats=args.compare_repeats, threads=args.threads)
-    baseline = merge(prune(model, chain, Plan.keep_all(chain)))
+    baseline = fold_batchnorm(model, chain)
     rows = []
     for fraction in args.budgets:
         row = check_budget(model, chain, table, importance, baseline, x, fraction, compare)

@@ -58,9 +58,9 @@ sys.path.insert(0, str(HERE))
 from latency_check import l1_importance, random_merge_plan  # noqa: E402
 from latency_models import MODELS, build  # noqa: E402
 
-from lightning_layermerge import Chain, Plan, merge, prune, solve, trace  # noqa: E402
-from lightning_layermerge.report import side_by_side  # noqa: E402
-from lightning_layermerge.tables.latency import (  # noqa: E402
+from lightning_layermerge import Chain, Plan, fold_batchnorm, merge, prune, solve, trace  # noqa: E402
+from lightning_layermerge.planning.report import side_by_side  # noqa: E402
+from lightning_layermerge.planning.tables.latency import (  # noqa: E402
     LatencySettings,
     LatencyTable,
     batched_example,
@@ -167,7 +167,7 @@ def diagnose(name: str, args: argparse.Namespace) -> dict:
     table = build_latency_table(model, chain, settings, progress=False)
     build_s = time.perf_counter() - t0
     inputs = batched_example(chain, None)
-    folded = merge(prune(model, chain, Plan.keep_all(chain)))
+    folded = fold_batchnorm(model, chain)
     base_nodes = node_split(folded, inputs, settings)
     out = {"model": name, "layers": chain.num_layers, "entries": len(table.entries), "build_s": build_s,
            "table_total_ms": table.total_ms, "table_chain_ms": table.chain_ms, "table_max_spread": table.max_spread,

@@ -140,9 +140,9 @@ def run_cell(args: argparse.Namespace) -> None:
     from latency_check import l1_importance, random_merge_plan
     from latency_models import build
 
-    from lightning_layermerge import Plan, merge, prune, solve, trace
-    from lightning_layermerge.report import side_by_side
-    from lightning_layermerge.tables.latency import LatencySettings, build_latency_table
+    from lightning_layermerge import Plan, fold_batchnorm, merge, prune, solve, trace
+    from lightning_layermerge.planning.report import side_by_side
+    from lightning_layermerge import LatencySettings, build_latency_table
 
     load, model_name, threads, runtime = args.cell.split(",")
     done = done_rows(args.csv)
@@ -157,7 +157,7 @@ def run_cell(args: argparse.Namespace) -> None:
     caught += [str(w.message) for w in seen if "Latency" in type(w.message).__name__]
     build_s = time.perf_counter() - start
     importance = l1_importance(chain)
-    folded = merge(prune(model, chain, Plan.keep_all(chain)))
+    folded = fold_batchnorm(model, chain)
     rng = random.Random(args.seed)
     randoms = [random_merge_plan(chain, rng) for _ in range(args.matrix_random_plans)]
     base = {"load": load, "model": model_name, "threads": threads, "runtime": runtime, "clock": table.settings.clock_used,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 
 def _settings(threads: str, runtime: str):
-    from lightning_layermerge.tables.latency import LatencySettings
+    from lightning_layermerge import LatencySettings
 
     return LatencySettings(threads=1 if threads == "1" else None, runtime=runtime)
 
@@ -37,13 +37,13 @@ def _settings(threads: str, runtime: str):
 def child(model_name: str, keys: list, threads: str, runtime: str, seed: int) -> None:
     from latency_models import build
 
-    from lightning_layermerge import Plan, merge, prune, trace
-    from lightning_layermerge.report import side_by_side
+    from lightning_layermerge import Plan, fold_batchnorm, merge, prune, trace
+    from lightning_layermerge.planning.report import side_by_side
 
     model, example = build(model_name, seed)
     chain = trace(model, example)
     plan = Plan.from_segments(chain, [tuple(k) for k in keys])
-    folded = merge(prune(model, chain, Plan.keep_all(chain)))
+    folded = fold_batchnorm(model, chain)
     merged = merge(prune(model, chain, plan))
     timed = side_by_side({"original": folded, "plan": merged}, example, _settings(threads, runtime))
     print(json.dumps({"ratio": timed.ratio["plan"], "spread": timed.spread["plan"], "note": timed.load_note or ""}))
@@ -68,8 +68,7 @@ def main() -> int:
     from latency_check import l1_importance
     from latency_models import build
 
-    from lightning_layermerge import Plan, solve, trace
-    from lightning_layermerge.tables.latency import build_latency_table
+    from lightning_layermerge import Plan, build_latency_table, solve, trace
 
     lines = ["# The same plan measured in separate processes (issue 12)", "",
              f"Command: `python recipes/benchmarks/latency_repeat.py --models {' '.join(args.models)} --budget "

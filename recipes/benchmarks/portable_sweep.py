@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from lightning_layermerge import Plan, load_compressed, merge, prune, save_compressed, trace  # noqa: E402
+from lightning_layermerge import Plan, fold_batchnorm, load_compressed, merge, save_compressed, trace  # noqa: E402
 
 TORCHVISION = ["mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "squeezenet1_0", "densenet121",
                "regnet_x_400mf", "mnasnet0_5", "convnext_tiny", "vgg11_bn", "resnext50_32x4d"]
@@ -45,7 +45,7 @@ def check(model: torch.nn.Module, folder: str) -> str:
     """``"portable, rel. diff X"`` or why the graph was stored as plan + weights only."""
     x = torch.randn(1, 3, 64, 64)
     chain = trace(model.eval(), x)
-    merged = merge(prune(model, chain, Plan.keep_all(chain)))
+    merged = fold_batchnorm(model, chain)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         path = save_compressed(merged, Path(folder) / "net.safetensors", example_input=x)

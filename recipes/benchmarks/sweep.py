@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from helpers import calibrate_batchnorm, float_sensitivity, random_plan, rel_err  # noqa: E402
 
 from lightning_layermerge import Plan, merge, prune, trace  # noqa: E402
-from lightning_layermerge.tables.latency import LatencySettings, time_interleaved  # noqa: E402
+from lightning_layermerge.planning.tables.latency import LatencySettings, time_interleaved  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 RESOLUTIONS = (64, 96, 128, 160, 224, 299)

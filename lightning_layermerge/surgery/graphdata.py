@@ -11,7 +11,7 @@ tensors; :func:`from_data` rebuilds it. The description holds
   the tensors, and its children.
 
 Why loading runs nothing from the file: every name in the description is looked up in a
-table written in this module, never imported. Functions (``call_function``) must be in
+table written in this package (:mod:`~lightning_layermerge.surgery.allowlists`), never imported. Functions (``call_function``) must be in
 :data:`FUNCTIONS` (arithmetic operators, selected ``torch`` and ``torch.nn.functional``
 functions, three functions of this package); methods (``call_method``) in :data:`METHODS`
 (tensor methods); attributes read with ``getattr`` in :data:`ATTRIBUTES`; module classes
@@ -26,102 +26,20 @@ module paths letters, digits, ``_`` and ``-`` (no dunders); values reach that co
 
 from __future__ import annotations
 
-import builtins
 import inspect
 import keyword
-import operator
-import re
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from . import adapters, modules as portable_modules
-from .adapters import diffusers as _diffusers_adapter
+from .allowlists import (ATTRIBUTES, CLASS_NAMES, FUNCTION_NAMES, FUNCTIONS, METHODS, MODULE_CLASSES, MODULE_INTERNALS,
+                         NAME_PATTERN, PATH_PART_PATTERN, NotPortableError)
 
+# The allow-lists are re-exported: this module is where they were first defined.
 __all__ = ["ATTRIBUTES", "FUNCTIONS", "METHODS", "MODULE_CLASSES", "NotPortableError", "from_data", "state_dict_data",
            "to_data"]
-
-_OPERATORS = (
-    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "matmul", "getitem",
-    "eq", "ne", "lt", "le", "gt", "ge", "iadd", "isub", "imul", "itruediv", "and_", "or_",
-)
-_TORCH = (
-    "abs", "add", "addmm", "amax", "amin", "arange", "argmax", "baddbmm", "bmm", "cat", "chunk", "clamp",
-    "clip", "concat", "conv2d", "cos", "div", "einsum", "exp", "flatten", "flip", "full", "gelu", "log",
-    "matmul", "max", "maximum", "mean", "min", "minimum", "mul", "narrow", "neg", "ones", "ones_like",
-    "permute", "pow", "relu", "relu_", "reshape", "roll", "rsqrt", "sigmoid", "sin", "softmax", "split",
-    "sqrt", "squeeze", "stack", "sub", "sum", "tanh", "tensor", "transpose", "unsqueeze", "where", "zeros",
-    "zeros_like",
-)
-_FUNCTIONAL = (
-    "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "batch_norm", "celu", "conv2d", "dropout",
-    "dropout2d", "elu", "gelu", "glu", "group_norm", "hardsigmoid", "hardswish", "hardtanh", "interpolate",
-    "layer_norm", "leaky_relu", "linear", "log_softmax", "logsigmoid", "max_pool2d", "mish", "normalize", "pad",
-    "pixel_shuffle", "pixel_unshuffle", "relu", "relu6", "relu_", "scaled_dot_product_attention", "selu",
-    "sigmoid", "silu", "softmax", "softplus", "tanh",
-)
-
-
-def _function_table() -> dict[str, Callable]:
-    table: dict[str, Callable] = {f"operator.{n}": getattr(operator, n) for n in _OPERATORS}
-    table["builtins.getattr"] = builtins.getattr
-    table.update({f"torch.{n}": getattr(torch, n) for n in _TORCH if hasattr(torch, n)})
-    table.update({f"torch.nn.functional.{n}": getattr(F, n) for n in _FUNCTIONAL if hasattr(F, n)})
-    for fn in (_diffusers_adapter._broadcast_timesteps, _diffusers_adapter._unet_output,
-               portable_modules.stochastic_depth):
-        table[f"{fn.__module__}.{fn.__name__}"] = fn
-    return table
-
-
-#: Functions a ``call_function`` node may call, by the name stored in the file.
-FUNCTIONS: dict[str, Callable] = _function_table()
-_FUNCTION_NAMES: dict[int, str] = {id(fn): name for name, fn in reversed(list(FUNCTIONS.items()))}
-
-#: Tensor methods a ``call_method`` node may call.
-METHODS = frozenset({
-    "abs", "add", "add_", "amax", "bernoulli_", "bmm", "chunk", "clamp", "clamp_", "clamp_max", "clamp_min",
-    "contiguous", "detach", "dim", "div", "div_", "double", "exp", "expand", "expand_as", "flatten", "flip",
-    "float", "half", "bfloat16", "hardtanh_", "matmul", "max", "mean", "min", "mul", "mul_", "narrow", "neg",
-    "new_empty", "new_ones", "new_zeros", "numel", "permute", "pow", "relu", "relu_", "repeat",
-    "repeat_interleave", "reshape", "reshape_as", "roll", "rsqrt", "sigmoid", "sigmoid_", "size", "softmax",
-    "split", "sqrt", "squeeze", "std", "sub", "sub_", "sum", "t", "tanh", "tanh_", "to", "transpose",
-    "type_as", "unbind", "unsqueeze", "var", "view", "view_as",
-})
-
-#: Attribute names a ``getattr`` node may read (tensor properties and a UNet output's field).
-ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda", "layout", "requires_grad",
-                        "sample"})
-
-
-def _module_classes() -> dict[str, type[nn.Module]]:
-    table: dict[str, type[nn.Module]] = {}
-    for name in torch.nn.modules.__all__:
-        cls = getattr(nn, name, None)
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
-            table[f"torch.nn.{name}"] = cls
-    for name in portable_modules.__all__:
-        cls = getattr(portable_modules, name)
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
-            table[f"lightning_layermerge.modules.{name}"] = cls
-    return table
-
-
-#: Module classes a file may name.
-MODULE_CLASSES: dict[str, type[nn.Module]] = _module_classes()
-_CLASS_NAMES: dict[type, str] = {cls: name for name, cls in MODULE_CLASSES.items()}
-#: What ``nn.Module.__init__`` sets up itself; not stored, never overwritten.
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# A module or parameter name (torchvision's RegNet has "block1-0"): fx writes it into its code
-# as `getattr(self, "name")` when it is no identifier, so no quotes or backslashes; no dunders.
-_PATH_PART = re.compile(r"(?!__)[A-Za-z0-9_-]+")
-
-
-class NotPortableError(ValueError):
-    """The network holds something the data format cannot name (see :func:`to_data`)."""
 
 
 # ====================================================================== writing
@@ -143,7 +61,7 @@ def to_data(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
     writer = _Writer()
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     description = {
-        "class_name": type(gm).__name__ if _NAME.fullmatch(type(gm).__name__) else "GraphModule",
+        "class_name": type(gm).__name__ if NAME_PATTERN.fullmatch(type(gm).__name__) else "GraphModule",
         "root": writer.module(gm, "", called, leaf=False),
         "nodes": [_node_to_data(n) for n in gm.graph.nodes],
         # State-dict key -> tensor key (a shared tensor is stored once), for rebuilding from a plan.
@@ -175,21 +93,21 @@ class _Writer:
         """``m`` at ``path``; below a called module (``leaf``) classes are kept, above it a
         plain ``nn.Module`` container is enough (fx only looks attributes up in it)."""
         leaf = leaf or path in called
-        if leaf and type(m) not in _CLASS_NAMES:
+        if leaf and type(m) not in CLASS_NAMES:
             m = _stand_in(m, path)
-        bad = [k for k in (*m._parameters, *m._buffers, *m._modules) if not _PATH_PART.fullmatch(k)]
+        bad = [k for k in (*m._parameters, *m._buffers, *m._modules) if not PATH_PART_PATTERN.fullmatch(k)]
         if bad:
             raise NotPortableError(f"module {path or '<root>'} has a member named {bad[0]!r}; saved names may hold "
                                    "letters, digits, '_' and '-' only")
         prefix = f"{path}." if path else ""
-        out: dict[str, Any] = {"class": _CLASS_NAMES[type(m)] if leaf else "torch.nn.Module",
+        out: dict[str, Any] = {"class": CLASS_NAMES[type(m)] if leaf else "torch.nn.Module",
                                "training": m.training}
         if leaf:
             out["attrs"] = {k: _value(v, f"attribute {prefix}{k}", self, f"{prefix}{k}")
-                            for k, v in vars(m).items() if k not in _MODULE_INTERNALS and k != "training"}
+                            for k, v in vars(m).items() if k not in MODULE_INTERNALS and k != "training"}
         else:  # a container: only plain tensor attributes (constants fx reads with get_attr)
             out["attrs"] = {k: {"$tensor": self.tensor(v, prefix + k)} for k, v in vars(m).items()
-                            if isinstance(v, torch.Tensor) and k not in _MODULE_INTERNALS}
+                            if isinstance(v, torch.Tensor) and k not in MODULE_INTERNALS}
         out["params"] = {k: None if v is None else [self.tensor(v, prefix + k), v.requires_grad]
                          for k, v in m._parameters.items()}
         out["buffers"] = {k: None if v is None else self.tensor(v, prefix + k) for k, v in m._buffers.items()}
@@ -224,7 +142,7 @@ def _node_to_data(node: fx.Node) -> dict:
     where = f"node {node.name}"
     if node.op == "call_function":
         target = _STAND_IN_FUNCTIONS.get(_qualified(node.target), node.target)
-        name = _FUNCTION_NAMES.get(id(target))
+        name = FUNCTION_NAMES.get(id(target))
         if name is None:
             raise NotPortableError(f"{where} calls {_qualified(node.target)}, which is not on the list of functions a "
                                    "saved graph may use")
@@ -313,11 +231,11 @@ def from_data(description: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphMo
 
 
 def _is_name(s: Any) -> bool:
-    return isinstance(s, str) and bool(_NAME.fullmatch(s)) and not keyword.iskeyword(s)
+    return isinstance(s, str) and bool(NAME_PATTERN.fullmatch(s)) and not keyword.iskeyword(s)
 
 
 def _check_path(path: Any, what: str) -> str:
-    if not isinstance(path, str) or not path or not all(_PATH_PART.fullmatch(p) for p in path.split(".")):
+    if not isinstance(path, str) or not path or not all(PATH_PART_PATTERN.fullmatch(p) for p in path.split(".")):
         raise ValueError(f"{what} {path!r} is not a dotted module path")
     return path
 
@@ -343,7 +261,7 @@ class _ModuleReader:
         m.training = bool(data.get("training", False))
         for key, raw in data.get("attrs", {}).items():
             shadows_method = callable(getattr(cls, key, None))
-            if not _is_name(key) or key in _MODULE_INTERNALS or key.startswith("__") or shadows_method:
+            if not _is_name(key) or key in MODULE_INTERNALS or key.startswith("__") or shadows_method:
                 raise ValueError(f"{where}: attribute name {key!r} is not allowed")
             m.__dict__[key] = _decode(raw, f"{where}.{key}", None, self)
         for key, entry in data.get("params", {}).items():
@@ -365,7 +283,7 @@ class _ModuleReader:
 
 
 def _check_key(key: Any, where: str) -> None:
-    if not isinstance(key, str) or not _PATH_PART.fullmatch(key):
+    if not isinstance(key, str) or not PATH_PART_PATTERN.fullmatch(key):
         raise ValueError(f"{where}: member name {key!r} is not allowed")
 
 

@@ -2,7 +2,7 @@
 
 The result is a trainable ``torch.fx.GraphModule`` that computes, in every segment, a
 chain of *unpadded* convolutions on an input padded once (the paper: "move all padding of
-a merge block to its input"), so that :func:`~lightning_layermerge.merge.merge` is exact
+a merge block to its input"), so that :func:`~lightning_layermerge.surgery.merge.merge` is exact
 after any amount of fine-tuning.
 
 A GroupNorm (``Kind.MOVABLE_NORM``) between convs of one segment cannot be folded; it is
@@ -22,16 +22,16 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .capture import capture
-from .graph import Chain, Segment, _Analysis
+from .analysis import ChainAnalysis
+from .chain import Chain, Segment
 from .ops import Kind
+from .meta import MergeRegion, SurgeryMeta
 from .plan import Plan
-
-META_KEY = "layermerge"
-
 
 @dataclass(frozen=True)
 class Region:
-    """Where one segment lives in a pruned graph: ``merge`` replaces entry -> output by a conv."""
+    """Where one segment lives while the graph is rewritten (node names of the captured graph);
+    :meth:`_Rewriter.resolve_region` turns it into the stored :class:`MergeRegion`."""
 
     i: int
     j: int
@@ -74,7 +74,7 @@ def prune(
     if plan.fingerprint != chain.fingerprint:
         raise ValueError("the plan was made for a different chain; build it from this chain")
     cap = capture(model, chain.example, shapes=chain.capture.shapes)
-    analysis = _Analysis(cap, chain.model_name)
+    analysis = ChainAnalysis(cap, chain.model_name)
     _check_same_architecture(analysis, chain)
     rewriter = _Rewriter(cap.gm, analysis)
     regions = [rewriter.apply(seg) for seg in plan.segments]
@@ -85,16 +85,12 @@ def prune(
         for seg in plan.segments:
             rewriter.add_bottleneck_activation(seg, bottleneck_activation)
     gm = rewriter.finish()
-    gm.meta[META_KEY] = {
-        "regions": [rewriter.resolve_region(r) for r in regions],
-        "plan": plan.to_dict(),
-        "merged": False,
-    }
+    SurgeryMeta(plan=plan.to_dict(), regions=[rewriter.resolve_region(r) for r in regions]).write(gm)
     gm.train(model.training)
     return gm
 
 
-def _check_same_architecture(analysis: _Analysis, chain: Chain) -> None:
+def _check_same_architecture(analysis: ChainAnalysis, chain: Chain) -> None:
     ours = [(l.name, l.in_shape, l.out_shape, l.kernel, l.stride) for l in analysis.layers]
     theirs = [(l.name, l.in_shape, l.out_shape, l.kernel, l.stride) for l in chain.layers]
     channels = [(l.in_channels, l.out_channels, l.groups) for l in analysis.layers]
@@ -108,7 +104,7 @@ def _check_same_architecture(analysis: _Analysis, chain: Chain) -> None:
 class _Rewriter:
     """Graph surgery on a captured GraphModule, segment by segment."""
 
-    def __init__(self, gm: fx.GraphModule, analysis: _Analysis) -> None:
+    def __init__(self, gm: fx.GraphModule, analysis: ChainAnalysis) -> None:
         self.gm = gm
         self.a = analysis
         self.nodes = {n.name: n for n in gm.graph.nodes}
@@ -285,15 +281,14 @@ class _Rewriter:
         first = next((n for n in after if self.a.ops[n].kind is not Kind.IDENTITY), None)
         return first is not None and self.a.ops[first].kind is Kind.MOVABLE_NORM
 
-    def resolve_region(self, region: Region) -> dict:
+    def resolve_region(self, region: Region) -> MergeRegion:
         """The region with node names resolved to the final graph."""
-        return {
-            "i": region.i, "j": region.j, "k": region.k, "convs": list(region.convs),
-            "entry": self.new_entries.get(self.node(region.entry).name, self.node(region.entry)).name,
-            "output": self.node(region.output).name,
-            "padding": region.padding, "channels": self.a.cap.shapes[region.entry][1],
-            "in_hw": list(self.a.cap.shapes[region.entry][2:]),
-        }
+        return MergeRegion(
+            region.i, region.j, region.k, tuple(region.convs),
+            entry=self.new_entries.get(self.node(region.entry).name, self.node(region.entry)).name,
+            output=self.node(region.output).name, padding=region.padding,
+            channels=self.a.cap.shapes[region.entry][1], in_hw=tuple(self.a.cap.shapes[region.entry][2:]),
+        )
 
     def finish(self) -> fx.GraphModule:
         self.gm.graph.lint()

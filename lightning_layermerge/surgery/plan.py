@@ -6,7 +6,7 @@ import random as _random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .graph import Chain, Segment
+from .chain import Chain, Segment
 
 SegmentSpec = tuple[int, int, int] | tuple[int, int, int, Sequence[int]]
 

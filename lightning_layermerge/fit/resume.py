@@ -28,22 +28,31 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import fx, nn
 
-from .adapters import unwrap_compressed
-from .graph import trace
-from .merge import merge
-from .plan import Plan
-from .prune import META_KEY, prune
-from .serialization import attach_input_spec, example_from_spec
-from .serialization import read_checkpoint as read_checkpoint_file
-from .subruns import get_path, set_path
+from ..planning.tables.importance import weights_fingerprint
+from ..surgery.adapters import unwrap_compressed
+from ..surgery.graph import Chain
+from ..surgery.merge import merge
+from ..surgery.meta import SurgeryMeta, example_from_spec
+from ..surgery.plan import Plan
+from ..surgery.rebuild import rebuild_compressed
+from ..surgery.serialization import read_checkpoint as read_checkpoint_file
+from .state import CompressionState
+from .distill import frozen_teacher
+from .paths import get_path, set_path
 
 __all__ = ["CHECKPOINT_KEY", "STATE_KEY", "TEACHER_KEY", "LoadCheckpointPatch", "fit_checkpoint_path",
-           "fit_weights_only", "read_checkpoint", "rebuild_pruned", "restore_pruned", "state_from_checkpoint"]
+           "fit_weights_only", "plan_for_target", "read_checkpoint", "rebuild_pruned", "restore_pruned",
+           "state_from_checkpoint", "state_of_plan_argument", "teacher_for_resume"]
 
 #: Top-level checkpoint key of the plan state.
 CHECKPOINT_KEY = "layermerge"
 #: Top-level checkpoint key of the teacher's (original target's) state dict, written when distilling.
 TEACHER_KEY = "layermerge_teacher"
+#: Why a fit cannot resume from an uncompressed checkpoint, and what to do instead.
+NOT_COMPRESSED = (
+    "LayerMergeCallback: the checkpoint being resumed holds no LayerMerge plan (it is an uncompressed model). Load "
+    "its weights into the module before fit (e.g. Module.load_from_checkpoint) and call fit without ckpt_path"
+)
 #: ``LayerMergeCallback.state_key``: where Lightning keeps the callback state in checkpoints.
 STATE_KEY = "LayerMergeCallback"
 
@@ -138,27 +147,20 @@ class LoadCheckpointPatch:
 
 def is_compressed(module: nn.Module) -> bool:
     """Whether ``module`` was made by ``prune`` (and possibly ``merge``), or wraps such a network."""
-    module = unwrap_compressed(module)
-    return isinstance(module, fx.GraphModule) and META_KEY in getattr(module, "meta", {})
+    return SurgeryMeta.present(unwrap_compressed(module))
 
 
-def compressed_architecture(original: nn.Module, state: Mapping) -> fx.GraphModule:
+def compressed_architecture(original: nn.Module, state: CompressionState) -> fx.GraphModule:
     """The network a checkpoint's weights belong to, built from the original architecture.
 
     Args:
         original: The uncompressed target (any weights; it is not modified).
-        state: The checkpoint's LayerMerge state (:func:`state_from_checkpoint`).
+        state: The checkpoint's LayerMerge state.
 
     Returns:
         ``prune(original, plan)``, merged as well if the state says the weights are merged.
     """
-    example = example_from_spec(state["inputs"])
-    chain = trace(original, example)
-    net = prune(original, chain, Plan.from_dict(chain, state["plan"]))
-    if state.get("merged"):
-        net = merge(net)
-    attach_input_spec(net, example)
-    return net
+    return rebuild_compressed(original, state.plan, example_from_spec(state.inputs or []), merged=state.merged)
 
 
 def rebuild_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, original: nn.Module | None = None, *,
@@ -190,10 +192,11 @@ def rebuild_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, origin
             ``original`` is given.
     """
     checkpoint = read_checkpoint(checkpoint, trusted=trusted)
-    state = state_from_checkpoint(checkpoint)
-    if not state:
+    stored = state_from_checkpoint(checkpoint)
+    if not stored:
         return False
-    path = state["target"]
+    state = CompressionState.from_dict(stored)
+    path = state.target
     current = get_path(pl_module, path)
     if _same_keys(pl_module, checkpoint.get("state_dict")):
         return False
@@ -241,13 +244,64 @@ def restore_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, *, str
             objects other than tensors and plain data and ``trusted`` is false.
     """
     checkpoint = read_checkpoint(checkpoint, trusted=trusted)
-    state = state_from_checkpoint(checkpoint)
-    if not state:
+    stored = state_from_checkpoint(checkpoint)
+    if not stored:
         raise ValueError("the checkpoint holds no LayerMerge plan; it was not written during a LayerMergeCallback fit")
+    state = CompressionState.from_dict(stored)
     rebuild_pruned(pl_module, checkpoint)
     pl_module.load_state_dict(checkpoint["state_dict"], strict=strict)
     if merged:
-        target = get_path(pl_module, state["target"])
-        if not target.meta[META_KEY].get("merged"):
-            set_path(pl_module, state["target"], merge(target.eval()))
+        target = get_path(pl_module, state.target)
+        if not SurgeryMeta.of(target).merged:
+            set_path(pl_module, state.target, merge(target.eval()))
     return pl_module
+
+
+def state_of_plan_argument(source: Mapping | str | os.PathLike) -> CompressionState:
+    """The state ``LayerMergeCallback(plan=...)`` names: a state dict, a bare ``Plan.to_dict()``, or a
+    checkpoint path.
+
+    Raises:
+        ValueError: The checkpoint holds no LayerMerge plan.
+    """
+    if isinstance(source, Mapping):
+        return CompressionState.from_dict(source if "plan" in source else {"plan": dict(source)})
+    state = state_from_checkpoint(source)
+    if not state:
+        raise ValueError(f"LayerMergeCallback(plan={source!r}): the checkpoint holds no LayerMerge plan; it was "
+                         "not written during a LayerMergeCallback fit")
+    return CompressionState.from_dict(state)
+
+
+def plan_for_target(chain: Chain, state: CompressionState, path: str) -> Plan:
+    """The state's plan on ``chain``, checking it was made for the target at ``path``.
+
+    Raises:
+        ValueError: The plan was made for another target, or does not fit ``chain``.
+    """
+    if state.target is not None and state.target != path:
+        raise ValueError(f"LayerMergeCallback(plan=...): the plan was made for target '{state.target}', not "
+                         f"'{path}'; pass target={state.target!r}")
+    return Plan.from_dict(chain, state.plan)
+
+
+def teacher_for_resume(checkpoint: Mapping, state: CompressionState, target: nn.Module, path: str) -> nn.Module:
+    """The original network to distil from on resume: stored in the checkpoint, or the module's own
+    target if its weights are the ones the plan was made from.
+
+    Raises:
+        ValueError: The original weights cannot be recovered.
+    """
+    teacher = frozen_teacher(target)
+    stored = checkpoint.get(TEACHER_KEY)
+    if stored is not None:
+        teacher.load_state_dict(stored)
+        return teacher
+    if state.original_weights == weights_fingerprint(target):
+        return teacher
+    raise ValueError(
+        f"LayerMergeCallback(distill=...): the checkpoint being resumed holds no teacher weights (it was written "
+        f"without distill=), and the module's '{path}' does not hold the original weights the plan was made "
+        f"from, so there is no network to distil from. Load the original weights into module.{path} before "
+        "fit, or resume without distill"
+    )

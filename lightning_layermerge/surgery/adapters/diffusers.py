@@ -167,7 +167,9 @@ register_portable(lambda m: _diffusers_class(m, "Timesteps"), _portable_timestep
 
 
 def _wrap_unet(original: nn.Module, network: fx.GraphModule) -> nn.Module:
-    from .diffusers_model import wrap_unet  # imports diffusers: only reached with a diffusers model
+    # Imports diffusers, so only reached with a diffusers model; the class lives outside surgery/
+    # because diffusers writes its module path into saved pipelines (see lightning_layermerge.adapters).
+    from ...adapters.diffusers_model import wrap_unet
 
     return wrap_unet(original, network)
 

@@ -33,42 +33,43 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
-import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from .adapters import unwrap_compressed, wrap_compressed
-from .checks import check_budget, check_cache_dir, check_choice, check_monitor, check_plan, check_target, check_type
+from ..planning.report import LayerMergeReport
+from ..planning.solve import METHODS
+from ..planning.tables.importance import weights_fingerprint
+from ..planning.tables.latency import LatencySettings, LatencyTable
+from ..surgery.adapters import unwrap_compressed, wrap_compressed
+from ..surgery.graph import Chain
+from ..surgery.meta import attach_input_spec, input_spec
+from ..surgery.plan import Plan
+from ..surgery.prune import prune
+from .checks import (check_budget, check_cache_dir, check_choice, check_monitor, check_plan, check_target,
+                     check_trainer, check_type)
 from .distill import Distillation, DistillationPatch, frozen_teacher
-from .graph import Chain
-from .merge import merge
-from .plan import Plan
-from .prune import META_KEY, prune
+from .evaluation import merge_for_evaluation, rebuild_for_evaluation
+from .final_report import build_report, measure_report, publish_report, report_timing
+from .importance_settings import ImportanceSettings, Monitor
+from .paths import get_path, set_path
 from .planner import Planner, make_runner, train_loader
-from .report import LayerMergeReport, count_parameters, settings_dict, side_by_side
-from .resume import (CHECKPOINT_KEY, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
-                     fit_weights_only, is_compressed, read_checkpoint, rebuild_pruned, restore_pruned,
-                     state_from_checkpoint)
-from .serialization import attach_input_spec, example_from_spec, input_spec
-from .solve import METHODS
-from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader, get_path, set_path
-from .target import example_input, merge_checked, resolve_target, trace_target
-from .tables.importance import weights_fingerprint
-from .tables.latency import LatencySettings, LatencyTable, batched_example
+from .precision import timing_settings
+from .resume import (CHECKPOINT_KEY, NOT_COMPRESSED, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
+                     fit_weights_only, is_compressed, plan_for_target, read_checkpoint, rebuild_pruned, restore_pruned,
+                     state_from_checkpoint, state_of_plan_argument, teacher_for_resume)
+from .state import STATE_VERSION, CompressionState
+from .subruns import SubRunner
+from .subsets import check_loader
+from .target import example_input, like_memory_format, merge_checked, resolve_target, trace_target
 
 __all__ = ["LayerMergeCallback", "rebuild_pruned", "restore_pruned"]
 
-_STATE_VERSION = 1
 #: Budgets under this fraction warn: few networks keep their accuracy at such a speed-up.
 LOW_BUDGET = 0.2
 
@@ -91,7 +92,7 @@ class LayerMergeCallback(Callback):
             training loss on a held-out subset.
         mode: ``"min"`` or ``"max"``: whether a lower or a higher ``monitor`` is better.
         importance: How each importance entry is estimated (:class:`ImportanceSettings`).
-        latency: How latency is measured (:class:`~lightning_layermerge.tables.latency.LatencySettings`);
+        latency: How latency is measured (:class:`~lightning_layermerge.LatencySettings`);
             the final side-by-side measurement uses the same settings. The defaults are the
             robust ones: 1 thread timed by the thread's CPU clock (unaffected by other
             processes), entries priced in the context of the whole network, every timing
@@ -101,7 +102,7 @@ class LayerMergeCallback(Callback):
             float32 timing follows the trainer's dtype, since those weights are what gets
             deployed; with mixed precision the weights stay float32 and timing stays in
             ``latency.dtype``. The report states dtype and precision.
-        distill: Optional :class:`~lightning_layermerge.distill.Distillation` from the
+        distill: Optional :class:`~lightning_layermerge.Distillation` from the
             original network during fine-tuning.
         cache_dir: Directory for the latency and importance table caches. ``None``:
             ``<trainer.default_root_dir>/.layermerge_cache``; ``False``: no cache. With a cache,
@@ -171,7 +172,7 @@ class LayerMergeCallback(Callback):
         self._teacher: nn.Module | None = None
         self._runner: SubRunner | None = None
         self._monitor: Monitor | None = None
-        self._state: dict[str, Any] | None = None
+        self._state: CompressionState | None = None
         self._kd: DistillationPatch | None = None
         self._load_patch: LoadCheckpointPatch | None = None
         self._resumed_from: str | None = None
@@ -193,7 +194,7 @@ class LayerMergeCallback(Callback):
             return
         original_module = self._original  # kept from a previous fit on this callback, if any
         self._reset_run()
-        _check_trainer(trainer, self)
+        check_trainer(trainer, self)
         self._timing = timing_settings(self.latency_settings, trainer.precision)
         self._check_module(pl_module)
         path = resolve_target(pl_module, self.target)
@@ -206,13 +207,13 @@ class LayerMergeCallback(Callback):
         example = example_input(pl_module, target, lambda: next(iter(check_loader(train_loader(trainer)))))
         chain = trace_target(target, example, path)
         if resume is not None:  # fit(ckpt_path=...): the checkpoint's plan and teacher, nothing measured
-            state = state_from_checkpoint(resume)
-            plan = self._plan_from_state(chain, state, path)
+            state = CompressionState.from_dict(state_from_checkpoint(resume))
+            plan = plan_for_target(chain, state, path)
             teacher = self._teacher_for_resume(resume, state, target, path)
         else:
-            state = self._known_state()
+            state = None if self._given_plan is None else state_of_plan_argument(self._given_plan)
             if state is not None:
-                plan = self._plan_from_state(chain, state, path)
+                plan = plan_for_target(chain, state, path)
             else:
                 plan, state = self._plan(trainer, pl_module, path, target, chain)
             teacher = frozen_teacher(target) if self.distill is not None else None
@@ -236,41 +237,23 @@ class LayerMergeCallback(Callback):
             return None
         checkpoint = read_checkpoint(path, trusted=fit_weights_only(trainer) is False)  # fit(weights_only=False)
         if state_from_checkpoint(checkpoint) is None:
-            raise ValueError(_NOT_COMPRESSED)
+            raise ValueError(NOT_COMPRESSED)
         self._resumed_from = path
         return checkpoint
 
-    def _teacher_for_resume(self, checkpoint: Mapping, state: dict, target: nn.Module, path: str) -> nn.Module | None:
-        """The original network to distil from on resume: stored in the checkpoint, or the module's own
-        target if its weights are the ones the plan was made from.
-
-        Raises:
-            ValueError: Distillation is on and the original weights cannot be recovered.
-        """
-        if self.distill is None:
-            return None
-        teacher = frozen_teacher(target)
-        stored = checkpoint.get(TEACHER_KEY)
-        if stored is not None:
-            teacher.load_state_dict(stored)
-            return teacher
-        if state.get("original_weights") == weights_fingerprint(target):
-            return teacher
-        raise ValueError(
-            f"LayerMergeCallback(distill=...): the checkpoint being resumed holds no teacher weights (it was written "
-            f"without distill=), and the module's '{path}' does not hold the original weights the plan was made "
-            f"from, so there is no network to distil from. Load the original weights into module.{path} before "
-            "fit, or resume without distill"
-        )
+    def _teacher_for_resume(self, checkpoint: Mapping, state: CompressionState, target: nn.Module,
+                            path: str) -> nn.Module | None:
+        return None if self.distill is None else teacher_for_resume(checkpoint, state, target, path)
 
     def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, target: nn.Module,
-              chain: Chain) -> tuple[Plan, dict]:
+              chain: Chain) -> tuple[Plan, CompressionState]:
         """Tables -> solve -> calibrate (``planner.Planner``); keeps its results on the callback."""
         planner = Planner(budget=self.budget, method=self.method, monitor=self.monitor, mode=self.mode,
                           importance=self.importance_settings, latency=self._timing,
                           calibrate=self.calibrate, cache_dir=self._cache(trainer), verbose=self.verbose)
         try:
-            return planner.run(trainer, pl_module, path, target, chain)
+            plan, facts = planner.run(trainer, pl_module, path, target, chain)
+            return plan, CompressionState.from_dict({**facts, "plan": plan.to_dict()})
         finally:
             self.latency_table, self.importance_table = planner.latency_table, planner.importance_table
             self.importance_shard, self.calibration = planner.importance_shard, planner.calibration
@@ -281,48 +264,28 @@ class LayerMergeCallback(Callback):
             return None
         return str(self.cache_dir) if self.cache_dir else os.path.join(trainer.default_root_dir, ".layermerge_cache")
 
-    def _known_state(self) -> dict | None:
-        """A plan that needs no profiling (``plan=``)."""
-        source = self._given_plan
-        if source is None:
-            return None
-        if isinstance(source, Mapping):  # a state dict, or a bare Plan.to_dict()
-            return dict(source) if "plan" in source else {"plan": dict(source)}
-        state = state_from_checkpoint(source)
-        if not state:
-            raise ValueError(f"LayerMergeCallback(plan={source!r}): the checkpoint holds no LayerMerge plan; it was "
-                             "not written during a LayerMergeCallback fit")
-        return state
-
-    def _plan_from_state(self, chain: Chain, state: dict, path: str) -> Plan:
-        plan_dict = state["plan"]
-        if state.get("target", path) != path:
-            raise ValueError(f"LayerMergeCallback(plan=...): the plan was made for target '{state['target']}', not "
-                             f"'{path}'; pass target={state['target']!r}")
-        return Plan.from_dict(chain, plan_dict)
-
     def _apply(self, pl_module: pl.LightningModule, path: str, target: nn.Module, chain: Chain, plan: Plan,
-               state: dict, teacher: nn.Module | None) -> None:
+               state: CompressionState, teacher: nn.Module | None) -> None:
         """Replace the target by the pruned network; remember what resume and the report need."""
-        pruned = _like(prune(target, chain, plan), target)
+        pruned = like_memory_format(prune(target, chain, plan), target)
         attach_input_spec(pruned, chain.example)
         self._teacher = teacher
         set_path(pl_module, path, pruned)
         self._original, self._target_path, self.chain, self.plan = target, path, chain, plan
-        self._state = {**state, "version": _STATE_VERSION, "target": path, "plan": plan.to_dict(),
-                       "inputs": input_spec(chain.example), "budget": state.get("budget", self.budget),
-                       "method": state.get("method", self.method), "merged": False,
-                       "original_weights": state.get("original_weights") or weights_fingerprint(target)}
-        if self._monitor is None and state.get("monitor") and self.monitor in (None, state["monitor"]):
+        self._state = dataclasses.replace(
+            state, version=STATE_VERSION, target=path, plan=plan.to_dict(), inputs=input_spec(chain.example),
+            budget=self.budget if state.budget is None else state.budget, method=state.method or self.method,
+            merged=False, original_weights=state.original_weights or weights_fingerprint(target))
+        if self._monitor is None and state.monitor and self.monitor in (None, state.monitor):
             # A known plan (plan= or a checkpoint) carries the metric it was scored with.
-            self._monitor = Monitor(state["monitor"], state.get("mode", self.mode), bool(state.get("training_loss")))
+            self._monitor = Monitor(state.monitor, state.mode or self.mode, state.training_loss)
         self._load_patch = LoadCheckpointPatch(pl_module, lambda checkpoint: self._rebuild_for(pl_module, checkpoint))
         self._active = True
         self._log_plan(pl_module)
 
     def _log_plan(self, pl_module: pl.LightningModule) -> None:
         st, plan = self._state, self.plan
-        ratio = st["predicted_ms"] / st["table_original_ms"] if st.get("predicted_ms") else None
+        ratio = st.predicted_ms / st.table_original_ms if st.predicted_ms else None
         if self.verbose:
             pred = f", predicted latency {ratio:.3f}x of the original ({1 / ratio:.2f}x faster)" if ratio else ""
             rounds = "; ".join(f"predicted {c['predicted']:.3f} measured {c['measured']:.3f}" for c in self.calibration)
@@ -350,32 +313,33 @@ class LayerMergeCallback(Callback):
         if state is None:
             set_path(pl_module, self._target_path, self._original)  # leave the model as it was
             self._active = False
-            raise ValueError(_NOT_COMPRESSED)
-        if state["plan"]["segments"] != self._state["plan"]["segments"]:
-            self.plan = self._plan_from_state(self.chain, state, self._target_path)
-            pruned = _like(prune(self._original, self.chain, self.plan), self._original)
+            raise ValueError(NOT_COMPRESSED)
+        if state["plan"]["segments"] != self._state.plan["segments"]:
+            self.plan = plan_for_target(self.chain, CompressionState.from_dict(state), self._target_path)
+            pruned = like_memory_format(prune(self._original, self.chain, self.plan), self._original)
             attach_input_spec(pruned, self.chain.example)
             set_path(pl_module, self._target_path, pruned)
         if self.distill is not None and self._resumed_from is None:
-            self._teacher = self._teacher_for_resume(checkpoint, state, self._original, self._target_path)
-        self._state = {**self._state, **state}
+            self._teacher = self._teacher_for_resume(checkpoint, CompressionState.from_dict(state), self._original,
+                                                     self._target_path)
+        self._state = self._state.updated(state)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Store the plan at the top level too (for :func:`rebuild_pruned`), and the teacher when distilling."""
         if self._state is not None:
-            checkpoint[CHECKPOINT_KEY] = copy.deepcopy(self._state)
+            checkpoint[CHECKPOINT_KEY] = copy.deepcopy(self._state.to_dict())
         if self._active and self._teacher is not None:
             checkpoint[TEACHER_KEY] = {k: v.detach().cpu() for k, v in self._teacher.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The plan state (plan, target, example-input shapes, predicted latency, metric)."""
-        return copy.deepcopy(self._state) if self._state is not None else {}
+        return copy.deepcopy(self._state.to_dict()) if self._state is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Merge a checkpoint's state into the current one (the architecture is already rebuilt)."""
         # The architecture was already rebuilt from the same state in _rebuild_for.
         if state_dict and self._state is not None:
-            self._state = {**self._state, **state_dict}
+            self._state = self._state.updated(state_dict)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -386,19 +350,11 @@ class LayerMergeCallback(Callback):
 
     def _prepare_evaluation(self, pl_module: pl.LightningModule) -> None:
         """``trainer.validate/test/predict(ckpt_path=...)``: rebuild the checkpoint's architecture
-        just before Lightning's strict weight load (from the original target this callback kept,
-        else from the module's own uncompressed target)."""
+        just before Lightning's strict weight load (:func:`~.evaluation.rebuild_for_evaluation`)."""
         self._evaluating = None
 
         def before(checkpoint: dict) -> None:
-            state = state_from_checkpoint(checkpoint)
-            if state is None:
-                return
-            current = get_path(pl_module, state["target"])
-            # rebuild_pruned raises, naming the calls that work, if the target is compressed
-            # already and this callback did not keep the original to rebuild from.
-            if rebuild_pruned(pl_module, checkpoint, original=self._original) or is_compressed(current):
-                self._evaluating = state["target"]
+            self._evaluating = rebuild_for_evaluation(pl_module, checkpoint, self._original)
 
         self._load_patch = LoadCheckpointPatch(pl_module, before)
 
@@ -407,17 +363,8 @@ class LayerMergeCallback(Callback):
         if self._load_patch is not None:
             self._load_patch.remove()
         path, self._evaluating = self._evaluating, None
-        if path is None or trainer.state.fn == "fit":
-            return
-        net = unwrap_compressed(get_path(pl_module, path))
-        if net.meta[META_KEY].get("merged"):
-            return
-        training = net.training
-        final, merged, _ = merge_checked(net, example_from_spec(net.meta[META_KEY]["inputs"]))
-        final = _like(final.to(pl_module.device), net).train(training) if merged else net
-        set_path(pl_module, path, final if self._original is None else wrap_compressed(self._original, final))
-        rank_zero_info(f"LayerMerge: evaluating the checkpoint's compressed '{path}' "
-                       f"({'merged' if merged else 'pruned, not merged'})")
+        if path is not None and trainer.state.fn != "fit":
+            merge_for_evaluation(pl_module, path, self._original)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """See :meth:`_evaluation_start` (does nothing during fit)."""
@@ -475,11 +422,11 @@ class LayerMergeCallback(Callback):
         final, merged, error = merge_checked(pruned, self.chain.example)
         # In the original's library type where an adapter offers one (a diffusers UNet2DModel comes back
         # as a LayerMergeUNet2DModel for pipelines); the state-dict keys stay the network's own.
-        final = wrap_compressed(self._original, _like(final, pruned))
+        final = wrap_compressed(self._original, like_memory_format(final, pruned))
         set_path(pl_module, self._target_path, final)
-        self._state["merged"] = merged  # checkpoints saved from now on hold the merged weights
+        self._state.merged = merged  # checkpoints saved from now on hold the merged weights
         self.report = self._build_report(trainer, pl_module, final, merged, error)
-        self._publish(trainer, self.report)
+        publish_report(trainer, self.report, verbose=self.verbose)
         # Done: drop the copies (teacher, sub-run module) so they do not hold memory. The user's
         # original target stays referenced: evaluating a checkpoint of this fit rebuilds from it.
         self._active = False
@@ -487,53 +434,14 @@ class LayerMergeCallback(Callback):
 
     def _build_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: nn.Module, merged: bool,
                       error: float) -> LayerMergeReport:
-        chain, plan, st = self.chain, self.plan, self._state
-        report = LayerMergeReport(
-            budget=self.budget, method=self.method, target=self._target_path, num_layers=chain.num_layers,
-            layer_names=[l.name for l in chain.layers], segments=plan.keys,
-            kept_activations=sorted(plan.kept_activations), kept_convs=sorted(plan.kept_convs),
-            irreducible=sorted(chain.irreducible), latency_settings={**settings_dict(self._report_timing()), "precision": str(trainer.precision)},
-            table_original_ms=st.get("table_original_ms"), predicted_ms=st.get("predicted_ms"),
-            params_before=count_parameters(self._original), params_after=count_parameters(final),
-            monitor=st.get("monitor"), mode=st.get("mode", self.mode), metric_before=st.get("metric_before"),
-            merged=merged, merge_max_error=error, calibration=list(st.get("calibration", [])),
-            importance=dict(st.get("importance") or {}), table_build_s=st.get("table_build_s"),
-            table_max_spread=st.get("table_max_spread"), load_note=st.get("load_note") or "",
-        )
+        settings = report_timing(self.latency_table, self._state, self._timing)
+        report = build_report(budget=self.budget, method=self.method, target=self._target_path, chain=self.chain,
+                              plan=self.plan, state=self._state, mode=self.mode, original=self._original, final=final,
+                              merged=merged, error=error, settings=settings, precision=str(trainer.precision))
         if trainer.is_global_zero:  # measured once, without contention between ranks
-            self._measure(report, final)
+            measure_report(report, self._original, self.chain, final, settings, verbose=self.verbose)
             self._score_after(trainer, pl_module, report, final)
         return report
-
-    def _report_timing(self) -> LatencySettings:
-        """The settings the table was really measured with (a busy machine can move them to the
-        robust ones), from this run's table or the resumed checkpoint; else the requested ones."""
-        if self.latency_table is not None:
-            return self.latency_table.settings
-        saved = (self._state or {}).get("latency_settings")
-        if saved:
-            try:
-                return LatencySettings(**saved)
-            except (TypeError, ValueError):  # written by another version: time as requested
-                pass
-        return self._timing
-
-    def _measure(self, report: LayerMergeReport, final: nn.Module) -> None:
-        settings = self._report_timing()
-        if self.verbose:
-            rank_zero_info(f"LayerMerge: timing the compressed network against the original (BatchNorm folded), "
-                           f"interleaved, {settings.warmup} + {settings.repeats} passes each ...")
-        start = time.perf_counter()
-        folded = merge(prune(self._original, self.chain, Plan.keep_all(self.chain)), share=True)
-        inputs = batched_example(self.chain, settings.batch_size)
-        timed = side_by_side({"original": folded, "compressed": final}, inputs, settings)
-        report.measured_original_ms, report.measured_ms = timed.ms["original"], timed.ms["compressed"]
-        spread = timed.spread["compressed"]
-        report.measured_spread = spread if math.isfinite(spread) else None
-        report.load_note = "; ".join(n for n in (report.load_note, timed.load_note) if n)
-        report.latency_settings = {**settings_dict(timed.settings), "precision": report.latency_settings.get("precision")}
-        if self.verbose:
-            rank_zero_info(f"LayerMerge: timed in {time.perf_counter() - start:.1f} s")
 
     def _score_after(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: LayerMergeReport,
                      final: nn.Module) -> None:
@@ -548,59 +456,3 @@ class LayerMergeCallback(Callback):
                 self._monitor.key)
         except (TypeError, ValueError) as err:  # e.g. no map-style train loader: report without the metric
             rank_zero_warn(f"LayerMergeCallback: could not score the compressed network: {err}")
-
-    def _publish(self, trainer: pl.Trainer, report: LayerMergeReport) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(report.metrics(), step=trainer.global_step)
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank calls it
-        if not trainer.is_global_zero:
-            return
-        report.to_json(log_dir / "layermerge_report.json")
-        report.plot(log_dir / "layermerge_report.png")
-        if self.verbose:
-            rank_zero_info(f"{report}\n  files: {log_dir / 'layermerge_report.png'}, {log_dir / 'layermerge_report.json'}")
-
-
-_NOT_COMPRESSED = (
-    "LayerMergeCallback: the checkpoint being resumed holds no LayerMerge plan (it is an uncompressed model). Load "
-    "its weights into the module before fit (e.g. Module.load_from_checkpoint) and call fit without ckpt_path"
-)
-
-
-#: Trainer precisions that store the weights in another dtype (what gets deployed), and that dtype.
-_TRUE_PRECISION_DTYPES = {"bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64", "64": "float64"}
-
-
-def timing_settings(settings: LatencySettings, precision: Any) -> LatencySettings:
-    """The latency settings for a trainer ``precision``.
-
-    With a ``*-true`` precision the weights themselves are bf16/fp16/fp64, which is what gets
-    deployed, so the default ``dtype="float32"`` becomes that dtype. Mixed precision keeps
-    float32 weights and leaves the inference dtype a deployment choice: timed in
-    ``settings.dtype`` (float32 unless you pass ``LatencySettings(dtype=...)``).
-    """
-    dtype = _TRUE_PRECISION_DTYPES.get(str(precision))
-    if dtype is not None and settings.dtype == "float32":
-        return dataclasses.replace(settings, dtype=dtype)
-    return settings
-
-
-def _like(net: nn.Module, reference: nn.Module) -> nn.Module:
-    """``net`` in the memory format of ``reference``'s conv weights (``channels_last`` survives surgery)."""
-    weights = [p for p in reference.parameters() if p.dim() == 4]
-    if weights and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-                       for p in weights):
-        net = net.to(memory_format=torch.channels_last)
-    return net
-
-
-def _check_trainer(trainer: pl.Trainer, callback: LayerMergeCallback) -> None:
-    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
-        raise ValueError(
-            "LayerMergeCallback cannot run with a spawn-based strategy (e.g. strategy='ddp_spawn'): the worker "
-            "processes rewrite the architecture, and the main process cannot load their weights into its "
-            "uncompressed model. Use strategy='ddp' (run as a script) instead"
-        )
-    others = [cb for cb in trainer.callbacks if isinstance(cb, LayerMergeCallback) and cb is not callback]
-    if others:
-        raise ValueError("only one LayerMergeCallback per Trainer is supported; compress one target per fit")

@@ -10,9 +10,7 @@ same order, so DDP never hangs and every rank ends with the identical plan.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,33 +20,25 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
-from tqdm.auto import tqdm
 
-from .graph import Chain
-from .merge import merge
-from .plan import Plan
-from .prune import prune
-from .report import side_by_side
-from .solve import Solution, solve
-from .subruns import ImportanceSettings, Monitor, SubRunner, check_loader
-from .tables.cache import TableCache, fingerprint
-from .tables.importance import build_importance_table, combine_shards, weights_fingerprint
-from .tables.noise import NoiseLevel, noise_level, pick_noise_entries, warn_if_noisy
-from .tables.latency import LatencySettings, LatencyTable, batched_example, build_latency_table
+from ..planning.calibrate import calibrate
+from ..planning.chain_solve import RESOLUTIONS, reachable_floor_ms, resolution_for, smallest_budget, solve_chain
+from ..planning.plan_cache import plan_cache_path, read_cached_plan, write_cached_plan
+from ..planning.report import side_by_side
+from ..planning.tables.cache import TableCache, fingerprint
+from ..planning.tables.importance import build_importance_table, combine_shards, weights_fingerprint
+from ..planning.tables.latency import LatencySettings, LatencyTable, batched_example, build_latency_table
+from ..planning.tables.noise import NoiseLevel, noise_level, pick_noise_entries, warn_if_noisy
+from ..surgery.graph import Chain
+from ..surgery.merge import merge
+from ..surgery.plan import Plan
+from ..surgery.prune import prune
+from ..surgery.rebuild import fold_batchnorm
+from .importance_settings import ImportanceSettings, Monitor
+from .subruns import SubRunner
+from .subsets import check_loader
 
-__all__ = ["CALIBRATION_AIM", "CALIBRATION_SLACK", "MAX_REPLANS", "Planner", "make_runner", "train_loader"]
-
-#: Re-plans allowed when the measured candidate misses the budget (``calibrate``).
-MAX_REPLANS = 5
-#: A calibrated plan may measure this far below the budget before a looser plan is tried.
-CALIBRATION_SLACK = 0.1
-#: Re-plans aim this far below the budget, to leave room for timing noise in later measurements.
-CALIBRATION_AIM = 0.95
-_PLAN_FILE_VERSION = 3
-#: Discretisation units of the DP budget, coarse to fine. Rounding every segment up costs at
-#: most one unit per segment, so a budget just above the reachable floor needs a finer grid;
-#: the planner takes the first resolution at which the budget is feasible.
-RESOLUTIONS = (1000, 4000, 16000, 64000)
+__all__ = ["Planner", "make_runner", "train_loader"]
 
 
 class Planner:
@@ -138,10 +128,10 @@ class Planner:
             budget_ms = table.budget_for(self.budget)
         except ValueError as err:
             raise ValueError(f"LayerMergeCallback(budget={self.budget}): {err}") from None
-        floor = min_chain_ms(table, chain, self.method)
-        resolution = self._resolution_for(table, chain, budget_ms) if budget_ms >= floor else None
+        floor = reachable_floor_ms(table, chain, self.method)
+        resolution = resolution_for(table, chain, budget_ms, self.method) if budget_ms >= floor else None
         if resolution is None:
-            reachable = self._smallest_budget(table, chain, (table.outside_ms + floor) / table.total_ms)
+            reachable = smallest_budget(table, chain, self.method)
             hint = " or use method='layermerge'" if self.method != "layermerge" else ""
             raise ValueError(
                 f"LayerMergeCallback(budget={self.budget}) is below the smallest latency method "
@@ -151,24 +141,6 @@ class Planner:
             )
         self.resolution = resolution
         return budget_ms
-
-    def _resolution_for(self, table: LatencyTable, chain: Chain, budget_ms: float) -> int | None:
-        """The coarsest resolution at which the DP finds any plan within ``budget_ms``."""
-        fastest = _fastest(table)
-        for resolution in RESOLUTIONS:
-            try:
-                solve_for(table, fastest, chain, budget_ms, self.method, resolution=resolution)
-                return resolution
-            except ValueError:
-                continue
-        return None
-
-    def _smallest_budget(self, table: LatencyTable, chain: Chain, exact: float) -> float:
-        """The smallest budget fraction (in steps of 0.001, from ``exact`` up) the DP can solve."""
-        fraction = math.ceil(exact * 1000 - 1e-9) / 1000
-        while fraction < 1 and self._resolution_for(table, chain, table.budget_for(fraction)) is None:
-            fraction = round(fraction + 0.001, 3)
-        return min(fraction, 1.0)
 
     def build_importance_table(self, trainer: pl.Trainer, target: nn.Module, chain: Chain) -> dict:
         """This rank's share of the entries, then gathered, so every rank holds the whole table."""
@@ -247,83 +219,30 @@ class Planner:
     def solve(self, table: LatencyTable, importance: dict, chain: Chain, budget_ms: float) -> list:
         """``solve`` with the callback's arguments named in its errors."""
         try:
-            return solve_for(table, importance, chain, budget_ms, self.method, resolution=self.resolution).segments
+            return solve_chain(table, importance, chain, budget_ms, self.method, resolution=self.resolution).segments
         except ValueError as err:
             raise ValueError(f"LayerMergeCallback(budget={self.budget}, method={self.method!r}): {err}") from err
 
     def calibrate(self, trainer: pl.Trainer, target: nn.Module, chain: Chain, plan: Plan,
                   budget_ms: float) -> Plan:
-        """Search the table budget whose plan, merged and timed side by side with the original, fits.
-
-        The table adds up segments timed one by one, possibly minutes apart on a shared
-        machine, so its total can be off either way (load drift, cache effects, an inflated
-        outside-the-chain part). Each round measures the merged candidate against the
-        BN-folded original and moves the table budget: down when the candidate is over the
-        budget, up when it is more than ``CALIBRATION_SLACK`` under it (a looser plan keeps
-        more of the network), by the measured/targeted ratio until the two sides are
-        bracketed, then by bisection. Of the candidates that fit, the one the DP rates most
-        important wins.
-        """
-        table, importance = self.latency_table, self.importance_table
-        folded = merge(prune(target, chain, Plan.keep_all(chain)))
+        """:func:`~lightning_layermerge.planning.calibrate.calibrate` with each candidate merged and
+        timed side by side with the BN-folded original on rank 0 (:meth:`measured_ratio`)."""
+        folded = fold_batchnorm(target, chain)
         inputs = batched_example(chain, self.latency_settings.batch_size)
-        floor, ceiling = min_chain_ms(table, chain, self.method), table.chain_ms * 2
-        fits, over = 0.0, math.inf  # largest table budget known to fit / smallest known not to
-        tried: dict[tuple, float] = {}
-        bar = tqdm(total=1 + MAX_REPLANS, desc="calibration (timed candidates)", unit="plan",
-                   disable=not (self.verbose and trainer.is_global_zero))
-        for _ in range(1 + MAX_REPLANS):
-            self.last_spread = None
-            ratio = self.measured_ratio(trainer, folded, merge(prune(target, chain, plan)), inputs)
-            bar.update()
-            bar.set_postfix(measured=f"{ratio:.3f}", budget=self.budget)
-            tried[tuple(plan.keys)] = ratio
-            self.calibration.append({"segments": plan.keys, "measured": ratio, "spread": self.last_spread,
-                                     "table_budget_ms": budget_ms,
-                                     "predicted": table.predicted_ms(plan.keys) / table.total_ms})
-            if ratio <= self.budget:
-                fits = max(fits, budget_ms)
-                if ratio >= (1 - CALIBRATION_SLACK) * self.budget:
-                    break
-            else:
-                over = min(over, budget_ms)
-            if fits and over < math.inf:
-                budget_ms = (fits + over) / 2  # bracketed: bisect
-            else:
-                budget_ms = min(max(budget_ms * CALIBRATION_AIM * self.budget / ratio, floor), ceiling)
-            found = self._untried_plan(chain, budget_ms, tried, grow=ratio <= self.budget,
-                                       bracketed=bool(fits) and over < math.inf, bounds=(floor, ceiling))
-            if found is None:
-                break
-            plan, budget_ms = found
-        bar.close()
-        within = [k for k, r in tried.items() if r <= self.budget]
-        if not within:
-            best = min(tried, key=tried.get)
-            rank_zero_warn(f"LayerMergeCallback: the fastest plan found measures {tried[best]:.3f} of the original "
-                           f"latency, above budget={self.budget}; the latency table overestimates what removal saves")
-            return Plan.from_segments(chain, list(best))
-        best = max(within, key=lambda k: (sum(importance[s] for s in k), -tried[k]))
-        return Plan.from_segments(chain, list(best))
 
-    def _untried_plan(self, chain: Chain, budget_ms: float, tried: dict, *, grow: bool, bracketed: bool,
-                      bounds: tuple[float, float]) -> tuple[Plan, float] | None:
-        """The DP's plan at ``budget_ms``; while unbracketed, the budget keeps moving (x1.15 per
-        step, no measurement) until the DP picks a plan not timed yet. ``None``: nothing new."""
-        table, importance = self.latency_table, self.importance_table
-        for _ in range(32):
-            try:
-                keys = tuple(solve_for(table, importance, chain, budget_ms, self.method,
-                                       resolution=self.resolution).segments)
-            except ValueError:  # a re-plan budget below what the DP can reach: nothing new here
-                return None
-            if keys not in tried:
-                return Plan.from_segments(chain, list(keys)), budget_ms
-            moved = min(max(budget_ms * (1.15 if grow else 1 / 1.15), bounds[0]), bounds[1])
-            if bracketed or moved == budget_ms:
-                return None
-            budget_ms = moved
-        return None
+        def measure(candidate: Plan) -> tuple[float, float | None]:
+            ratio = self.measured_ratio(trainer, folded, merge(prune(target, chain, candidate)), inputs)
+            return ratio, self.last_spread
+
+        result = calibrate(self.latency_table, self.importance_table, chain, plan, budget_ms, budget=self.budget,
+                           method=self.method, measure=measure, resolution=self.resolution,
+                           progress=self.verbose and trainer.is_global_zero)
+        self.calibration.extend(result.rounds)
+        if not result.fits:
+            rank_zero_warn(f"LayerMergeCallback: the fastest plan found measures {result.measured:.3f} of the "
+                           f"original latency, above budget={self.budget}; the latency table overestimates what "
+                           "removal saves")
+        return result.plan
 
     def measured_ratio(self, trainer: pl.Trainer, original: nn.Module, candidate: nn.Module,
                        inputs: tuple) -> float:
@@ -343,23 +262,13 @@ class Planner:
     # ------------------------------------------------------------------ plan cache
 
     def plan_file(self, chain: Chain, table: LatencyTable, importance: dict) -> Path | None:
-        """Cache file of the (calibrated) plan: a function of both tables, budget and method only,
-        so a repeated or resumed run with cached tables re-uses it without timing anything."""
-        if self.cache_dir is None:
-            return None
-        key = fingerprint([[*k, repr(v)] for k, v in sorted(table.entries.items())], repr(table.total_ms),
-                          [[*k, repr(v)] for k, v in sorted(importance.items())], self.budget, self.method,
-                          self.calibrate_plans, MAX_REPLANS, _PLAN_FILE_VERSION)
-        return Path(self.cache_dir) / f"plan-{chain.fingerprint}-{key[:12]}.json"
+        """Cache file of the (calibrated) plan (:func:`~lightning_layermerge.planning.plan_cache.plan_cache_path`)."""
+        return plan_cache_path(self.cache_dir, chain, table, importance, self.budget, self.method,
+                               self.calibrate_plans)
 
     def cached_plan(self, trainer: pl.Trainer, chain: Chain, path: Path | None) -> Plan | None:
-        """The cached plan (decided on rank 0 and broadcast, so all ranks take the same branch)."""
-        found = None
-        if path is not None and trainer.is_global_zero and path.is_file():
-            try:
-                found = json.loads(path.read_text())
-            except (OSError, ValueError):
-                found = None  # unreadable: plan again
+        """The cached plan (read on rank 0 and broadcast, so all ranks take the same branch)."""
+        found = read_cached_plan(path) if trainer.is_global_zero else None
         if trainer.world_size > 1:
             found = trainer.strategy.broadcast(found, src=0)
         if not found:
@@ -368,13 +277,9 @@ class Planner:
         return Plan.from_segments(chain, [tuple(k) for k in found["segments"]])
 
     def store_plan(self, trainer: pl.Trainer, path: Path | None, plan: Plan) -> None:
-        """Write the plan and its calibration record atomically (rank 0)."""
-        if path is None or not trainer.is_global_zero:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"segments": plan.keys, "calibration": self.calibration}))
-        os.replace(tmp, path)  # atomic: an interrupted write never leaves half a file
+        """Write the plan and its calibration record (rank 0)."""
+        if trainer.is_global_zero:
+            write_cached_plan(path, plan, self.calibration)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -409,32 +314,6 @@ def make_runner(trainer: pl.Trainer, pl_module: pl.LightningModule, path: str,
     return SubRunner(pl_module, path, check_loader(train_loader(trainer)), settings,
                      accelerator=accelerator, devices=devices, precision=trainer.precision,
                      val_loader=val_loader(trainer))
-
-
-def min_chain_ms(table: LatencyTable, chain: Chain, method: str) -> float:
-    """Smallest chain latency ``method`` can reach: solve with importance = -latency, no budget limit."""
-    roomy = sum(table.entries.values()) + 1.0
-    return solve_for(table, _fastest(table), chain, roomy, method).latency
-
-
-def _fastest(table: LatencyTable) -> dict:
-    """Importance = -latency: the DP then picks the fastest plan within a budget."""
-    return {k: -v for k, v in table.entries.items()}
-
-
-def solve_for(table: LatencyTable, importance: dict, chain: Chain, budget_ms: float, method: str, *,
-              resolution: int = RESOLUTIONS[0]) -> Solution:
-    """``solve`` on ``chain``'s tables; Depth gets the kernel its all-convs-kept segments really have."""
-    if method != "depth":
-        return solve(table.entries, importance, chain.num_layers, budget_ms, method, resolution=resolution)
-    kept = chain.all_kept_kernels()
-    # Pairs (i, j) whose segments must drop a conv (e.g. a strided conv followed by a k > 1
-    # conv) have no all-kept segment: Depth cannot use them, and solve() rejects a mapping
-    # that lacks pairs present in the table, so leave those pairs out of both tables.
-    entries = {key: v for key, v in table.entries.items() if key[:2] in kept}
-    importance = {key: v for key, v in importance.items() if key[:2] in kept}
-    return solve(entries, importance, chain.num_layers, budget_ms, method, all_kept_kernel=kept,
-                 resolution=resolution)
 
 
 def _finite(value: float) -> float | None:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["METHODS", "Solution", "solve"]
+__all__ = ["METHODS", "Solution", "min_latency", "solve"]
 
 Entry = tuple[int, int, int]
 
@@ -146,6 +146,27 @@ def solve(
         method=method,
         budget=budget,
     )
+
+
+def min_latency(
+    latency: Mapping[tuple[int, int, int], float],
+    num_layers: int,
+    method: str = "layermerge",
+    *,
+    all_kept_kernel: Mapping[tuple[int, int], int] | None = None,
+) -> float:
+    """The smallest summed latency of any covering ``method`` may choose: the floor of :func:`solve`.
+
+    A budget below it has no solution; one at or just above it may still need a higher
+    ``resolution`` (rounding up costs at most one unit per segment). Arguments as in :func:`solve`.
+
+    Raises:
+        ValueError / TypeError: As :func:`solve` for the table, ``num_layers`` and ``method``.
+    """
+    _check_scalars(num_layers, 1.0, method, 1)
+    rows = _select(_read_tables(latency, dict.fromkeys(latency, 0.0), num_layers), method, all_kept_kernel)
+    _check_coverage(rows, num_layers, method)
+    return _min_latency([_discretise(r, 1.0) for r in rows], num_layers, units=False)
 
 
 # --------------------------------------------------------------------------- validation

@@ -57,10 +57,9 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from ..graph import Chain, Segment
-from ..merge import merge
-from ..plan import Plan
-from ..prune import prune
+from ...surgery.graph import Chain, Segment
+from ...surgery.plan import Plan
+from ...surgery.rebuild import fold_batchnorm
 from .allocator import ALLOCATORS, allocator_regime, cached_allocator
 from .cache import TableCache, fingerprint
 from .runtime import MEMORY_FORMATS, RUNTIMES, prepare_call
@@ -1238,8 +1237,7 @@ def _segment_run(chain: Chain, seg: Segment, settings: LatencySettings) -> tuple
 
 def _whole_run(model: nn.Module, chain: Chain, settings: LatencySettings) -> tuple[nn.Module, tuple]:
     """The original model with BatchNorm folded (the keep-all plan, merged) and its input."""
-    merged = merge(prune(model, chain, Plan.keep_all(chain)))
-    return merged, batched_example(chain, settings.batch_size)
+    return fold_batchnorm(model, chain), batched_example(chain, settings.batch_size)
 
 
 def _flops(seg: Segment) -> int:

@@ -1,7 +1,7 @@
 """Lookup tables of LayerMerge: measured latency, estimated importance, and their on-disk cache."""
 
-from lightning_layermerge.tables.cache import TableCache, fingerprint
-from lightning_layermerge.tables.importance import (
+from lightning_layermerge.planning.tables.cache import TableCache, fingerprint
+from lightning_layermerge.planning.tables.importance import (
     FineTune,
     ImportanceWarning,
     Score,
@@ -9,7 +9,7 @@ from lightning_layermerge.tables.importance import (
     combine_shards,
     weights_fingerprint,
 )
-from lightning_layermerge.tables.latency import (
+from lightning_layermerge.planning.tables.latency import (
     LatencyLoadError,
     LatencyLoadWarning,
     LatencySettings,

@@ -9,7 +9,7 @@ function (Perf, higher is better)::
 Entries are independent, so a build can be split into shards ``(rank, world_size)``: shard
 ``r`` computes the entries whose index in the sorted key list is ``r`` modulo ``world_size``;
 :func:`combine_shards` joins the results. Every entry is persisted through
-:class:`~lightning_layermerge.tables.cache.TableCache` as soon as it is known, so a build
+:class:`~lightning_layermerge.planning.tables.cache.TableCache` as soon as it is known, so a build
 that is interrupted resumes and a repeated build fine-tunes nothing.
 
 An entry whose run fails is never chosen by the solver: a non-finite score gives ``-inf``
@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..graph import Chain, Segment
-from ..plan import Plan
-from ..prune import prune
+from ...surgery.graph import Chain, Segment
+from ...surgery.plan import Plan
+from ...surgery.prune import prune
 from .cache import TableCache, fingerprint
 
 __all__ = [

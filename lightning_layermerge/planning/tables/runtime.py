@@ -115,7 +115,7 @@ def prepare_call(module: nn.Module, inputs: tuple, *, runtime: str, memory_forma
 
 def _torchscript_call(module: nn.Module, args: tuple, device: torch.device) -> Callable[[], Any]:
     """Export with ``export_torchscript``, load the file back, and call it."""
-    from ..serialization import export_torchscript  # torch-only module; imported late to keep tables light
+    from ...surgery.serialization import export_torchscript  # torch-only module; imported late to keep tables light
 
     with tempfile.TemporaryDirectory(prefix="layermerge-ts-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer/scripting chatter about the timing copy, not the user's model
@@ -126,7 +126,7 @@ def _torchscript_call(module: nn.Module, args: tuple, device: torch.device) -> C
 
 def _onnxruntime_call(module: nn.Module, args: tuple, device: torch.device, threads: int | None) -> Callable[[], Any]:
     """Export with ``export_onnx``, open an ONNX Runtime session on the file, and run it."""
-    from ..serialization import export_onnx
+    from ...surgery.serialization import export_onnx
 
     ort = _onnxruntime()
     if not all(isinstance(a, torch.Tensor) for a in args):

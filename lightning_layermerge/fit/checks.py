@@ -1,5 +1,5 @@
-"""Validation of ``LayerMergeCallback``'s constructor arguments: each error names the argument,
-what was wrong and what to pass instead (raised at construction, before any training)."""
+"""Validation of ``LayerMergeCallback``'s constructor arguments and trainer: each error names the
+argument, what was wrong and what to pass instead (raised before any training)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["check_budget", "check_cache_dir", "check_choice", "check_monitor", "check_plan", "check_target",
-           "check_type"]
+           "check_trainer", "check_type"]
 
 
 def check_budget(budget: Any) -> float:
@@ -79,3 +79,22 @@ def check_plan(plan: Any) -> dict | str | None:
             raise ValueError(f"LayerMergeCallback(plan={str(plan)!r}): no such checkpoint file")
         return str(plan)
     raise TypeError(f"LayerMergeCallback(plan=...) must be a dict, a checkpoint path or None, got {type(plan).__name__}")
+
+
+def check_trainer(trainer: Any, callback: Any) -> None:
+    """Refuse trainers ``callback`` cannot work in: a spawn-based strategy, or a second callback of its type.
+
+    Raises:
+        ValueError: Naming the strategy to use, or that one target is compressed per fit.
+    """
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher  # only the callback needs Lightning
+
+    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        raise ValueError(
+            "LayerMergeCallback cannot run with a spawn-based strategy (e.g. strategy='ddp_spawn'): the worker "
+            "processes rewrite the architecture, and the main process cannot load their weights into its "
+            "uncompressed model. Use strategy='ddp' (run as a script) instead"
+        )
+    others = [cb for cb in trainer.callbacks if isinstance(cb, type(callback)) and cb is not callback]
+    if others:
+        raise ValueError("only one LayerMergeCallback per Trainer is supported; compress one target per fit")

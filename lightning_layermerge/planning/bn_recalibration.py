@@ -8,7 +8,7 @@ gradient, no weight change) is cheap and recovers much of that loss. It is appli
 each importance entry's short fine-tune (``ImportanceSettings.bn_batches``) and can be used
 before the user's own fine-tuning::
 
-    from lightning_layermerge.bn_recalibration import recalibrate_batchnorm
+    from lightning_layermerge.planning.bn_recalibration import recalibrate_batchnorm
     recalibrate_batchnorm(pruned, train_loader, batches=20)
 """
 

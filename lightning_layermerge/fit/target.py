@@ -13,12 +13,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .graph import Chain, trace
-from .merge import merge
-from .serialization import attach_input_spec
-from .subruns import get_path
+from ..surgery.graph import Chain, trace
+from ..surgery.merge import merge
+from ..surgery.meta import attach_input_spec
+from .paths import get_path
 
-__all__ = ["MERGE_TOLERANCE", "capture_input", "default_target", "example_input", "merge_checked",
+__all__ = ["MERGE_TOLERANCE", "capture_input", "default_target", "example_input", "like_memory_format", "merge_checked",
            "relative_error", "resolve_target", "trace_target"]
 
 #: Relative tolerance for "merged equals pruned" on the example input (float32 rounding).
@@ -149,12 +149,16 @@ def trace_target(target: nn.Module, example: tuple, path: str) -> Chain:
         raise ValueError(f"LayerMergeCallback(target={path!r}): {err}") from err
 
 
-def merge_checked(pruned: fx.GraphModule, example: tuple) -> tuple[nn.Module, bool, float]:
-    """``merge(pruned)`` if it equals ``pruned`` on the example input, else ``pruned`` (with a warning)."""
+def merge_checked(pruned: fx.GraphModule, example: tuple, *,
+                  merge_fn: Callable[..., fx.GraphModule] = merge) -> tuple[nn.Module, bool, float]:
+    """``merge(pruned)`` if it equals ``pruned`` on the example input, else ``pruned`` (with a warning).
+
+    ``merge_fn`` is the merge to check (``merge``; a test passes a faulty one to see the fallback).
+    """
     pruned.eval()
     example = _like_parameters(example, pruned)
     try:
-        merged = merge(pruned, share=True)  # the caller keeps one of the two
+        merged = merge_fn(pruned, share=True)  # the caller keeps one of the two
         with torch.no_grad():
             error = relative_error(pruned(*example), merged(*example))
     except Exception as err:  # a failed merge must not lose the fine-tuned network
@@ -187,3 +191,12 @@ def relative_error(want: Any, got: Any) -> float:
     diff = max(float((a - b).abs().max()) for a, b in pairs)
     scale = max(float(a.abs().max()) for a, _ in pairs)
     return diff / max(scale, 1e-12)
+
+
+def like_memory_format(net: nn.Module, reference: nn.Module) -> nn.Module:
+    """``net`` in the memory format of ``reference``'s conv weights (``channels_last`` survives surgery)."""
+    weights = [p for p in reference.parameters() if p.dim() == 4]
+    if weights and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                       for p in weights):
+        net = net.to(memory_format=torch.channels_last)
+    return net

@@ -5,7 +5,7 @@ class is generated code, so it cannot be rebuilt from a constructor the way a us
 can. :func:`save_compressed` writes one safetensors file that supports two ways back:
 
 1. **Self-contained** (``load_compressed(path)``): the graph is stored as data (see
-   :mod:`lightning_layermerge.graphdata`) and rebuilt from it. Needs neither the original
+   :mod:`lightning_layermerge.surgery.graphdata`) and rebuilt from it. Needs neither the original
    model nor its library (diffusers' attention and timestep modules, timm's DropPath are
    stored as equivalent modules of :mod:`lightning_layermerge.modules`).
 2. **Rebuild** (``load_compressed(path, original=model)``): from the original, uncompressed
@@ -42,7 +42,6 @@ import json
 import os
 import pickle
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +53,20 @@ from safetensors.torch import load_file, save_file
 
 from .adapters import unwrap_compressed
 from .capture import ExampleInput, as_args
-from .graph import trace
 from .graphdata import NotPortableError, from_data, state_dict_data, to_data
-from .merge import merge
-from .plan import Plan
-from .prune import META_KEY, prune
+# The example-input records live in .meta with the rest of the network's record; they are
+# re-exported here, where callers have always found them.
+from .meta import InputSpec, SurgeryMeta, attach_input_spec, example_from_spec, input_spec
+from .rebuild import rebuild_compressed
 
 __all__ = [
     "FORMAT",
+    "InputSpec",
     "attach_input_spec",
+    "example_from_spec",
     "export_onnx",
     "export_torchscript",
+    "input_spec",
     "load_compressed",
     "read_checkpoint",
     "save_compressed",
@@ -75,43 +77,6 @@ FORMAT = 2
 _LEGACY_FORMAT = 1
 #: ``format`` entry of the safetensors metadata.
 _MAGIC = "lightning_layermerge.compressed"
-
-InputSpec = list[tuple[list[int], str]]
-
-
-def input_spec(example: ExampleInput) -> InputSpec:
-    """Shapes and dtypes of the tensor arguments of ``example`` (what a trace depends on).
-
-    Raises:
-        TypeError: an argument is not a tensor (it cannot be recreated from a spec).
-    """
-    spec = []
-    for arg in as_args(example):
-        if not isinstance(arg, torch.Tensor):
-            raise TypeError(f"cannot record a non-tensor example argument ({type(arg).__name__}); pass tensors only")
-        spec.append((list(arg.shape), str(arg.dtype).removeprefix("torch.")))
-    return spec
-
-
-def example_from_spec(spec: Sequence[Sequence[Any]]) -> tuple[torch.Tensor, ...]:
-    """Zero tensors with the recorded shapes and dtypes (enough to trace; values do not matter)."""
-    return tuple(torch.zeros(tuple(shape), dtype=getattr(torch, dtype)) for shape, dtype in spec)
-
-
-def attach_input_spec(model: fx.GraphModule, example: ExampleInput) -> None:
-    """Record ``example``'s shapes in ``model.meta`` so :func:`save_compressed` can store them."""
-    _meta(model)["inputs"] = input_spec(example)
-
-
-def _meta(model: nn.Module) -> dict:
-    meta = getattr(model, "meta", None)
-    if not isinstance(model, fx.GraphModule) or not isinstance(meta, dict) or META_KEY not in meta:
-        raise TypeError(
-            f"expected a network returned by lightning_layermerge.prune(...) or merge(...), got "
-            f"{type(model).__name__}; after LayerMergeCallback, pass the compressed submodule (e.g. module.model)"
-        )
-    return meta[META_KEY]
-
 
 def save_compressed(model: fx.GraphModule, path: str | os.PathLike, *,
                     example_input: ExampleInput | None = None) -> Path:
@@ -136,8 +101,8 @@ def save_compressed(model: fx.GraphModule, path: str | os.PathLike, *,
             ``original=``). The warning names what was not portable.
     """
     model = unwrap_compressed(model)  # e.g. a LayerMergeUNet2DModel holds the network as .network
-    meta = _meta(model)
-    inputs = input_spec(example_input) if example_input is not None else meta.get("inputs")
+    meta = SurgeryMeta.of(model)
+    inputs = input_spec(example_input) if example_input is not None else meta.inputs
     try:
         graph, tensors = to_data(model)
         state, unportable = graph.pop("state_dict"), None
@@ -148,10 +113,10 @@ def save_compressed(model: fx.GraphModule, path: str | os.PathLike, *,
                       "load_compressed(path, original=<the uncompressed model>)", stacklevel=2)
     header = {
         "format": FORMAT,
-        "kind": "merged" if meta.get("merged") else "pruned",
-        "plan": meta["plan"],
+        "kind": "merged" if meta.merged else "pruned",
+        "plan": meta.plan,
         "inputs": inputs,
-        "meta": {**meta, "inputs": inputs},
+        "meta": {**meta.to_dict(), "inputs": inputs},
         "graph": graph,
         "unportable": unportable,
         "state_dict": state,
@@ -204,7 +169,7 @@ def load_compressed(path: str | os.PathLike, original: nn.Module | None = None, 
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as err:  # refused/malformed
         raise ValueError(f"{path}: refusing to load the stored graph: {err}") from err
     saved_names = [n["name"] for n in header["graph"]["nodes"]]
-    model.meta[META_KEY] = _restore_meta(header["meta"], saved_names, model)
+    _restore_meta(header["meta"], saved_names, model).write(model)
     return model.eval() if header["kind"] == "merged" else model
 
 
@@ -271,7 +236,7 @@ def _load_legacy(path: str | os.PathLike, original: nn.Module | None, example_in
             "save_compressed the result again to get the safe layout"
         )
     model = torch.load(io.BytesIO(data["module"]), map_location="cpu", weights_only=False)
-    model.meta[META_KEY] = _restore_meta(data["meta"], data["nodes"], model)
+    _restore_meta(data["meta"], data["nodes"], model).write(model)
     return model
 
 
@@ -312,16 +277,16 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
         raise ValueError(_refusal(path, err, hint)) from err
 
 
-def _restore_meta(meta: dict, saved_nodes: list[str], model: fx.GraphModule) -> dict:
-    """The saved meta with region node names mapped onto the loaded graph (same node order)."""
+def _restore_meta(meta: dict, saved_nodes: list[str], model: fx.GraphModule) -> SurgeryMeta:
+    """The saved record with region node names mapped onto the loaded graph (same node order)."""
     names = [n.name for n in model.graph.nodes]
     if len(names) != len(saved_nodes):
         raise ValueError("the loaded graph does not match the saved one; load with original= to rebuild instead")
-    if meta.get("merged"):
-        return meta  # regions only matter for merging, which is done
-    rename = dict(zip(saved_nodes, names))
-    regions = [{**r, "entry": rename[r["entry"]], "output": rename[r["output"]]} for r in meta.get("regions", [])]
-    return {**meta, "regions": regions}
+    record = SurgeryMeta.from_dict(meta)
+    if not record.merged:  # regions only matter for merging
+        rename = dict(zip(saved_nodes, names))
+        record.regions = [r.renamed(rename) for r in record.regions]
+    return record
 
 
 def _rebuild(data: dict, state_dict: dict, original: nn.Module, example_input: ExampleInput | None,
@@ -332,13 +297,8 @@ def _rebuild(data: dict, state_dict: dict, original: nn.Module, example_input: E
                 f"{path} records no example input shapes; pass example_input= (the input the plan was traced with)"
             )
         example_input = example_from_spec(data["inputs"])
-    chain = trace(original, example_input)
-    plan = Plan.from_dict(chain, data["plan"])
-    model = prune(original, chain, plan)
-    if data["kind"] == "merged":
-        model = merge(model)
+    model = rebuild_compressed(original, data["plan"], example_input, merged=data["kind"] == "merged")
     model.load_state_dict(state_dict, strict=True)
-    attach_input_spec(model, example_input)
     return model
 
 
@@ -360,7 +320,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike,
         scripted = torch.jit.script(_without_annotations(model))
     except Exception as err:  # scripting fails on many Python constructs; tracing is the fallback
         if example_input is None and isinstance(model, fx.GraphModule):
-            example_input = example_from_spec(model.meta.get(META_KEY, {}).get("inputs") or [])
+            example_input = example_from_spec(SurgeryMeta.of(model).inputs or []) if SurgeryMeta.present(model) else ()
         if not example_input:
             raise ValueError(
                 f"torch.jit.script failed ({type(err).__name__}: {err}); pass example_input= to trace instead"

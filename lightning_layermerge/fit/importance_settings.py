@@ -1,0 +1,152 @@
+"""How the importance table's sub-runs train and score (:class:`ImportanceSettings`), and the Perf
+metric they score with (:class:`Monitor`).
+
+Perf (higher is better) comes from a metric the module logs, in the
+``EarlyStopping``/``ModelCheckpoint`` convention (``monitor`` + ``mode``): ``-value`` for
+``mode="min"``, ``value`` for ``mode="max"``. Without a ``monitor``, the validation loss is
+used if ``validation_step`` logs one (:data:`VAL_LOSS_KEYS`), else the training loss
+(what ``training_step`` returns) on the held-out subset, logged as :data:`TRAIN_LOSS_KEY`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["MIN_SCORE_SAMPLES", "MIN_STEPS", "TRAIN_LOSS_KEY", "VAL_LOSS_KEYS", "ImportanceSettings", "Monitor"]
+
+#: Metric logged by the training-loss fallback scorer.
+TRAIN_LOSS_KEY = "layermerge/train_loss"
+
+#: Metric names taken as "the validation loss" when no ``monitor`` is given (first match wins).
+VAL_LOSS_KEYS = ("val_loss", "val/loss", "valid_loss", "validation_loss", "val_loss_epoch", "loss/val")
+
+
+#: Default floor of optimizer steps per importance entry (see ``ImportanceSettings.min_steps``).
+MIN_STEPS = 30
+#: Default floor of scoring samples per importance entry (see ``ImportanceSettings.min_score_samples``).
+MIN_SCORE_SAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class ImportanceSettings:
+    """How each importance entry is estimated (the paper's Appendix C protocol, scaled).
+
+    The paper fine-tunes every candidate on a random 4 % of ImageNet's training set for one
+    epoch (1 % of CIFAR-10 for 50 epochs) and scores it on a disjoint subset of the same
+    size. That assumes a million images: on a few thousand, 4 % is one optimizer step scored
+    on a few dozen images, and the table is noise. So ``fraction`` only sets the sizes when
+    the data is large; two floors apply whatever it says:
+
+    * ``min_steps``: each entry is fine-tuned for at least this many optimizer steps (on
+      ``min_steps * batch_size`` distinct training samples where the training set has them,
+      else cycling over it). Unless ``steps`` is given explicitly.
+    * ``min_score_samples``: each entry is scored on at least this many samples (all of them
+      if the scoring set is smaller). With ``score_on="val"`` (default) and a module that has
+      a validation loader, entries are scored on the validation set, which is disjoint from
+      the training data and costs no training samples; otherwise on a held-out part of the
+      training set.
+
+    Scoring noise of an accuracy on n samples is about ``sqrt(p (1 - p) / n)``; 1000 samples
+    keep it near 0.5 point at 95 % accuracy, small enough to separate entries a point
+    apart. See ``recipes/benchmarks/results/importance_check.md`` for the measurements behind
+    the floors and the other defaults.
+
+    Attributes:
+        fraction: Size of the fine-tuning subset as a fraction of the training set (and of
+            the scoring subset when scoring on training data, disjoint from the first, so
+            ``fraction <= 0.5``).
+        steps: Optimizer steps per entry; ``None``: one epoch over the fine-tuning subset,
+            at least ``min_steps``. ``0``: no fine-tuning (BatchNorm re-estimation only).
+        lr: ``None``: the module's own ``configure_optimizers``. A float: SGD (momentum 0.9)
+            at this learning rate with cosine decay over the steps (the paper's choice).
+        batch_size: Batch size of the sub-runs; ``None``: the training dataloader's.
+        seed: Seed of the subset draw and of each entry's run (entries are reproducible and
+            identical on every DDP rank).
+        relative: Divide Perf by ``|Perf(original)|`` before the ``exp``, so an entry's
+            importance is ``exp(-(loss - loss0) / loss0)`` for a loss: the official DDPM table.
+            Use it when the metric's scale is far from 1 (a denoising loss of 0.03 would
+            otherwise make every entry ~1.0 and the DP favour plans with more segments).
+        min_steps: Floor of optimizer steps per entry when ``steps`` is ``None``.
+        min_score_samples: Floor of scoring samples per entry.
+        score_on: ``"val"``: score on the module's validation set when it has one (else on
+            held-out training data); ``"train"``: always on held-out training data.
+        bn_batches: Before each entry's fine-tune, re-estimate the BatchNorm statistics of
+            the pruned network on this many training batches (forward only; 0: off). Pruning
+            shifts every later layer's input distribution, and stale statistics start the
+            pruned network near chance. Measured: no gain once an entry gets ``min_steps``
+            (30) steps, which re-estimate the statistics anyway; with ``steps=0`` it is the
+            cheap mode (no training at all), ranking far better than one step.
+        kd_alpha: Weight of knowledge distillation from the original target inside each
+            entry's fine-tune (``loss + kd_alpha * KD``, :func:`~lightning_layermerge.fit.distill.kd_loss`);
+            0: off.
+        kd_temperature: Temperature of that distillation.
+        noise_repeats: Runs of the unmodified network through the entry protocol (another
+            seed and scoring subset each) to measure the table's noise level (0: not measured;
+            otherwise at least 2).
+        noise_entries: Table entries (spread over the importance range) also re-run
+            ``noise_repeats - 1`` times: a damaged network's short fine-tune is much noisier
+            than the intact one's, and only this spread tracks how well the table ranks.
+    """
+
+    fraction: float = 0.04
+    steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    relative: bool = False
+    min_steps: int = MIN_STEPS
+    min_score_samples: int = MIN_SCORE_SAMPLES
+    score_on: str = "val"
+    bn_batches: int = 0
+    kd_alpha: float = 0.0
+    kd_temperature: float = 4.0
+    noise_repeats: int = 3
+    noise_entries: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0 < self.fraction <= 0.5:
+            raise ValueError(
+                f"ImportanceSettings.fraction must be in (0, 0.5] (a fine-tuning subset and a disjoint "
+                f"scoring subset of the same size), got {self.fraction!r}"
+            )
+        for name, minimum in (("steps", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"ImportanceSettings.{name} must be None or an int >= {minimum}, got {value!r}")
+        for name, minimum in (("min_steps", 0), ("min_score_samples", 1), ("bn_batches", 0), ("noise_repeats", 0),
+                               ("noise_entries", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"ImportanceSettings.{name} must be an int >= {minimum}, got {value!r}")
+        if self.noise_repeats == 1:
+            raise ValueError("ImportanceSettings.noise_repeats must be 0 (off) or >= 2 (a standard deviation)")
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not math.isfinite(self.lr) or self.lr <= 0):
+            raise ValueError(f"ImportanceSettings.lr must be None or a positive number, got {self.lr!r}")
+        for name, positive in (("kd_alpha", False), ("kd_temperature", True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0):
+                raise ValueError(f"ImportanceSettings.{name} must be a finite number "
+                                 f"{'> 0' if positive else '>= 0'}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"ImportanceSettings.seed must be an int, got {self.seed!r}")
+        if not isinstance(self.relative, bool):
+            raise ValueError(f"ImportanceSettings.relative must be True or False, got {self.relative!r}")
+        if self.score_on not in ("val", "train"):
+            raise ValueError(f"ImportanceSettings.score_on must be 'val' or 'train', got {self.score_on!r}")
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """The resolved Perf metric: its name, direction, and how it is produced."""
+
+    key: str
+    mode: str
+    training_loss: bool  # produced by the training-loss fallback (not by validation_step)
+
+    def perf(self, value: float) -> float:
+        """Higher-is-better Perf from a metric value."""
+        return -value if self.mode == "min" else value
