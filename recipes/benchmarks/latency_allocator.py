@@ -1,6 +1,8 @@
 """Page faults and pricing: what the allocator regime and the new table pricing change (issue 12).
 
-Two measurements, each in this one process, 1 thread, thread CPU clock:
+Two measurements, each in a fresh process of its own (once a process has used the cached regime,
+glibc keeps the larger thresholds it leaves behind, so "system" would no longer be the default
+regime), 1 thread, thread CPU clock:
 
 1. A 64-channel 3x3 conv at batch 64, 16 px, timed pass by pass with the C library's default
    allocator and inside :func:`~lightning_layermerge.planning.tables.allocator.cached_allocator`:
@@ -18,9 +20,11 @@ Writes ``recipes/benchmarks/results/latency_allocator.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -96,8 +100,15 @@ def model_rows(name: str, allocator: str, budgets: list[float], random_plans: in
                      "spread": (max(ratios) - min(ratios)) / measured, "total_ms": table.total_ms,
                      "build_s": build_s})
         print(f"{name} {allocator} {label}: predicted {predicted:.3f} measured {measured:.3f} "
-              f"({measured / predicted - 1:+.1%})", flush=True)
+              f"({measured / predicted - 1:+.1%})", file=sys.stderr, flush=True)
     return rows
+
+
+def _in_child(task: list) -> object:
+    """Run ``task`` (``["conv", regime]`` or ``["model", name, regime, budgets, random_plans]``) in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(task)], check=True, stdout=subprocess.PIPE,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -106,11 +117,17 @@ def main() -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7])
     p.add_argument("--random-plans", type=int, default=3)
     p.add_argument("--out", type=Path, default=HERE / "results" / "latency_allocator.md")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(1)
-    conv = {regime: conv_passes(regime == "cached") for regime in ("system", "cached")}
+    if args.child:
+        task = json.loads(args.child)
+        result = conv_passes(task[1] == "cached") if task[0] == "conv" else model_rows(*task[1:])
+        print(json.dumps(result))
+        return 0
+    conv = {regime: _in_child(["conv", regime]) for regime in ("system", "cached")}
     rows = [r for name in args.models for allocator in ("system", "cached")
-            for r in model_rows(name, allocator, args.budgets, args.random_plans)]
+            for r in _in_child(["model", name, allocator, args.budgets, args.random_plans])]
     lines = ["# Allocator regime and table pricing (issue 12)", "",
              f"Command: `python recipes/benchmarks/latency_allocator.py --models {' '.join(args.models)} --budgets "
              f"{' '.join(f'{b:g}' for b in args.budgets)} --random-plans {args.random_plans}`; 1 thread, thread CPU "
