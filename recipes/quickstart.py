@@ -5,12 +5,12 @@
 1. Train ``DigitsClassifier`` (ResNet-style, 9 chain convs) on ``sklearn.datasets.load_digits``
    (images upsampled to 16x16) and measure its test accuracy.
 2. A second ``trainer.fit`` with ``LayerMergeCallback(budget=0.6, distill=Distillation(...))``:
-   latency table (CPU, batch 64 at 16x16, float32, 1 thread, each timing interleaved with a
-   reference layer: single-thread, reference-relative timings are the stable ones on a shared
-   CPU), importance table from 66 short quiet sub-runs (20 SGD steps of batch 32 on 15 % of
-   the training set, scored by ``val_loss`` on another 15 %), DP, a side-by-side check of the
-   chosen network, pruning, 10 epochs of fine-tuning with distillation, merging, and a
-   side-by-side latency measurement of the original (BatchNorm folded) and the merged network.
+   latency table (CPU, batch 64 at 16x16, float32, the library's defaults: 1 thread, thread CPU
+   clock, allocator keeping freed memory, entries priced in context), importance table from 66
+   short quiet sub-runs (the default floors: at least 30 SGD steps of batch 32 per entry, scored
+   by ``val_loss`` on the validation set), DP, a side-by-side check of the chosen network,
+   pruning, 10 epochs of fine-tuning with distillation, merging, and a side-by-side latency
+   measurement of the original (BatchNorm folded) and the merged network.
 3. Print the report and the merged network's test accuracy.
 
 The report (JSON + PNG), the uncompressed weights (``uncompressed.pt``, used by ``cli/``) and
