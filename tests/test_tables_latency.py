@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_layermerge import Plan, merge, prune, trace
 from lightning_layermerge.planning.tables import latency as latency_module
+from lightning_layermerge.planning.tables import load as load_module
 from lightning_layermerge.planning.tables.cache import TableCacheWarning
 from lightning_layermerge.planning.tables.latency import (
     TOTAL_KEY,
@@ -483,7 +484,7 @@ def test_probe_load_sees_a_busy_process() -> None:
 
 def test_build_falls_back_to_the_robust_settings_under_load(tiny, tmp_path: Path, monkeypatch) -> None:
     model, chain = tiny
-    monkeypatch.setattr(latency_module, "probe_load", lambda: BUSY)
+    monkeypatch.setattr(load_module, "probe_load", lambda: BUSY)
     requested = LatencySettings(warmup=0, repeats=1, threads=2)
     with pytest.warns(latency_module.LatencyLoadWarning, match="measuring at threads=1 with the thread CPU clock"):
         table = build_latency_table(model, chain, requested, cache_dir=tmp_path, progress=False)
@@ -491,7 +492,7 @@ def test_build_falls_back_to_the_robust_settings_under_load(tiny, tmp_path: Path
     (path,) = tmp_path.iterdir()  # cached under the settings really used
     assert latency_module.TableCache(path, latency_module._cache_key(chain, requested.robust(), None)).get(
         TOTAL_KEY) == table.total_ms
-    monkeypatch.setattr(latency_module, "probe_load", lambda: QUIET)
+    monkeypatch.setattr(load_module, "probe_load", lambda: QUIET)
     CountingTimer(monkeypatch, fail_after=0)  # quiet now: the requested settings are a different table
     with pytest.raises(RuntimeError, match="interrupted"):
         build_latency_table(model, chain, requested, cache_dir=tmp_path, progress=False)

@@ -40,7 +40,6 @@ measures nothing.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import platform
@@ -49,7 +48,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +59,13 @@ from tqdm.auto import tqdm
 from ...surgery.graph import Chain, Segment
 from ...surgery.plan import Plan
 from ...surgery.rebuild import fold_batchnorm
-from .allocator import ALLOCATORS, allocator_regime, cached_allocator
+from .allocator import allocator_regime, cached_allocator
 from .cache import TableCache, fingerprint
-from .runtime import MEMORY_FORMATS, RUNTIMES, prepare_call
+from .latency_settings import CLOCKS, ON_LOAD, SPREAD_BLOCKS, LatencySettings
+from .load import LatencyLoadError, LatencyLoadWarning, LoadProbe, check_load, probe_load
+from .pricing import _in_place_layers, _scaled_to, in_context, skip_costs, with_skip_costs
+from .runtime import prepare_call
+from .segment_modules import segment_module
 
 __all__ = [
     "CLOCKS",
@@ -107,184 +110,7 @@ IN_PLACE_SKIP = -4
 #: Bumped whenever the measurement method changes, so old cache files are not reused.
 _METHOD_VERSION = 5
 
-#: Clocks a pass can be timed with (``LatencySettings.clock``).
-CLOCKS = ("auto", "thread", "wall")
-#: Reactions to a busy CPU or unrepeatable timings (``LatencySettings.on_load``).
-ON_LOAD = ("fallback", "warn", "raise", "ignore")
-#: A timing's passes are split into this many consecutive blocks to state its spread.
-SPREAD_BLOCKS = 3
-#: Other processes using more CPU than ``cores - threads + LOAD_MARGIN`` cores make a
-#: multi-threaded or wall-clock timing unreliable. Half a core: the probe's ``/proc/stat``
-#: accounting is tick-based (10 ms) and kernel threads use a little CPU, so a smaller margin
-#: flagged quiet 2-core machines; a real competing process uses a whole core.
-LOAD_MARGIN = 0.5
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
 Key = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class LatencySettings:
-    """How table entries are measured.
-
-    The defaults are the robust ones: one thread, timed with the thread's own CPU clock
-    (``time.thread_time``), which does not count time the thread spends descheduled while
-    another process uses the CPU; every timing is repeated in blocks and its spread checked.
-
-    Attributes:
-        device: ``"cpu"`` or ``"cuda"`` / ``"cuda:n"``; CUDA timing is synchronised.
-        batch_size: Batch size of the timed inputs; ``None`` keeps the example input's.
-        dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` or ``"float64"``.
-        warmup: Untimed forward passes before timing.
-        repeats: Timed forward passes (one forward each); the median is reported.
-        threads: ``torch.set_num_threads`` (and ONNX Runtime's intra-op threads) during
-            measurement, restored after; ``None``: all cores (the current torch setting).
-            Default 1: the only setting whose timings stay repeatable while other processes
-            use the CPU.
-        reference: Time every module interleaved pass by pass with one fixed reference
-            module (a typical layer of the chain) and store ``median(module pass /
-            reference pass) * reference_ms`` over pairs of adjacent passes, with
-            ``reference_ms`` measured once per table. A slow-down from other processes
-            that comes and goes during the build then cancels out, so entries and
-            ``total_ms`` stay comparable (shared machines); costs up to twice the passes.
-        context: Price segments as they run inside the network, not alone (eager runtime):
-            the BN-folded original is also timed operation by operation in place, and every
-            entry ``(i, j, k)`` is scaled by ``sum(in place) / sum(alone)`` over the original
-            layers ``i+1..j`` it replaces (conv + activation). A layer timed alone in a tight
-            loop runs with its weights and input hot in cache; inside the network it does not
-            (or, with a big neighbour, even more so): measured 0.6-0.9x of its in-place time
-            on the digits networks and resnet18 at 16 px
-            (``recipes/benchmarks/results/latency_diagnose.md``). The keep-all plan's entries
-            then add up to the in-place chain, and ``outside_ms`` holds only the operations
-            outside the chain and the framework's overhead between operations. The residual
-            additions and shortcut projections timed in the same pass move into the entries
-            of the segments that keep them (:func:`with_skip_costs`).
-        runtime: What runs the network: ``"eager"`` PyTorch, ``"torchscript"`` (the file
-            ``export_torchscript`` writes, loaded back) or ``"onnxruntime"`` (the file
-            ``export_onnx`` writes, in an ONNX Runtime session; ``pip install -e ".[onnx]"``).
-            Table entries, calibration and the final measurement all use it.
-        memory_format: ``"contiguous"`` or ``"channels_last"`` weights and inputs (eager and
-            TorchScript).
-        clock: ``"thread"``: CPU time of the calling thread (``time.thread_time``; only with
-            ``device="cpu"`` and ``threads=1``, where all work runs on that thread);
-            ``"wall"``: ``time.perf_counter``; ``"auto"``: thread when allowed, else wall.
-        max_spread: Largest acceptable spread of a timing: the passes are split into
-            :data:`SPREAD_BLOCKS` consecutive blocks and ``(max - min) / median`` of the block
-            medians must not exceed it (e.g. 0.05: the blocks agree within 5 %).
-        retries: How often a timing whose spread exceeds ``max_spread`` is measured again.
-        on_load: What to do when the CPU is busy with other processes or timings stay
-            unrepeatable: ``"fallback"`` (default): measure at 1 thread with the thread clock
-            instead of a multi-threaded or wall-clock setting, with a warning, and warn about
-            entries still unrepeatable after the retries; ``"warn"``: keep the settings, warn;
-            ``"raise"``: stop with :class:`LatencyLoadError`; ``"ignore"``: no checks.
-        allocator: ``"cached"`` (default): time with the C library's allocator keeping freed
-            memory, as a warmed-up serving process (or jemalloc, tcmalloc, ONNX Runtime's
-            arena) does; without it every large activation is a fresh ``mmap`` whose page
-            faults cost as much as a small conv and vary 2x from minute to minute
-            (:mod:`~lightning_layermerge.tables.allocator`). ``"system"``: time the process as
-            it is. glibc only; elsewhere both mean ``"system"``.
-    """
-
-    device: str = "cpu"
-    batch_size: int | None = None
-    dtype: str = "float32"
-    warmup: int = 10
-    repeats: int = 30
-    threads: int | None = 1
-    reference: bool = False
-    context: bool = True
-    runtime: str = "eager"
-    memory_format: str = "contiguous"
-    clock: str = "auto"
-    max_spread: float = 0.05
-    retries: int = 1
-    on_load: str = "fallback"
-    allocator: str = "cached"
-
-    def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        try:
-            dev = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
-        _check_int("batch_size", self.batch_size, minimum=1, optional=True)
-        _check_int("warmup", self.warmup, minimum=0)
-        _check_int("repeats", self.repeats, minimum=1)
-        _check_int("threads", self.threads, minimum=1, optional=True)
-        _check_int("retries", self.retries, minimum=0)
-        if not isinstance(self.reference, bool):
-            raise TypeError(f"LatencySettings.reference must be a bool, got {type(self.reference).__name__}")
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"LatencySettings.runtime must be one of {list(RUNTIMES)}, got {self.runtime!r}")
-        if self.memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"LatencySettings.memory_format must be one of {list(MEMORY_FORMATS)}, "
-                             f"got {self.memory_format!r}")
-        if self.runtime == "onnxruntime" and self.memory_format != "contiguous":
-            raise ValueError("memory_format='channels_last' applies to runtime='eager' and 'torchscript'; "
-                             "ONNX Runtime chooses its own layouts")
-        if self.clock not in CLOCKS:
-            raise ValueError(f"LatencySettings.clock must be one of {list(CLOCKS)}, got {self.clock!r}")
-        if self.clock == "thread" and not self._thread_clock_valid():
-            raise ValueError("LatencySettings(clock='thread') counts the calling thread's CPU time only, which is the "
-                             "whole forward only with device='cpu' and threads=1; pass threads=1 or clock='wall'")
-        if isinstance(self.max_spread, bool) or not isinstance(self.max_spread, (int, float)) or not (
-                self.max_spread > 0):
-            raise ValueError(f"LatencySettings.max_spread must be a positive number, got {self.max_spread!r}")
-        if self.on_load not in ON_LOAD:
-            raise ValueError(f"LatencySettings.on_load must be one of {list(ON_LOAD)}, got {self.on_load!r}")
-        if self.allocator not in ALLOCATORS:
-            raise ValueError(f"LatencySettings.allocator must be one of {list(ALLOCATORS)}, got {self.allocator!r}")
-        if self.reference and self.runtime != "eager":
-            raise ValueError("LatencySettings(reference=True) times the network node by node, which needs "
-                             "runtime='eager'; with another runtime use threads=1 (thread CPU time) instead")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The ``torch.dtype`` named by :attr:`dtype`."""
-        return _DTYPES[self.dtype]
-
-    @property
-    def torch_device(self) -> torch.device:
-        """The ``torch.device`` named by :attr:`device`."""
-        return torch.device(self.device)
-
-    @property
-    def threads_used(self) -> int:
-        """The thread count measurements run with (``threads``, or torch's current setting)."""
-        return self.threads if self.threads is not None else torch.get_num_threads()
-
-    def _thread_clock_valid(self) -> bool:
-        return self.torch_device.type == "cpu" and self.threads == 1
-
-    @property
-    def clock_used(self) -> str:
-        """``"thread"`` or ``"wall"``: the clock :attr:`clock` resolves to."""
-        if self.clock == "auto":
-            return "thread" if self._thread_clock_valid() else "wall"
-        return self.clock
-
-    def robust(self) -> LatencySettings:
-        """These settings at 1 thread with the thread CPU clock (what ``on_load="fallback"`` switches to)."""
-        return replace(self, threads=1, clock="thread")
-
-
-def _check_int(name: str, value: Any, *, minimum: int, optional: bool = False) -> None:
-    """Raise a helpful error unless ``value`` is an int >= ``minimum`` (or None if optional)."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"LatencySettings.{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"LatencySettings.{name} must be >= {minimum}, got {value}")
 
 
 @dataclass
@@ -377,75 +203,6 @@ class LatencyTable:
                 raise KeyError(f"segment {key} is not in the latency table; was it built for this chain?")
             total += self.entries[key]
         return total
-
-
-# ---------------------------------------------------------------------- modules
-
-
-class _FunctionActivation(nn.Module):
-    """A functional activation (``F.relu(x)``, ``torch.sigmoid(x)``) as a module."""
-
-    def __init__(self, fn: Any, args: tuple, kwargs: dict) -> None:
-        super().__init__()
-        self.fn, self.args, self.kwargs = fn, args, kwargs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, *self.args, **self.kwargs)
-
-
-class _MethodActivation(nn.Module):
-    """A tensor-method activation (``x.relu()``) as a module."""
-
-    def __init__(self, name: str, args: tuple, kwargs: dict) -> None:
-        super().__init__()
-        self.name, self.args, self.kwargs = name, args, kwargs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(x, self.name)(*self.args, **self.kwargs)
-
-
-def _activation_module(chain: Chain, position: int) -> nn.Module | None:
-    """Deep copy of the activation at ``position`` of the captured graph (None if none)."""
-    name = chain.positions[position].activation
-    if name is None:
-        return None
-    gm = chain.capture.gm
-    node = next(n for n in gm.graph.nodes if n.name == name)
-    extra = node.args[1:]
-    if any(isinstance(a, fx.Node) for a in extra) or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
-        raise ValueError(f"activation {name} reads another tensor; it cannot be timed on its own")
-    if node.op == "call_module":
-        return copy.deepcopy(gm.get_submodule(str(node.target)))
-    if node.op == "call_function":
-        return _FunctionActivation(node.target, tuple(extra), dict(node.kwargs))
-    if node.op == "call_method":
-        return _MethodActivation(str(node.target), tuple(extra), dict(node.kwargs))
-    raise ValueError(f"activation {name} is a {node.op} node, not a module, function or method call")
-
-
-def segment_module(chain: Chain, seg: Segment) -> nn.Sequential:
-    """The module ``merge`` produces for ``seg``, with random weights, for timing.
-
-    Args:
-        chain: The chain ``seg`` belongs to.
-        seg: A legal segment of ``chain``.
-
-    Returns:
-        ``nn.Sequential(conv, activation)``: ``nn.Conv2d(in, out, seg.kernel, stride, padding,
-        groups, bias=True)`` of the merged geometry (``seg.kernel`` is ``k`` less the taps that
-        ``merge`` trims because they only read zero padding) (absent for an identity segment), followed by a
-        deep copy of the activation ending the segment at position ``seg.j`` (absent if the
-        position has none; functional activations are wrapped in a module).
-    """
-    layers: list[nn.Module] = []
-    if not seg.identity:
-        # seg.kernel, not seg.k: merge trims taps that can only ever read zero padding.
-        layers.append(nn.Conv2d(seg.in_shape[1], seg.out_shape[1], seg.kernel, stride=seg.stride,
-                                padding=seg.padding, groups=seg.groups, bias=True))
-    act = _activation_module(chain, seg.j)
-    if act is not None:
-        layers.append(act)
-    return nn.Sequential(*layers)
 
 
 # ---------------------------------------------------------------------- timing
@@ -645,122 +402,6 @@ def time_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]], setting
         if not (s > settings.max_spread):  # within the limit, or not assessable
             break
     return best
-
-
-class LatencyLoadError(RuntimeError):
-    """Timings are not repeatable (another process is using the CPU); see the message for what to do."""
-
-
-class LatencyLoadWarning(UserWarning):
-    """Timings may be unreliable, or the settings were changed to the robust ones because of load."""
-
-
-@dataclass(frozen=True)
-class LoadProbe:
-    """How busy the machine was just before measuring.
-
-    Attributes:
-        cores: CPUs the scheduler can use (``os.cpu_count()``).
-        others: CPU used by other processes, in cores (``None`` where ``/proc/stat`` is missing).
-        preempted: Fraction of a single-threaded busy loop's wall time spent descheduled.
-        seconds: How long the probe took.
-    """
-
-    cores: int
-    others: float | None
-    preempted: float
-    seconds: float
-
-    def busy_for(self, threads: int) -> bool:
-        """Whether ``threads`` timing threads would have to share cores with other processes."""
-        if self.others is not None:
-            return self.others > max(self.cores - threads, 0) + LOAD_MARGIN
-        return self.preempted > 0.1
-
-    def describe(self) -> str:
-        """A short human-readable account, e.g. ``"other processes use 1.7 of 2 cores"``."""
-        if self.others is not None:
-            return f"other processes use {self.others:.1f} of {self.cores} cores"
-        return f"a busy loop was descheduled {self.preempted:.0%} of the time"
-
-
-def _proc_stat() -> tuple[float, float] | None:
-    """``(busy, total)`` jiffies summed over all CPUs, from ``/proc/stat`` (``None`` off Linux)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as fh:
-            fields = [float(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user/nice
-    return total - idle, total
-
-
-def probe_load(seconds: float = 0.3) -> LoadProbe:
-    """Measure how much CPU other processes use, and how often a busy thread is descheduled.
-
-    For ``seconds``, one thread of this process spins on a small loop. ``/proc/stat`` gives the
-    whole machine's busy CPU time over the probe, minus this process's own CPU time: what
-    other processes used. The spinning thread's CPU time over its wall time gives the
-    fraction it was descheduled (the portable fallback where ``/proc/stat`` is missing).
-
-    Args:
-        seconds: Probe duration.
-
-    Returns:
-        A :class:`LoadProbe`.
-    """
-    cores = os.cpu_count() or 1
-    before_stat, before_self = _proc_stat(), time.process_time()
-    wall0, cpu0 = time.perf_counter(), time.thread_time()
-    x = 0
-    while time.perf_counter() - wall0 < seconds:
-        for i in range(1000):
-            x += i
-    wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
-    after_stat, own = _proc_stat(), time.process_time() - before_self
-    others = None
-    if before_stat is not None and after_stat is not None and after_stat[1] > before_stat[1]:
-        busy_fraction = (after_stat[0] - before_stat[0]) / (after_stat[1] - before_stat[1])
-        others = max(busy_fraction * cores - own / wall, 0.0)
-    return LoadProbe(cores=cores, others=others, preempted=max(1.0 - cpu / wall, 0.0), seconds=wall)
-
-
-def check_load(settings: LatencySettings, probe: Any = None) -> tuple[LatencySettings, LoadProbe | None, str]:
-    """Decide, before measuring, whether the settings can give repeatable numbers now.
-
-    Only CPU timings with the wall clock are at risk (the thread clock ignores time spent
-    descheduled); for those, a busy machine is handled as ``settings.on_load`` says.
-
-    Args:
-        settings: The requested settings.
-        probe: The load probe (default :func:`probe_load`; replaceable in tests).
-
-    Returns:
-        The settings to measure with (:meth:`LatencySettings.robust` after a fallback), the
-        probe (``None`` if none was needed) and a note saying what was done (``""``: nothing).
-
-    Raises:
-        LatencyLoadError: With ``on_load="raise"`` on a busy machine.
-    """
-    if settings.on_load == "ignore" or settings.torch_device.type != "cpu" or settings.clock_used == "thread":
-        return settings, None, ""
-    found = (probe or probe_load)()
-    if not found.busy_for(settings.threads_used):
-        return settings, found, ""
-    problem = (f"another process is using the CPU ({found.describe()}), so timings at threads="
-               f"{settings.threads_used} with the wall clock are not repeatable")
-    advice = "pass LatencySettings(threads=1) (it times per-thread CPU time) or stop the other process(es)"
-    if settings.on_load == "raise":
-        raise LatencyLoadError(f"{problem}; {advice}")
-    if settings.on_load == "warn":
-        note = f"{problem}; measuring anyway (on_load='warn'): {advice}"
-        warnings.warn(note, LatencyLoadWarning, stacklevel=3)
-        return settings, found, note
-    note = (f"{problem}; measuring at threads=1 with the thread CPU clock instead (on_load='fallback'). "
-            f"To time {settings.threads_used} threads, stop the other process(es)")
-    warnings.warn(note, LatencyLoadWarning, stacklevel=3)
-    return settings.robust(), found, note
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
@@ -1089,114 +730,6 @@ def build_latency_table(
 def _uses_context(settings: LatencySettings) -> bool:
     """Whether entries are scaled to in-place prices (needs node-by-node timing: eager)."""
     return settings.context and settings.runtime == "eager"
-
-
-def _in_place_layers(chain: Chain, nodes: dict[str, float]) -> dict[int, float]:
-    """ms of every chain layer (its merged conv + its activation) timed in place in the BN-folded original."""
-    out = {}
-    for seg in Plan.keep_all(chain).segments:
-        conv = nodes.get(f"merged_{seg.i}_{seg.j}")
-        if conv is None:
-            continue
-        act = chain.positions[seg.j].activation
-        out[seg.j] = conv + (nodes.get(act, 0.0) if act is not None else 0.0)
-    return out
-
-
-def in_context(chain: Chain, alone: dict[Key, float], in_place: dict[int, float]) -> dict[Key, float]:
-    """Entries scaled from "timed alone" to "inside the network".
-
-    Entry ``(i, j, k)`` is multiplied by ``sum(in_place[l]) / sum(alone[keep-all l])`` over the
-    layers ``l = i+1..j`` it replaces; layers without an in-place time count as factor 1.
-
-    Args:
-        chain: The chain.
-        alone: Entries timed alone (``(i, j, k) -> ms``).
-        in_place: Chain layer ``l`` -> its conv + activation timed in place (ms).
-
-    Returns:
-        The scaled entries (identity segments stay 0).
-    """
-    alone_layer = {s.j: alone[s.key] for s in Plan.keep_all(chain).segments}
-    placed = {l: in_place.get(l, alone_layer[l]) for l in alone_layer}
-    cum_alone, cum_placed = [0.0], [0.0]
-    for l in range(1, chain.num_layers + 1):
-        cum_alone.append(cum_alone[-1] + alone_layer.get(l, 0.0))
-        cum_placed.append(cum_placed[-1] + placed.get(l, 0.0))
-    out = {}
-    for key, ms in alone.items():
-        i, j, _ = key
-        denominator = cum_alone[j] - cum_alone[i]
-        out[key] = ms * (cum_placed[j] - cum_placed[i]) / denominator if denominator > 0 else ms
-    return out
-
-
-def _scaled_to(nodes: dict[str, float], total_ms: float) -> dict[str, float]:
-    """Node times rescaled so that they add up to the whole network's time.
-
-    Timing every operation on its own adds a clock read and an interpreter step per node
-    (a few microseconds each, up to 5 % of a small network), which the whole forward pass
-    does not pay; without the rescaling the in-place chain alone would exceed ``total_ms`` and
-    the operations outside it would be priced at nothing.
-    """
-    measured = sum(nodes.values())
-    if measured <= 0 or not math.isfinite(total_ms) or total_ms <= 0:
-        return nodes
-    return {name: ms * total_ms / measured for name, ms in nodes.items()}
-
-
-def skip_costs(chain: Chain, nodes: dict[str, float]) -> list[float]:
-    """In-place ms of every residual addition with its shortcut (projection conv, norm, ...).
-
-    Args:
-        chain: The chain; one cost per ``chain.skips`` entry, in order.
-        nodes: Node name -> in-place ms in the BN-folded original (:func:`time_nodes`); an
-            operation that is not there (already folded into a conv) costs 0.
-    """
-    return [nodes.get(skip.add, 0.0) + sum(nodes.get(n, 0.0) for n in skip.shortcut) for skip in chain.skips]
-
-
-def with_skip_costs(chain: Chain, entries: dict[Key, float], costs: Sequence[float]) -> dict[Key, float]:
-    """Entries that carry the residual additions (and shortcuts) their segments keep or remove.
-
-    A segment that spans a whole residual block folds its addition and shortcut projection
-    into the merged conv, so a plan of such segments runs without them; a table that leaves
-    them in the constant ``outside_ms`` prices those plans too high (measured: up to 10 % of
-    the original's latency on small ResNets). Two exact, additive ways to move a skip's cost
-    ``c`` out of the constant part:
-
-    * when the keep-all layer ending at the skip's position holds the addition (role
-      ``"end"``), every plan has exactly one segment that holds it, ending there (keeps it)
-      or spanning it (folds it): ``c`` is added to every ``"end"`` entry and leaves
-      ``outside_ms``;
-    * otherwise (the addition lies after that layer's cut) ``c`` stays in ``outside_ms`` and
-      is subtracted from the entries that fold it, floored at 0 (a merged conv is dearer
-      than the addition it absorbs in every network measured so far).
-
-    Args:
-        chain: The chain.
-        entries: ``(i, j, k) -> ms`` (alone or in context).
-        costs: One in-place cost per ``chain.skips`` entry (:func:`skip_costs`).
-
-    Returns:
-        The entries with the skips' costs moved as described.
-    """
-    analysis = chain.analysis
-    out = dict(entries)
-    segments = {s.key: s for s in chain.segments}
-    for skip, cost in zip(chain.skips, costs):
-        if cost <= 0:
-            continue
-        b = skip.position
-        additive = analysis.skip_role(skip, b - 1, b) == "end"
-        for key, ms in out.items():
-            seg = segments[key]
-            role = analysis.skip_role(skip, seg.i, seg.j)
-            if additive and role == "end":
-                out[key] = ms + cost
-            elif not additive and role == "fold":
-                out[key] = max(ms - cost, 0.0)
-    return out
 
 
 def _complete(store: _Store, chain: Chain) -> bool:
