@@ -20,6 +20,7 @@ from torch import nn
 from lightning_layermerge import Plan, merge, prune, trace
 from lightning_layermerge.planning.tables import latency as latency_module
 from lightning_layermerge.planning.tables import load as load_module
+from lightning_layermerge.planning.tables import timing as timing_module
 from lightning_layermerge.planning.tables.cache import TableCacheWarning
 from lightning_layermerge.planning.tables.latency import (
     TOTAL_KEY,
@@ -78,7 +79,7 @@ class CountingTimer:
     def __init__(self, monkeypatch, fail_after: int | None = None) -> None:
         self.fail_after, self.calls = fail_after, 0
         for name in ("interleaved_samples", "time_nodes"):
-            monkeypatch.setattr(latency_module, name, self._wrap(getattr(latency_module, name)))
+            monkeypatch.setattr(timing_module, name, self._wrap(getattr(timing_module, name)))
 
     def _wrap(self, real):
         def timed(*args, **kwargs):
@@ -193,7 +194,7 @@ def test_total_uses_the_example_with_the_batch_replaced(monkeypatch) -> None:
         seen.append(tuple(tuple(a.shape) for a in inputs))
         return [[1.0]]
 
-    monkeypatch.setattr(latency_module, "interleaved_samples", record)
+    monkeypatch.setattr(timing_module, "interleaved_samples", record)
     table = build_latency_table(model, chain, LatencySettings(batch_size=5), progress=False)
     assert seen[-1] == ((5, 3, 8, 8), (5, 1, 1, 1))  # the whole model, both arguments batched
     assert all(shape[0][0] == 5 for shape in seen[:-1])  # segments too
@@ -356,9 +357,9 @@ def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, t
         assert reference is not None and s is settings
         return {"conv": 2.5, "add": 0.5}  # median ratios to the reference, per operation
 
-    monkeypatch.setattr(latency_module, "time_module", lambda m, i, s: 2.0)  # the reference alone
-    monkeypatch.setattr(latency_module, "interleaved_samples", fake_samples)
-    monkeypatch.setattr(latency_module, "time_nodes", fake_nodes)
+    monkeypatch.setattr(timing_module, "time_module", lambda m, i, s: 2.0)  # the reference alone
+    monkeypatch.setattr(timing_module, "interleaved_samples", fake_samples)
+    monkeypatch.setattr(timing_module, "time_nodes", fake_nodes)
     table = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False)
     assert table.total_ms == 6.0  # (2.5 + 0.5) x 2.0
     (skip,) = chain.skips
@@ -374,7 +375,7 @@ def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, t
         raise AssertionError("measured again")
 
     for name in ("time_module", "interleaved_samples", "time_nodes"):
-        monkeypatch.setattr(latency_module, name, no_timing)
+        monkeypatch.setattr(timing_module, name, no_timing)
     assert build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False) == table
 
 
@@ -416,7 +417,7 @@ def test_spread_compares_the_medians_of_consecutive_blocks() -> None:
 def test_noisy_timings_are_measured_again_and_the_most_repeatable_kept(monkeypatch) -> None:
     noisy, steady = [[1.0, 1.0, 3.0, 3.0, 1.0, 1.0]], [[2.0, 2.0, 2.08, 2.08, 2.0, 2.0]]
     answers = [noisy, steady, noisy]
-    monkeypatch.setattr(latency_module, "interleaved_samples", lambda runs, s: answers.pop(0))
+    monkeypatch.setattr(timing_module, "interleaved_samples", lambda runs, s: answers.pop(0))
     samples, s = latency_module.time_samples([(nn.Identity(), torch.ones(1))], LatencySettings(retries=2))
     assert samples == steady and s == pytest.approx(0.04) and len(answers) == 1  # stopped once repeatable
     answers[:] = [noisy, noisy, noisy]
@@ -507,7 +508,7 @@ def test_unrepeatable_entries_are_flagged_before_any_plan(tiny, monkeypatch, on_
         calls.append(1)
         return [[1.0, 1.0, 3.0, 3.0, 1.0, 1.0] for _ in runs]
 
-    monkeypatch.setattr(latency_module, "interleaved_samples", noisy)
+    monkeypatch.setattr(timing_module, "interleaved_samples", noisy)
     settings = LatencySettings(warmup=0, repeats=6, retries=1, on_load=on_load)
     if on_load == "raise":
         with pytest.raises(latency_module.LatencyLoadError, match=r"unrepeatable.*spread up to 200.0%"):
@@ -524,7 +525,7 @@ def test_unrepeatable_entries_are_flagged_before_any_plan(tiny, monkeypatch, on_
 
 def test_spreads_are_cached_with_the_entries(tiny, tmp_path: Path, monkeypatch) -> None:
     model, chain = tiny
-    monkeypatch.setattr(latency_module, "interleaved_samples",
+    monkeypatch.setattr(timing_module, "interleaved_samples",
                         lambda runs, s: [[2.0, 2.0, 2.2, 2.2, 2.0, 2.0] for _ in runs])
     settings = LatencySettings(warmup=0, repeats=6, max_spread=0.5)
     first = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False)
@@ -548,7 +549,7 @@ def test_side_by_side_states_ratio_and_spread(monkeypatch) -> None:
     from lightning_layermerge.planning.report import side_by_side
 
     passes = [[10.0, 10.0, 20.0, 20.0, 10.0, 10.0], [5.0, 5.0, 10.0, 10.0, 5.5, 5.5]]
-    monkeypatch.setattr(latency_module, "interleaved_samples", lambda runs, s: passes)
+    monkeypatch.setattr(timing_module, "interleaved_samples", lambda runs, s: passes)
     timed = side_by_side({"original": nn.Identity(), "candidate": nn.Identity()}, (torch.ones(1),),
                          LatencySettings(repeats=6))
     assert timed.ms == {"original": 10.0, "candidate": 5.5}  # medians of each network's passes
