@@ -113,3 +113,51 @@ def test_table_and_side_by_side_in_another_runtime(runtime: str, memory_format: 
                          chain.example, table.settings)
     assert timed.settings.runtime == runtime and set(timed.ratio) == {"original", "removed"}
     assert timed.ratio["original"] == 1.0 and np.isfinite(timed.ratio["removed"]) and timed.ratio["removed"] > 0
+
+
+def test_ort_kernels_are_assigned_by_name_then_shape_then_padded_shape() -> None:
+    from lightning_layermerge.planning.tables.ort_profile import assign_kernels
+
+    signatures = [("merged_0_1", "merged_0_1", (16, 1, 3, 3)), ("merged_1_2", "merged_1_2", (8, 16, 1, 1)),
+                  ("merged_2_3", "merged_2_3", (24, 8, 1, 1)), ("short", "layers.0.short", (24, 16, 1, 1))]
+    kernels = [("/stem/Relu_output_0_nchwc", (16, 1, 3, 3)),  # fused: found by its weight shape
+               ("/merged_1_2/Conv_output_0_nchwc", (16, 16, 1, 1)),  # padded, but named after the conv
+               ("ReorderOutput", None),  # not a conv
+               ("/relu_2/Relu_output_0_nchwc", (32, 8, 1, 1)),  # 24 output channels padded to 32
+               ("/shortcut/Conv_output_0_nchwc", (32, 16, 1, 1))]
+    assert assign_kernels(signatures, kernels) == {
+        "/stem/Relu_output_0_nchwc": "merged_0_1", "/merged_1_2/Conv_output_0_nchwc": "merged_1_2",
+        "/relu_2/Relu_output_0_nchwc": "merged_2_3", "/shortcut/Conv_output_0_nchwc": "short"}
+
+
+def test_ort_node_times_cover_every_conv_of_the_session() -> None:
+    pytest.importorskip("onnxruntime")
+    from lightning_layermerge.planning.tables.ort_profile import ort_node_times
+
+    model = Small().eval()
+    chain = trace(model, torch.randn(2, 3, 8, 8))
+    folded = merge(prune(model, chain, Plan.keep_all(chain)))
+    times = ort_node_times(folded, chain.example, LatencySettings(warmup=1, repeats=3, runtime="onnxruntime"))
+    convs = [n.name for n in folded.graph.nodes
+             if n.op == "call_module" and isinstance(folded.get_submodule(str(n.target)), nn.Conv2d)]
+    assert convs and all(times.get(c, 0.0) > 0 for c in convs)
+
+
+def test_onnxruntime_tables_are_priced_in_context_additively() -> None:
+    pytest.importorskip("onnxruntime")
+    from lightning_layermerge.planning.tables import latency as latency_module
+    from lightning_layermerge.planning.tables.pricing import in_context_additive
+
+    model = Small().eval()
+    chain = trace(model, torch.randn(2, 3, 8, 8))
+    settings = LatencySettings(warmup=1, repeats=3, runtime="onnxruntime", max_spread=10.0)
+    table = build_latency_table(model, chain, settings, progress=False)
+    assert latency_module._cache_key(chain, table.settings, None)["context"] is True
+    assert table.entries != table.alone  # the alone sessions' layout conversions are taken out
+    # The keep-all layers come out at exactly their in-place time, whatever the alone times were.
+    keep = Plan.keep_all(chain).segments
+    alone = {s.key: 1.0 + s.j for s in chain.segments}
+    in_place = {s.j: 0.25 * s.j for s in keep}
+    moved = in_context_additive(chain, alone, in_place)
+    assert all(moved[s.key] == pytest.approx(in_place[s.j]) for s in keep if not s.identity)
+    assert all(v >= 0 for v in moved.values())

@@ -51,7 +51,7 @@ class LatencySettings:
             ``reference_ms`` measured once per table. A slow-down from other processes
             that comes and goes during the build then cancels out, so entries and
             ``total_ms`` stay comparable (shared machines); costs up to twice the passes.
-        context: Price segments as they run inside the network, not alone (eager runtime):
+        context: Price segments as they run inside the network, not alone (eager and ONNX Runtime):
             the BN-folded original is also timed operation by operation in place, and every
             entry ``(i, j, k)`` is scaled by ``sum(in place) / sum(alone)`` over the original
             layers ``i+1..j`` it replaces (conv + activation). A layer timed alone in a tight
@@ -62,7 +62,12 @@ class LatencySettings:
             then add up to the in-place chain, and ``outside_ms`` holds only the operations
             outside the chain and the framework's overhead between operations. The residual
             additions and shortcut projections timed in the same pass move into the entries
-            of the segments that keep them (:func:`with_skip_costs`).
+            of the segments that keep them (``pricing.with_skip_costs``). With
+            ``runtime="onnxruntime"`` the in-place times come from ONNX Runtime's profiler
+            (``ort_profile.ort_node_times``) and the correction is additive
+            (``pricing.in_context_additive``): a segment's own session pays a fixed layout
+            conversion at its input and output. TorchScript has no per-operation times; its
+            entries stay as timed alone.
         runtime: What runs the network: ``"eager"`` PyTorch, ``"torchscript"`` (the file
             ``export_torchscript`` writes, loaded back) or ``"onnxruntime"`` (the file
             ``export_onnx`` writes, in an ONNX Runtime session; ``pip install -e ".[onnx]"``).

@@ -126,3 +126,46 @@ def with_skip_costs(chain: Chain, entries: dict[Key, float], costs: Sequence[flo
             elif not additive and role == "fold":
                 out[key] = max(ms - cost, 0.0)
     return out
+
+
+def in_context_additive(chain: Chain, alone: dict[Key, float], in_place: dict[int, float]) -> dict[Key, float]:
+    """Entries moved from "timed alone" to "inside the network" by an additive correction.
+
+    Where timing a segment alone adds a roughly fixed cost at its input and output (an ONNX
+    Runtime session converts its input to its blocked layout and its output back; inside the
+    whole network this happens once), scaling by a factor misprices merged segments: a merged
+    dense conv that replaces cheap depthwise layers would inherit their large overhead share.
+    Here each original layer's difference ``in_place[l] - alone[l]`` is split between its input
+    and its output in proportion to their sizes, and a segment ``(i, j]`` gets the input part of
+    layer ``i+1`` and the output part of layer ``j``: the keep-all layers come out at exactly
+    their in-place time. Identity segments are scaled as in :func:`in_context`. Entries are
+    floored at 0.
+
+    Args:
+        chain: The chain.
+        alone: Entries timed alone (``(i, j, k) -> ms``).
+        in_place: Chain layer ``l`` -> its time in place (ms); missing layers count as alone.
+
+    Returns:
+        The corrected entries.
+    """
+    keep = {s.j: s for s in Plan.keep_all(chain).segments}
+    scaled = in_context(chain, alone, in_place)
+
+    def share_in(l: int) -> float:
+        seg = keep[l]
+        size_in, size_out = math.prod(seg.in_shape), math.prod(seg.out_shape)
+        return size_in / (size_in + size_out)
+
+    def excess(l: int) -> float:
+        return in_place.get(l, alone[keep[l].key]) - alone[keep[l].key]
+
+    segments = {s.key: s for s in chain.segments}
+    out = {}
+    for key, ms in alone.items():
+        seg = segments[key]
+        if seg.identity or ms <= 0:
+            out[key] = scaled[key]
+        else:
+            out[key] = max(ms + excess(seg.i + 1) * share_in(seg.i + 1) + excess(seg.j) * (1 - share_in(seg.j)), 0.0)
+    return out
