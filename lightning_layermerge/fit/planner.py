@@ -24,7 +24,7 @@ from torch import nn
 from ..planning.calibrate import calibrate
 from ..planning.chain_solve import RESOLUTIONS, reachable_floor_ms, resolution_for, smallest_budget, solve_chain
 from ..planning.plan_cache import plan_cache_path, read_cached_plan, write_cached_plan
-from ..planning.report import side_by_side
+from ..planning.side_by_side import side_by_side
 from ..planning.tables.cache import TableCache, fingerprint
 from ..planning.tables.importance import build_importance_table, combine_shards, weights_fingerprint
 from ..planning.tables.latency import LatencySettings, LatencyTable, batched_example, build_latency_table

@@ -69,7 +69,7 @@ import torch
 from nets import Cifar10DataModule, Classifier, DigitsDataModule, build_net
 
 from lightning_layermerge import Distillation, LayerMergeCallback, fold_batchnorm, trace
-from lightning_layermerge.planning.report import measure_side_by_side
+from lightning_layermerge.planning.side_by_side import measure_side_by_side
 from lightning_layermerge import ImportanceSettings, LatencySettings
 
 RESULTS = Path(__file__).resolve().parent / "results"
