@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -30,11 +29,10 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from digits import DigitsClassifier, DigitsDataModule
 
-from lightning_layermerge import Distillation, ImportanceSettings, LatencySettings, LayerMergeCallback  # noqa: E402
-from lightning_layermerge import save_compressed  # noqa: E402
+from lightning_layermerge import Distillation, ImportanceSettings, LatencySettings, LayerMergeCallback
+from lightning_layermerge import save_compressed
 
 
 def parse_args() -> argparse.Namespace:

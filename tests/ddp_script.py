@@ -19,10 +19,9 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lm_helpers import FAST_IMPORTANCE, FAST_LATENCY, LitTiny, loaders  # noqa: E402
+from lm_helpers import FAST_IMPORTANCE, FAST_LATENCY, LitTiny, loaders
 
-from lightning_layermerge import LayerMergeCallback  # noqa: E402
+from lightning_layermerge import LayerMergeCallback
 
 
 def main(out: Path) -> None:

@@ -193,8 +193,7 @@ def test_load_from_checkpoint_in_a_fresh_process(compressed_fit: dict, tmp_path:
     torch.save(x, tmp_path / "x.pt")
     torch.save(expected_from(best, x), tmp_path / "want.pt")
     script = f"""
-import sys, torch
-sys.path.insert(0, {str(TESTS)!r})
+import torch
 from lm_helpers import LitEval
 from lightning_layermerge import merge
 module = LitEval.load_from_checkpoint({best!r}).eval()
@@ -206,7 +205,8 @@ with torch.no_grad():
     torch.testing.assert_close(merged(x), want, rtol=1e-4, atol=1e-5)
 print("ok", sum(p.numel() for p in merged.parameters()))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # Run from tests/ (the first entry of a ``-c`` script's path) so that lm_helpers imports.
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=TESTS)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok")
 

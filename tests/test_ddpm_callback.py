@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
 import torch
+from helpers import load_recipe
 from lightning.pytorch.callbacks import Callback
 from lm_helpers import FAST_LATENCY, TINY_UNET, one_thread, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_layermerge import Distillation, ImportanceSettings, LayerMergeCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "ddpm"))
-from diffusion import DiffusionModule, sample  # noqa: E402
+diffusion = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "ddpm" / "diffusion.py")
+DiffusionModule, sample = diffusion.DiffusionModule, diffusion.sample
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import random
-import sys
 from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
 import torch
-from helpers import random_plan, rel_err
+from helpers import load_recipe, random_plan, rel_err
 from lm_helpers import FAST_LATENCY, TINY_UNET, one_thread, quiet_trainer
 from torch import fx, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,8 +21,7 @@ from lightning_layermerge import LayerMergeCallback, LayerMergeUNet2DModel, adap
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "ddpm"))
-from diffusion import DiffusionModule  # noqa: E402
+DiffusionModule = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "ddpm" / "diffusion.py").DiffusionModule
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

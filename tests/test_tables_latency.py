@@ -546,7 +546,7 @@ def test_cache_key_names_runtime_memory_format_threads_and_clock(tiny, change: d
 
 
 def test_side_by_side_states_ratio_and_spread(monkeypatch) -> None:
-    from lightning_layermerge.planning.report import side_by_side
+    from lightning_layermerge.planning.side_by_side import side_by_side
 
     passes = [[10.0, 10.0, 20.0, 20.0, 10.0, 10.0], [5.0, 5.0, 10.0, 10.0, 5.5, 5.5]]
     monkeypatch.setattr(timing_module, "interleaved_samples", lambda runs, s: passes)

@@ -58,13 +58,12 @@ from .evaluation import merge_for_evaluation, rebuild_for_evaluation
 from .final_report import build_report, measure_report, publish_report, report_timing
 from .importance_settings import ImportanceSettings, Monitor
 from .paths import get_path, set_path
-from .planner import Planner, make_runner, train_loader
+from .planner import Planner, PlanningResult, make_runner, train_loader
 from .precision import timing_settings
 from .resume import (CHECKPOINT_KEY, NOT_COMPRESSED, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
                      fit_weights_only, is_compressed, plan_for_target, read_checkpoint, rebuild_pruned, restore_pruned,
                      state_from_checkpoint, state_of_plan_argument, teacher_for_resume)
 from .state import STATE_VERSION, CompressionState
-from .subruns import SubRunner
 from .subsets import check_loader
 from .target import example_input, like_memory_format, merge_checked, resolve_target, trace_target
 
@@ -157,27 +156,45 @@ class LayerMergeCallback(Callback):
         # Results, filled during fit.
         self.chain: Chain | None = None
         self.plan: Plan | None = None
-        self.latency_table: LatencyTable | None = None
-        self.importance_table: dict[tuple[int, int, int], float] | None = None
-        self.importance_shard: list[tuple[int, int, int]] = []
         self.report: LayerMergeReport | None = None
+        self._planning = PlanningResult()  # the planner's own result object: tables, calibration, metric
         self._reset_run()
 
     def _reset_run(self) -> None:
         self.report = None  # a new fit makes a new report
-        self.calibration: list[dict[str, Any]] = []  # one record per calibration round
+        # A new fit starts a new calibration record and metric; the tables stay readable until re-planned.
+        self._planning = dataclasses.replace(self._planning, calibration=[], monitor=None, base=None, runner=None,
+                                             importance_noise=None)
         self._active = False
         self._target_path: str | None = None
         self._original: nn.Module | None = None  # the user's own target object, untouched
         self._teacher: nn.Module | None = None
-        self._runner: SubRunner | None = None
-        self._monitor: Monitor | None = None
         self._state: CompressionState | None = None
         self._kd: DistillationPatch | None = None
         self._load_patch: LoadCheckpointPatch | None = None
         self._resumed_from: str | None = None
         self._evaluating: str | None = None  # target path restored for validate/test/predict
         self._timing: LatencySettings = self.latency_settings  # resolved against the trainer's precision
+
+    @property
+    def latency_table(self) -> LatencyTable | None:
+        """The latency table the plan was solved on (``None`` for a given or resumed plan)."""
+        return self._planning.latency_table
+
+    @property
+    def importance_table(self) -> dict[tuple[int, int, int], float] | None:
+        """The importance table the plan was solved on (``None`` for a given or resumed plan)."""
+        return self._planning.importance_table
+
+    @property
+    def importance_shard(self) -> list[tuple[int, int, int]]:
+        """Keys of the importance entries this rank computed (DDP splits them over ranks)."""
+        return self._planning.importance_shard
+
+    @property
+    def calibration(self) -> list[dict[str, Any]]:
+        """One record per calibration round of this fit (predicted and measured ratio)."""
+        return self._planning.calibration
 
     @property
     def state_key(self) -> str:
@@ -247,17 +264,13 @@ class LayerMergeCallback(Callback):
 
     def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, target: nn.Module,
               chain: Chain) -> tuple[Plan, CompressionState]:
-        """Tables -> solve -> calibrate (``planner.Planner``); keeps its results on the callback."""
+        """Tables -> solve -> calibrate (``planner.Planner``). The callback holds the planner's
+        :class:`~.planner.PlanningResult`, which it fills as it goes (a failed run shows how far it got)."""
         planner = Planner(budget=self.budget, method=self.method, monitor=self.monitor, mode=self.mode,
                           importance=self.importance_settings, latency=self._timing,
                           calibrate=self.calibrate, cache_dir=self._cache(trainer), verbose=self.verbose)
-        try:
-            plan, facts = planner.run(trainer, pl_module, path, target, chain)
-            return plan, CompressionState.from_dict({**facts, "plan": plan.to_dict()})
-        finally:
-            self.latency_table, self.importance_table = planner.latency_table, planner.importance_table
-            self.importance_shard, self.calibration = planner.importance_shard, planner.calibration
-            self._runner, self._monitor = planner.runner, planner.monitor
+        self._planning = planner.result
+        return planner.run(trainer, pl_module, path, target, chain)
 
     def _cache(self, trainer: pl.Trainer) -> str | None:
         if self.cache_dir is False:
@@ -276,9 +289,9 @@ class LayerMergeCallback(Callback):
             state, version=STATE_VERSION, target=path, plan=plan.to_dict(), inputs=input_spec(chain.example),
             budget=self.budget if state.budget is None else state.budget, method=state.method or self.method,
             merged=False, original_weights=state.original_weights or weights_fingerprint(target))
-        if self._monitor is None and state.monitor and self.monitor in (None, state.monitor):
+        if self._planning.monitor is None and state.monitor and self.monitor in (None, state.monitor):
             # A known plan (plan= or a checkpoint) carries the metric it was scored with.
-            self._monitor = Monitor(state.monitor, state.mode or self.mode, state.training_loss)
+            self._planning.monitor = Monitor(state.monitor, state.mode or self.mode, state.training_loss)
         self._load_patch = LoadCheckpointPatch(pl_module, lambda checkpoint: self._rebuild_for(pl_module, checkpoint))
         self._active = True
         self._log_plan(pl_module)
@@ -430,7 +443,7 @@ class LayerMergeCallback(Callback):
         # Done: drop the copies (teacher, sub-run module) so they do not hold memory. The user's
         # original target stays referenced: evaluating a checkpoint of this fit rebuilds from it.
         self._active = False
-        self._teacher = self._runner = None
+        self._teacher = self._planning.runner = None
 
     def _build_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: nn.Module, merged: bool,
                       error: float) -> LayerMergeReport:
@@ -447,12 +460,13 @@ class LayerMergeCallback(Callback):
                      final: nn.Module) -> None:
         """Monitored metric after compression (and before, if not known), on the same held-out subset."""
         try:
-            runner = self._runner or make_runner(trainer, pl_module, self._target_path, self.importance_settings)
-            if self._monitor is None or report.metric_before is None:
-                self._monitor, report.metric_before = runner.resolve_monitor(self._original, self.monitor, self.mode)
-                report.monitor, report.mode = self._monitor.key, self._monitor.mode
-            runner.monitor = self._monitor
-            report.metric_after = runner.metrics(copy.deepcopy(final), training_loss=self._monitor.training_loss).get(
-                self._monitor.key)
+            planning = self._planning
+            runner = planning.runner or make_runner(trainer, pl_module, self._target_path, self.importance_settings)
+            if planning.monitor is None or report.metric_before is None:
+                planning.monitor, report.metric_before = runner.resolve_monitor(self._original, self.monitor, self.mode)
+                report.monitor, report.mode = planning.monitor.key, planning.monitor.mode
+            runner.monitor = planning.monitor
+            metrics = runner.metrics(copy.deepcopy(final), training_loss=planning.monitor.training_loss)
+            report.metric_after = metrics.get(planning.monitor.key)
         except (TypeError, ValueError) as err:  # e.g. no map-style train loader: report without the metric
             rank_zero_warn(f"LayerMergeCallback: could not score the compressed network: {err}")

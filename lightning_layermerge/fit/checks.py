@@ -3,11 +3,12 @@ argument, what was wrong and what to pass instead (raised before any training)."
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ..planning.validate import is_real
 
 __all__ = ["check_budget", "check_cache_dir", "check_choice", "check_monitor", "check_plan", "check_target",
            "check_trainer", "check_type"]
@@ -15,7 +16,7 @@ __all__ = ["check_budget", "check_cache_dir", "check_choice", "check_monitor", "
 
 def check_budget(budget: Any) -> float:
     """``budget`` as a float in (0, 1]; ``TypeError``/``ValueError`` otherwise."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+    if not is_real(budget):
         raise TypeError(f"LayerMergeCallback(budget=...) must be a number in (0, 1], got {budget!r}")
     if not 0 < budget <= 1:
         raise ValueError(

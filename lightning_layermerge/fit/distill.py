@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
+
+from ..planning.validate import check_finite
 
 __all__ = ["Distillation", "DistillationPatch", "kd_loss"]
 
@@ -57,12 +58,8 @@ class Distillation:
     loss_fn: LossFn | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
-                or not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ValueError(f"Distillation(alpha=...) must be a finite number >= 0, got {self.alpha!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise ValueError(f"Distillation(temperature=...) must be a finite number > 0, got {self.temperature!r}")
+        check_finite("Distillation(alpha=...)", self.alpha, positive=False)
+        check_finite("Distillation(temperature=...)", self.temperature, positive=True)
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"Distillation(loss_fn=...) must be callable, got {type(self.loss_fn).__name__}")
 

@@ -12,7 +12,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from ..planning.report import LayerMergeReport, count_parameters, settings_dict, side_by_side
+from ..planning.report import LayerMergeReport, count_parameters, settings_dict
+from ..planning.side_by_side import side_by_side
 from ..planning.tables.latency import LatencySettings, LatencyTable, batched_example
 from ..surgery.graph import Chain
 from ..surgery.plan import Plan

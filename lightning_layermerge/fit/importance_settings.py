@@ -10,8 +10,9 @@ used if ``validation_step`` logs one (:data:`VAL_LOSS_KEYS`), else the training 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from ..planning.validate import check_count, check_finite, is_int, is_real
 
 __all__ = ["MIN_SCORE_SAMPLES", "MIN_STEPS", "TRAIN_LOSS_KEY", "VAL_LOSS_KEYS", "ImportanceSettings", "Monitor"]
 
@@ -105,33 +106,23 @@ class ImportanceSettings:
     noise_entries: int = 2
 
     def __post_init__(self) -> None:
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
-                or not 0 < self.fraction <= 0.5:
+        if not is_real(self.fraction) or not 0 < self.fraction <= 0.5:
             raise ValueError(
                 f"ImportanceSettings.fraction must be in (0, 0.5] (a fine-tuning subset and a disjoint "
                 f"scoring subset of the same size), got {self.fraction!r}"
             )
         for name, minimum in (("steps", 0), ("batch_size", 1)):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-                raise ValueError(f"ImportanceSettings.{name} must be None or an int >= {minimum}, got {value!r}")
+            check_count(f"ImportanceSettings.{name}", getattr(self, name), minimum, optional=True)
         for name, minimum in (("min_steps", 0), ("min_score_samples", 1), ("bn_batches", 0), ("noise_repeats", 0),
                                ("noise_entries", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"ImportanceSettings.{name} must be an int >= {minimum}, got {value!r}")
+            check_count(f"ImportanceSettings.{name}", getattr(self, name), minimum)
         if self.noise_repeats == 1:
             raise ValueError("ImportanceSettings.noise_repeats must be 0 (off) or >= 2 (a standard deviation)")
-        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
-                                    or not math.isfinite(self.lr) or self.lr <= 0):
+        if self.lr is not None and (not is_real(self.lr) or self.lr <= 0):
             raise ValueError(f"ImportanceSettings.lr must be None or a positive number, got {self.lr!r}")
         for name, positive in (("kd_alpha", False), ("kd_temperature", True)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0 or (positive and value == 0):
-                raise ValueError(f"ImportanceSettings.{name} must be a finite number "
-                                 f"{'> 0' if positive else '>= 0'}, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            check_finite(f"ImportanceSettings.{name}", getattr(self, name), positive=positive)
+        if not is_int(self.seed):
             raise ValueError(f"ImportanceSettings.seed must be an int, got {self.seed!r}")
         if not isinstance(self.relative, bool):
             raise ValueError(f"ImportanceSettings.relative must be True or False, got {self.relative!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import nn
 from ..planning.calibrate import calibrate
 from ..planning.chain_solve import RESOLUTIONS, reachable_floor_ms, resolution_for, smallest_budget, solve_chain
 from ..planning.plan_cache import plan_cache_path, read_cached_plan, write_cached_plan
-from ..planning.report import side_by_side
+from ..planning.side_by_side import side_by_side
 from ..planning.tables.cache import TableCache, fingerprint
 from ..planning.tables.importance import build_importance_table, combine_shards, weights_fingerprint
 from ..planning.tables.latency import LatencySettings, LatencyTable, batched_example, build_latency_table
@@ -35,10 +35,38 @@ from ..surgery.plan import Plan
 from ..surgery.prune import prune
 from ..surgery.rebuild import fold_batchnorm
 from .importance_settings import ImportanceSettings, Monitor
+from .state import CompressionState
 from .subruns import SubRunner
 from .subsets import check_loader
 
-__all__ = ["Planner", "make_runner", "train_loader"]
+__all__ = ["Planner", "PlanningResult", "make_runner", "train_loader"]
+
+
+@dataclass
+class PlanningResult:
+    """What one :meth:`Planner.run` found, filled in as it goes (a failed run shows how far it got).
+
+    ``LayerMergeCallback`` holds this object itself (no copies), so its ``latency_table``,
+    ``importance_table``, ``importance_shard`` and ``calibration`` are these fields.
+
+    Attributes:
+        latency_table, importance_table: The tables the plan was solved on.
+        importance_shard: Keys of the importance entries this rank computed.
+        calibration: One record per calibration round (predicted and measured ratio).
+        monitor / base: The Perf metric and its value on the original network.
+        importance_noise: Noise level, entry count, steps per entry and build time of the
+            importance table (``tables.noise.NoiseLevel``).
+        runner: The sub-run machinery (reused to score the final network).
+    """
+
+    latency_table: LatencyTable | None = None
+    importance_table: dict[tuple[int, int, int], float] | None = None
+    importance_shard: list[tuple[int, int, int]] = field(default_factory=list)
+    calibration: list[dict[str, Any]] = field(default_factory=list)
+    monitor: Monitor | None = None
+    base: float | None = None
+    runner: SubRunner | None = None
+    importance_noise: NoiseLevel | None = None
 
 
 class Planner:
@@ -51,14 +79,9 @@ class Planner:
         cache_dir: Table and plan cache directory (``None``: no cache).
         verbose: Progress bars (rank 0 only).
 
-    Attributes (filled by :meth:`run`):
-        latency_table, importance_table: The tables the plan was solved on.
-        importance_shard: Keys of the importance entries this rank computed.
-        calibration: One record per calibration round (predicted and measured ratio).
-        monitor / base: The Perf metric and its value on the original network.
-        importance_noise: Noise level, entry count, steps per entry and build time of the
-            importance table (``tables.noise.NoiseLevel``).
-        runner: The sub-run machinery (reused to score the final network).
+    Attributes:
+        result: What :meth:`run` found (:class:`PlanningResult`), filled in as it goes.
+        resolution: The DP resolution that reaches the budget (set by :meth:`budget_ms`).
     """
 
     def __init__(self, *, budget: float, method: str, monitor: str | None, mode: str,
@@ -67,28 +90,22 @@ class Planner:
         self.budget, self.method, self.monitor_name, self.mode = budget, method, monitor, mode
         self.importance_settings, self.latency_settings = importance, latency
         self.calibrate_plans, self.cache_dir, self.verbose = calibrate, cache_dir, verbose
-        self.latency_table: LatencyTable | None = None
-        self.importance_table: dict[tuple[int, int, int], float] | None = None
-        self.importance_shard: list[tuple[int, int, int]] = []
-        self.calibration: list[dict[str, Any]] = []
+        self.result = PlanningResult()
         self.last_spread: float | None = None  # spread of the latest calibration measurement
-        self.monitor: Monitor | None = None
-        self.base: float | None = None
-        self.runner: SubRunner | None = None
         self.resolution = RESOLUTIONS[0]
-        self.importance_noise: NoiseLevel | None = None
         self._importance_key: dict[str, Any] = {}
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, target: nn.Module,
-            chain: Chain) -> tuple[Plan, dict[str, Any]]:
-        """The plan for ``target``, and what the checkpoint state and the report need to know."""
+            chain: Chain) -> tuple[Plan, CompressionState]:
+        """The plan for ``target``, and the compression state (what checkpoints and the report need)."""
         # User errors first (metric, the module's own training code), then the tables.
-        self.runner = make_runner(trainer, pl_module, path, self.importance_settings)
-        self.monitor, self.base = self.runner.resolve_monitor(target, self.monitor_name, self.mode)
-        self.runner.check_finetune(target)
-        table = self.latency_table = self.build_latency_table(trainer, target, chain)
+        result = self.result
+        result.runner = make_runner(trainer, pl_module, path, self.importance_settings)
+        result.monitor, result.base = result.runner.resolve_monitor(target, self.monitor_name, self.mode)
+        result.runner.check_finetune(target)
+        table = result.latency_table = self.build_latency_table(trainer, target, chain)
         budget_ms = self.budget_ms(table, chain)
-        importance = self.importance_table = self.build_importance_table(trainer, target, chain)
+        importance = result.importance_table = self.build_importance_table(trainer, target, chain)
         plan_file = self.plan_file(chain, table, importance)
         plan = self.cached_plan(trainer, chain, plan_file)
         if plan is None:
@@ -97,15 +114,16 @@ class Planner:
                 plan = self.calibrate(trainer, target, chain, plan, budget_ms)
             self.store_plan(trainer, plan_file, plan)
         plan = _same_on_all_ranks(trainer, plan)
-        state = {"predicted_ms": table.predicted_ms(plan.keys), "table_original_ms": table.total_ms,
-                 "metric_before": self.base, "monitor": self.monitor.key, "mode": self.monitor.mode,
-                 "training_loss": self.monitor.training_loss, "calibration": self.calibration,
-                 "importance": self.importance_noise.as_dict() if self.importance_noise else None,
+        state = {"plan": plan.to_dict(), "predicted_ms": table.predicted_ms(plan.keys),
+                 "table_original_ms": table.total_ms, "metric_before": result.base, "monitor": result.monitor.key,
+                 "mode": result.monitor.mode, "training_loss": result.monitor.training_loss,
+                 "calibration": result.calibration,
+                 "importance": result.importance_noise.as_dict() if result.importance_noise else None,
                  # How the table was really measured (a busy machine may have changed the settings),
                  # so a resumed run times its final report the same way without the table.
                  "latency_settings": asdict(table.settings), "table_build_s": table.build_s,
                  "table_max_spread": _finite(table.max_spread), "load_note": table.load_note}
-        return plan, state
+        return plan, CompressionState.from_dict(state)
 
     # ------------------------------------------------------------------ tables
 
@@ -144,17 +162,17 @@ class Planner:
 
     def build_importance_table(self, trainer: pl.Trainer, target: nn.Module, chain: Chain) -> dict:
         """This rank's share of the entries, then gathered, so every rank holds the whole table."""
-        runner, monitor = self.runner, self.monitor
+        runner, monitor, base_perf = self.result.runner, self.result.monitor, self.result.base
         key = {"weights": weights_fingerprint(target), "module": type(runner.shell).__qualname__,
                "monitor": monitor.key, "mode": monitor.mode, "data": len(runner.loader.dataset),
                "score_samples": runner.score_samples, "score_on_val": runner.subsets.on_val,
                **vars(self.importance_settings)}
         self._importance_key = key
-        score, base, scale = runner.score, monitor.perf(self.base), 1.0
+        score, base, scale = runner.score, monitor.perf(base_perf), 1.0
         if self.importance_settings.relative:
             if base == 0 or not math.isfinite(base):
                 raise ValueError(f"ImportanceSettings(relative=True) needs a finite, non-zero {monitor.key} for the "
-                                 f"original network, got {self.base}; use relative=False")
+                                 f"original network, got {base_perf}; use relative=False")
             scale = abs(base)
             score, base = (lambda net: runner.score(net) / scale), base / scale
         started = time.perf_counter()
@@ -162,12 +180,12 @@ class Planner:
                                        shard=(trainer.global_rank, trainer.world_size), cache_dir=self.cache_dir,
                                        cache_key=key, base_score=base,
                                        progress=self.verbose and trainer.is_global_zero)
-        self.importance_shard = sorted(shard)
+        self.result.importance_shard = sorted(shard)
         table = combine_shards(_all_gather(trainer, shard))
         if all(v == -math.inf for v in table.values()):
             err = runner.first_error
             raise RuntimeError(runner.failure_message(err) if err else "LayerMergeCallback: every importance run failed")
-        self.importance_noise = self.measure_noise(trainer, target, chain, table, base, scale,
+        self.result.importance_noise = self.measure_noise(trainer, target, chain, table, base, scale,
                                                    time.perf_counter() - started)
         return table
 
@@ -180,8 +198,9 @@ class Planner:
         if trainer.world_size > 1:
             runs = trainer.strategy.broadcast(runs, src=0)
         perfs, entry_perfs = runs
-        level = noise_level(table, perfs, entry_perfs=entry_perfs, steps_per_entry=self.runner.steps,
-                            score_samples=self.runner.score_samples, build_seconds=build_seconds)
+        runner = self.result.runner
+        level = noise_level(table, perfs, entry_perfs=entry_perfs, steps_per_entry=runner.steps,
+                            score_samples=runner.score_samples, build_seconds=build_seconds)
         if trainer.is_global_zero:
             warn_if_noisy(level)
         return level
@@ -190,7 +209,7 @@ class Planner:
                     scale: float) -> tuple[list[float], dict]:
         """Perf of the unmodified network and of a few entries over the noise repeats, through
         the table cache (a repeated run re-trains nothing)."""
-        repeats, runner = self.importance_settings.noise_repeats, self.runner
+        repeats, runner = self.importance_settings.noise_repeats, self.result.runner
         cache = None
         if self.cache_dir is not None:
             key = {"table": "importance-noise", **self._importance_key}
@@ -234,10 +253,10 @@ class Planner:
             ratio = self.measured_ratio(trainer, folded, merge(prune(target, chain, candidate)), inputs)
             return ratio, self.last_spread
 
-        result = calibrate(self.latency_table, self.importance_table, chain, plan, budget_ms, budget=self.budget,
-                           method=self.method, measure=measure, resolution=self.resolution,
+        result = calibrate(self.result.latency_table, self.result.importance_table, chain, plan, budget_ms,
+                           budget=self.budget, method=self.method, measure=measure, resolution=self.resolution,
                            progress=self.verbose and trainer.is_global_zero)
-        self.calibration.extend(result.rounds)
+        self.result.calibration.extend(result.rounds)
         if not result.fits:
             rank_zero_warn(f"LayerMergeCallback: the fastest plan found measures {result.measured:.3f} of the "
                            f"original latency, above budget={self.budget}; the latency table overestimates what "
@@ -251,7 +270,8 @@ class Planner:
         goes to :attr:`last_spread`."""
         result = None
         if trainer.is_global_zero:
-            timed = side_by_side({"original": original, "candidate": candidate}, inputs, self.latency_table.settings)
+            timed = side_by_side({"original": original, "candidate": candidate}, inputs,
+                                 self.result.latency_table.settings)
             spread = timed.spread["candidate"]
             result = (timed.ratio["candidate"], None if math.isnan(spread) else spread)
         if trainer.world_size > 1:
@@ -273,13 +293,13 @@ class Planner:
             found = trainer.strategy.broadcast(found, src=0)
         if not found:
             return None
-        self.calibration = found.get("calibration", [])
+        self.result.calibration = found.get("calibration", [])
         return Plan.from_segments(chain, [tuple(k) for k in found["segments"]])
 
     def store_plan(self, trainer: pl.Trainer, path: Path | None, plan: Plan) -> None:
         """Write the plan and its calibration record (rank 0)."""
         if trainer.is_global_zero:
-            write_cached_plan(path, plan, self.calibration)
+            write_cached_plan(path, plan, self.result.calibration)
 
 
 # ---------------------------------------------------------------------- helpers

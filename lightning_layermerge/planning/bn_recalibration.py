@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .validate import check_count
+
 __all__ = ["batchnorm_layers", "default_forward", "recalibrate_batchnorm"]
 
 #: Runs one batch through the network (the return value is ignored).
@@ -68,8 +70,7 @@ def recalibrate_batchnorm(module: nn.Module, loader: Iterable[Any], batches: int
     Raises:
         ValueError: ``batches`` is not a positive int, or the loader yields no batch.
     """
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise ValueError(f"recalibrate_batchnorm(batches=...) must be an int >= 1, got {batches!r}")
+    check_count("recalibrate_batchnorm(batches=...)", batches, 1)
     norms = batchnorm_layers(module)
     if not norms:
         return 0

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .validate import check_int
+
 __all__ = ["METHODS", "Solution", "min_latency", "solve"]
 
 Entry = tuple[int, int, int]
@@ -176,14 +178,8 @@ def _check_scalars(num_layers: int, budget: float, method: str, resolution: int)
     """Validate the scalar arguments of :func:`solve`; return the budget as float."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}")
-    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)):
-        raise TypeError(f"num_layers must be an int, got {type(num_layers).__name__}")
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
-        raise TypeError(f"resolution must be an int, got {type(resolution).__name__}")
-    if resolution < 1:
-        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    check_int("num_layers", num_layers, 1)
+    check_int("resolution", resolution, 1)
     try:
         b = float(budget)
     except (TypeError, ValueError):

@@ -5,7 +5,8 @@
 :func:`merge` folds each kept run into one conv; :func:`fold_batchnorm` is the original with
 only its BatchNorms folded (the latency reference) and :func:`rebuild_compressed` the network a
 stored plan describes; :func:`save_compressed` /
-:func:`load_compressed` store the result without pickled code. Nothing here imports
+:func:`load_compressed` store the result without pickled code; :mod:`.testing` checks that a
+surgery kept the function (BatchNorm statistics, relative error). Nothing here imports
 Lightning or the planning layer.
 """
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-__all__ = ["AffineConv", "Map", "Pointwise", "deferrable", "regroup", "resolved", "sum_maps"]
+__all__ = ["AffineConv", "Map", "Pointwise", "deferrable", "regroup", "resolved", "sum_maps", "unreachable_taps"]
 
 
 @dataclass
@@ -56,12 +56,9 @@ class AffineConv:
         return AffineConv(weight, bias, stride, groups, self.pad, self.extent, crop_of_identity).trimmed()
 
     def trimmed(self) -> AffineConv:
-        """Drop taps that read only zero padding for every output position (exact)."""
-        size = (self.extent + 2 * self.pad - self.kernel) // self.stride + 1
-        lead = self.pad - self.stride * (size - 1)
-        trail = self.kernel - self.pad - self.extent
-        c = min(lead, trail)
-        if c <= 0 or self.crop_of_identity is not None:
+        """Drop taps that read only zero padding for every output position (exact; :func:`unreachable_taps`)."""
+        c = unreachable_taps(self.kernel, self.pad, self.stride, self.extent)
+        if c == 0 or self.crop_of_identity is not None:
             return self
         w = self.weight[..., c:-c, c:-c]
         return AffineConv(w, self.bias, self.stride, self.groups, self.pad - c, self.extent)
@@ -135,6 +132,17 @@ class AffineConv:
             conv.weight.copy_(self.weight)
             conv.bias.copy_(self.bias)
         return conv
+
+
+def unreachable_taps(kernel: int, padding: int, stride: int, extent: int) -> int:
+    """Taps per side of a merged kernel that can only ever read zero padding.
+
+    A kernel merged over a small feature map can outgrow it; those taps multiply zeros
+    for every output position, so ``merge`` trims them (exactly) and the latency table
+    times the trimmed conv.
+    """
+    size = (extent + 2 * padding - kernel) // stride + 1
+    return max(0, min(padding - stride * (size - 1), kernel - padding - extent))
 
 
 def _compose(w: torch.Tensor, groups: int, inner: torch.Tensor, stride: int) -> torch.Tensor:

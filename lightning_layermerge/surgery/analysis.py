@@ -25,8 +25,9 @@ from collections.abc import Iterator
 
 from torch import fx
 
+from .affine import unreachable_taps
 from .capture import Capture
-from .chain import Chain, Layer, Position, Segment, Skip
+from .chain import Chain, Layer, Position, Segment, Skip, may_keep
 from .ops import LINEAR_KINDS, Kind, Op, classify
 
 __all__ = ["ChainAnalysis"]
@@ -323,7 +324,7 @@ class ChainAnalysis:
         for l in range(i + 1, j + 1):
             layer = self.layers[l - 1]
             grow = layer.kernel - 1
-            allowed = grow == 0 or stride == 1  # the paper's strided-conv restriction
+            allowed = may_keep(layer.kernel, stride)
             nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
             for k, (w, kept) in options.items():
                 if not layer.irreducible:
@@ -368,7 +369,7 @@ class ChainAnalysis:
                       and n not in {self.layers[l - 1].norm for l in range(i + 1, j + 1)}]
         end = self.positions[j]
         in_shape = self.cap.shapes[self.positions[i].entry]
-        trim = _unreachable_taps(k, padding, stride, max(in_shape[2:]))
+        trim = unreachable_taps(k, padding, stride, max(in_shape[2:]))
         return Segment(
             i=i, j=j, k=k, convs=kept,
             in_shape=in_shape,
@@ -391,17 +392,6 @@ class ChainAnalysis:
                 cut = self.positions[j].cut
                 nodes += junction[: junction.index(cut) + 1] if cut in junction else []
         return nodes
-
-
-def _unreachable_taps(kernel: int, padding: int, stride: int, extent: int) -> int:
-    """Taps per side of a merged kernel that can only ever read zero padding.
-
-    A kernel merged over a small feature map can outgrow it; those taps multiply zeros
-    for every output position, so ``merge`` trims them (exactly) and the latency table
-    times the trimmed conv.
-    """
-    size = (extent + 2 * padding - kernel) // stride + 1
-    return max(0, min(padding - stride * (size - 1), kernel - padding - extent))
 
 
 def _better(table: dict, k: int, cand: tuple[float, tuple[int, ...]]) -> None:

@@ -18,7 +18,19 @@ from .capture import Capture
 if TYPE_CHECKING:
     from .analysis import ChainAnalysis
 
-__all__ = ["Chain", "Layer", "Position", "Segment", "Skip"]
+__all__ = ["Chain", "Layer", "Position", "Segment", "Skip", "may_keep"]
+
+
+def may_keep(kernel: int, stride_before: int) -> bool:
+    """The paper's strided-conv rule: may a segment keep a conv of ``kernel`` when the convs
+    before it in the segment stride by ``stride_before`` in all?
+
+    Within a segment, only 1x1 convs may be kept after a strided conv (a larger one needs the
+    activation before it kept, which ends the segment there). So keeping a conv grows the
+    merged kernel by exactly ``kernel - 1``. Used both to enumerate the legal segments of a
+    chain and to check a segment given by hand.
+    """
+    return kernel == 1 or stride_before == 1
 
 
 @dataclass(frozen=True)
@@ -172,7 +184,7 @@ class Chain:
         for l in range(i + 1, j + 1):
             layer = self.layer(l)
             if l in convs:
-                if layer.kernel > 1 and stride > 1:
+                if not may_keep(layer.kernel, stride):
                     raise ValueError(
                         f"segment ({i}, {j}] keeps conv {l} (kernel {layer.kernel}) after a strided conv; "
                         "the activation before it must be kept (paper's strided-conv rule)"

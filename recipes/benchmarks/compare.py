@@ -56,7 +56,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 import traceback
 import warnings
@@ -67,12 +66,11 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nets import Cifar10DataModule, Classifier, DigitsDataModule, build_net  # noqa: E402
+from nets import Cifar10DataModule, Classifier, DigitsDataModule, build_net
 
-from lightning_layermerge import Distillation, LayerMergeCallback, fold_batchnorm, trace  # noqa: E402
-from lightning_layermerge.planning.report import measure_side_by_side  # noqa: E402
-from lightning_layermerge import ImportanceSettings, LatencySettings  # noqa: E402
+from lightning_layermerge import Distillation, LayerMergeCallback, fold_batchnorm, trace
+from lightning_layermerge.planning.side_by_side import measure_side_by_side
+from lightning_layermerge import ImportanceSettings, LatencySettings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("layermerge", "layeronly", "depth")

@@ -72,16 +72,17 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compare import _notes, _test_acc, _trainer, _write  # noqa: E402
-from fashion import DEFAULT_DIR, FashionMNISTDataModule  # noqa: E402
-from nets import Classifier, SmallMobileNetV2  # noqa: E402
+from compare import _notes, _test_acc, _trainer, _write
+from nets import Classifier, SmallMobileNetV2
 
+from lightning_layermerge import Distillation, ImportanceSettings, LatencySettings, LayerMergeCallback, fold_batchnorm
+from lightning_layermerge import trace
+from lightning_layermerge.fit.distill import kd_loss
+
+# The Fashion-MNIST data and the digits ResNet come from the recipes folder above this one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from digits import DigitsResNet  # noqa: E402
-from lightning_layermerge import LayerMergeCallback, fold_batchnorm, merge, trace  # noqa: E402
-from lightning_layermerge.fit.distill import Distillation, kd_loss  # noqa: E402
-from lightning_layermerge import ImportanceSettings, LatencySettings  # noqa: E402
+from fashion import DEFAULT_DIR, FashionMNISTDataModule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LM_METHODS = ("layermerge", "layeronly", "depth")

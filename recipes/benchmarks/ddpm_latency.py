@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
+from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune
+from lightning_layermerge import solve, trace
+from lightning_layermerge.planning.chain_solve import reachable_floor_ms
+from lightning_layermerge.planning.side_by_side import measure_side_by_side
+
+# The DDPM UNet comes from the sibling recipe folder recipes/ddpm.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ddpm"))
 from diffusion import DDPM_CIFAR10_UNET, build_unet  # noqa: E402
-
-from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune  # noqa: E402
-from lightning_layermerge import solve, trace  # noqa: E402
-from lightning_layermerge.planning.chain_solve import reachable_floor_ms  # noqa: E402
-from lightning_layermerge.planning.report import measure_side_by_side  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -33,7 +33,6 @@ import math
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,13 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nets import Classifier, DigitsDataModule, build_net  # noqa: E402
+from nets import Classifier, DigitsDataModule, build_net
 
-from lightning_layermerge import Plan, prune, trace  # noqa: E402
-from lightning_layermerge.planning.bn_recalibration import recalibrate_batchnorm  # noqa: E402
-from lightning_layermerge.fit.importance_settings import ImportanceSettings, Monitor  # noqa: E402
-from lightning_layermerge.fit.subruns import SubRunner, quiet  # noqa: E402
+from lightning_layermerge import Plan, prune, trace
+from lightning_layermerge.planning.bn_recalibration import recalibrate_batchnorm
+from lightning_layermerge.fit.importance_settings import ImportanceSettings, Monitor
+from lightning_layermerge.fit.subruns import SubRunner, quiet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NETS = ("resnet", "mobilenetv2")

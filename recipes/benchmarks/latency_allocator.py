@@ -33,18 +33,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from latency_check import l1_importance, random_merge_plan  # noqa: E402
-from latency_models import build  # noqa: E402
+from latency_check import l1_importance, random_merge_plan
+from latency_models import build
 
-from lightning_layermerge import Plan, merge, prune, solve, trace  # noqa: E402
-from lightning_layermerge.planning.tables.allocator import cached_allocator  # noqa: E402
-from lightning_layermerge.planning.tables.latency import (  # noqa: E402
+from lightning_layermerge import Plan, merge, prune, solve, trace
+from lightning_layermerge.planning.tables.allocator import cached_allocator
+from lightning_layermerge.planning.tables.latency import (
     LatencySettings,
     build_latency_table,
     interleaved_samples,
 )
+
+HERE = Path(__file__).resolve().parent
 
 
 def conv_passes(cached: bool, passes: int = 60) -> dict:

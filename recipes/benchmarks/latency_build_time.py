@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from latency_models import build  # noqa: E402
+from latency_models import build
 
-from lightning_layermerge import trace  # noqa: E402
-from lightning_layermerge.planning.tables.latency import LatencySettings, build_latency_table  # noqa: E402
+from lightning_layermerge import trace
+from lightning_layermerge.planning.tables.latency import LatencySettings, build_latency_table
+
+HERE = Path(__file__).resolve().parent
 
 SETTINGS = {
     "before": LatencySettings(threads=1, context=False, on_load="ignore", allocator="system"),

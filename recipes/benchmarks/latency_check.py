@@ -60,10 +60,6 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import randomize_batchnorm  # noqa: E402  (realistic BN statistics, shared with the tests)
-
 from lightning_layermerge import Chain, Plan, fold_batchnorm, merge, prune, solve, trace  # noqa: E402
 from lightning_layermerge.planning.tables.latency import (  # noqa: E402
     LatencySettings,
@@ -71,6 +67,7 @@ from lightning_layermerge.planning.tables.latency import (  # noqa: E402
     build_latency_table,
     interleaved_samples,
 )
+from lightning_layermerge.surgery.testing import randomize_batchnorm  # noqa: E402  (realistic BN statistics)
 
 BUDGETS = (0.5, 0.6, 0.7, 0.8, 0.9)
 RESULTS = Path(__file__).resolve().parent / "results"

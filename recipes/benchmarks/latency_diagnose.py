@@ -53,14 +53,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from latency_check import l1_importance, random_merge_plan  # noqa: E402
-from latency_models import MODELS, build  # noqa: E402
+from latency_check import l1_importance, random_merge_plan
+from latency_models import MODELS, build
 
-from lightning_layermerge import Chain, Plan, fold_batchnorm, merge, prune, solve, trace  # noqa: E402
-from lightning_layermerge.planning.report import side_by_side  # noqa: E402
-from lightning_layermerge.planning.tables.latency import (  # noqa: E402
+from lightning_layermerge import Chain, Plan, fold_batchnorm, merge, prune, solve, trace
+from lightning_layermerge.planning.side_by_side import side_by_side
+from lightning_layermerge.planning.tables.latency import (
     LatencySettings,
     LatencyTable,
     batched_example,
@@ -71,6 +69,7 @@ from lightning_layermerge.planning.tables.latency import (  # noqa: E402
     time_nodes,
 )
 
+HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ACTIVATIONS = ("relu", "relu6", "silu", "gelu", "sigmoid", "hardswish", "hardsigmoid", "tanh", "mish", "leaky_relu")
 

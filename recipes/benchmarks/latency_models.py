@@ -21,12 +21,12 @@ import torch
 import torchvision
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1] / "tests"))
-sys.path.insert(0, str(HERE.parent / "ddpm"))
-from helpers import randomize_batchnorm  # noqa: E402
-from nets import build_net  # noqa: E402
+from nets import build_net
+
+from lightning_layermerge.surgery.testing import randomize_batchnorm
+
+# The DDPM UNet comes from the sibling recipe folder recipes/ddpm (``diffusion``).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ddpm"))
 
 __all__ = ["MODELS", "build"]
 

@@ -5,7 +5,7 @@ For each model (``latency_models.py``) the parent builds the latency table once 
 ``--budget`` with the L1 stand-in importance of ``latency_check.py`` and writes the plan's
 segment keys; then ``--procs`` fresh processes, one after the other, each rebuild the same
 network (same seed), apply the plan and measure it against the BN-folded original with
-``report.side_by_side`` (interleaved, the same settings). Reported: each process's ratio,
+``planning.side_by_side.side_by_side`` (interleaved, the same settings). Reported: each process's ratio,
 their median and spread ``(max - min) / median`` (acceptance: <= 3 % on a quiet machine).
 
     python recipes/benchmarks/latency_repeat.py --models resnet18-s16 digits-resnet
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 
 def _settings(threads: str, runtime: str):
@@ -38,7 +37,7 @@ def child(model_name: str, keys: list, threads: str, runtime: str, seed: int) ->
     from latency_models import build
 
     from lightning_layermerge import Plan, fold_batchnorm, merge, prune, trace
-    from lightning_layermerge.planning.report import side_by_side
+    from lightning_layermerge.planning.side_by_side import side_by_side
 
     model, example = build(model_name, seed)
     chain = trace(model, example)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+# The digits models and data come from the recipes folder above this one.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from digits import Classifier, DigitsDataModule, DigitsResNet, SplitDataModule  # noqa: E402
 

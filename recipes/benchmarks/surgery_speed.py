@@ -9,17 +9,13 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from helpers import random_plan  # noqa: E402
-
-from lightning_layermerge import Plan, merge, prune, trace  # noqa: E402
+from lightning_layermerge import Plan, merge, prune, trace
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -43,7 +39,7 @@ def main() -> None:
     chain, t_trace = _timed(lambda: trace(model, x))
     rng = random.Random(0)
     plans = {"keep everything": Plan.keep_all(chain), "remove everything removable": Plan.remove_all(chain)}
-    plans.update({f"random plan {n}": random_plan(chain, rng) for n in range(args.random_plans)})
+    plans.update({f"random plan {n}": Plan.random(chain, rng) for n in range(args.random_plans)})
     for name, plan in plans.items():
         pruned, t_prune = _timed(lambda: prune(model, chain, plan))
         _, t_merge = _timed(lambda: merge(pruned))

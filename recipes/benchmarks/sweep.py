@@ -8,7 +8,7 @@ smallest input resolution from ``RESOLUTIONS`` the model accepts):
 * exactness in float64 for the keep-all plan, the remove-all plan and ``--random-plans``
   random plans: ``merge(prune(model))`` against ``prune(model)``, max relative error
   (``max |a - b| / max |a|``). Above 1e-9, the pruned network's own float64 sensitivity
-  (its output change under one-ulp weight noise, ``tests/helpers.float_sensitivity``)
+  (its output change under one-ulp weight noise, ``lightning_layermerge.surgery.testing.float_sensitivity``)
   decides: within 10x of it the difference is rounding ("rounding"), beyond it the merge
   is wrong ("NO");
 * CPU latency, float32, one thread, batch 1: the remove-all merged network against the
@@ -46,11 +46,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from helpers import calibrate_batchnorm, float_sensitivity, random_plan, rel_err  # noqa: E402
-
-from lightning_layermerge import Plan, merge, prune, trace  # noqa: E402
-from lightning_layermerge.planning.tables.latency import LatencySettings, time_interleaved  # noqa: E402
+from lightning_layermerge import Plan, merge, prune, trace
+from lightning_layermerge.planning.tables.latency import LatencySettings, time_interleaved
+from lightning_layermerge.surgery.testing import calibrate_batchnorm, float_sensitivity, rel_err
 
 RESULTS = Path(__file__).parent / "results"
 RESOLUTIONS = (64, 96, 128, 160, 224, 299)
@@ -215,7 +213,7 @@ def run_model(spec: str, args: argparse.Namespace, report: Any) -> None:
         stage = "plans"
         rng = random.Random(0)
         plans = {"keep-all": Plan.keep_all(chain), "remove-all": Plan.remove_all(chain)}
-        plans.update({f"random {n}": random_plan(chain, rng) for n in range(args.random_plans)})
+        plans.update({f"random {n}": Plan.random(chain, rng) for n in range(args.random_plans)})
         rec["removeall_segments"] = len(plans["remove-all"].segments)
         rec["removeall_convs"] = f"{len(plans['remove-all'].kept_convs)}/{chain.num_layers}"
         worst, worst_ratio, bad = 0.0, 0.0, []

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from lightning_layermerge import trace
+
+# The DDPM UNet comes from the sibling recipe folder recipes/ddpm.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ddpm"))
 from diffusion import DDPM_CIFAR10_UNET, build_unet  # noqa: E402
-
-from lightning_layermerge import trace  # noqa: E402
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+# The digits model and data come from the recipes folder above this one.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 

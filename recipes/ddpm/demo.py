@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -29,10 +28,9 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusion import DIGITS_UNET, DiffusionModule, DigitsImages, sample  # noqa: E402
+from diffusion import DIGITS_UNET, DiffusionModule, DigitsImages, sample
 
-from lightning_layermerge import Distillation, ImportanceSettings, LatencySettings, LayerMergeCallback  # noqa: E402
+from lightning_layermerge import Distillation, ImportanceSettings, LatencySettings, LayerMergeCallback
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -47,10 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusion import DIGITS_UNET, DiffusionModule  # noqa: E402
+from diffusion import DIGITS_UNET, DiffusionModule
 
-from lightning_layermerge import (  # noqa: E402
+from lightning_layermerge import (
     Distillation, ImportanceSettings, LatencySettings, LayerMergeCallback, LayerMergeUNet2DModel,
 )
 

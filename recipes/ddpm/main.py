@@ -9,14 +9,11 @@ See ``README.md`` next to this file for the paper's setting and what to expect.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusion import DiffusionModule, ImageFolderImages  # noqa: E402
+from diffusion import DiffusionModule, ImageFolderImages
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

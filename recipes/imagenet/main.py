@@ -10,13 +10,9 @@ Any value can be overridden on the command line; ``--print_config`` shows them a
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from lightning.pytorch.cli import LightningCLI
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classifier import ImageClassifier, ImageFolderDataModule  # noqa: E402
+from classifier import ImageClassifier, ImageFolderDataModule
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

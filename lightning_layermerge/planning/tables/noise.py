@@ -29,6 +29,8 @@ from typing import Any
 
 from torch import nn
 
+from ..validate import check_count
+
 __all__ = [
     "ImportanceNoiseWarning", "NoiseLevel", "measure_null_perfs", "noise_level", "pick_noise_entries", "pooled_sigma",
     "warn_if_noisy",
@@ -102,8 +104,7 @@ def measure_null_perfs(model: nn.Module, finetune: Callable[[nn.Module, int], nn
     Returns:
         One Perf per repeat.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    check_count("repeats", repeats, 1)
     perfs = []
     for r in range(repeats):
         net = copy.deepcopy(model)
