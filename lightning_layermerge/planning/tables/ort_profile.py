@@ -131,6 +131,7 @@ def ort_node_times(gm: fx.GraphModule, inputs: tuple, settings: LatencySettings)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the timed sessions
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         arrays = {f"input{n}": a.detach().cpu().numpy() for n, a in enumerate(args)}
         feed = {i.name: arrays[i.name] for i in session.get_inputs()}

@@ -136,6 +136,9 @@ def _onnxruntime_call(module: nn.Module, args: tuple, device: torch.device, thre
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    # Worker threads that spin after a run would steal the cores of the next session timed
+    # interleaved with this one (the original and the compressed network alternate pass by pass).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
