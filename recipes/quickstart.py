@@ -1,6 +1,6 @@
 """Quickstart: train a small ResNet on real digits, then compress it to 60 % latency with KD.
 
-    python recipes/quickstart.py            # ~3-5 min on 2 CPU cores
+    python recipes/quickstart.py            # ~40 s on 2 CPU cores
 
 1. Train ``DigitsClassifier`` (ResNet-style, 9 chain convs) on ``sklearn.datasets.load_digits``
    (images upsampled to 16x16) and measure its test accuracy.
