@@ -27,7 +27,7 @@ from typing import Any
 from torch import fx, nn
 
 from .latency_settings import LatencySettings
-from .runtime import _onnxruntime
+from .runtime import _onnxruntime, session_options
 
 __all__ = ["ort_node_times"]
 
@@ -126,23 +126,15 @@ def ort_node_times(gm: fx.GraphModule, inputs: tuple, settings: LatencySettings)
     with tempfile.TemporaryDirectory(prefix="layermerge-ort-profile-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = export_onnx(gm, Path(tmp) / "profiled.onnx", args, dynamic_batch=False)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.threads or 0
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the timed sessions
+        options = session_options(settings.threads)  # as the timed sessions
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         arrays = {f"input{n}": a.detach().cpu().numpy() for n, a in enumerate(args)}
         feed = {i.name: arrays[i.name] for i in session.get_inputs()}
-        for _ in range(settings.warmup):
+        for _ in range(settings.warmup + settings.repeats):  # _per_node drops the warm-up runs
             session.run(None, feed)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        profiled = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for _ in range(settings.warmup + settings.repeats):
-            profiled.run(None, feed)
-        trace = json.loads(Path(profiled.end_profiling()).read_text())
+        trace = json.loads(Path(session.end_profiling()).read_text())
     return _per_node(_conv_signatures(gm), _kernel_events(trace), settings)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ...surgery.graph import Chain
 from ...surgery.plan import Plan
 
-__all__ = ["in_context", "skip_costs", "with_skip_costs"]
+__all__ = ["in_context", "in_context_additive", "skip_costs", "with_skip_costs"]
 
 Key = tuple[int, int, int]
 
@@ -44,7 +44,8 @@ def in_context(chain: Chain, alone: dict[Key, float], in_place: dict[int, float]
         in_place: Chain layer ``l`` -> its conv + activation timed in place (ms).
 
     Returns:
-        The scaled entries (identity segments stay 0).
+        The scaled entries (a bare identity segment stays 0; one that keeps its activation is
+        scaled like the layers it replaces).
     """
     alone_layer = {s.j: alone[s.key] for s in Plan.keep_all(chain).segments}
     placed = {l: in_place.get(l, alone_layer[l]) for l in alone_layer}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MEMORY_FORMATS", "RUNTIMES", "check_runtime", "prepare_call"]
+__all__ = ["MEMORY_FORMATS", "RUNTIMES", "check_runtime", "prepare_call", "session_options"]
 
 #: Runtimes a latency can be measured in.
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
@@ -124,13 +124,9 @@ def _torchscript_call(module: nn.Module, args: tuple, device: torch.device) -> C
     return lambda: loaded(*args)
 
 
-def _onnxruntime_call(module: nn.Module, args: tuple, device: torch.device, threads: int | None) -> Callable[[], Any]:
-    """Export with ``export_onnx``, open an ONNX Runtime session on the file, and run it."""
-    from ...surgery.serialization import export_onnx
-
+def session_options(threads: int | None) -> Any:
+    """ONNX Runtime session options for timing: ``threads`` intra-op threads, sequential, quiet."""
     ort = _onnxruntime()
-    if not all(isinstance(a, torch.Tensor) for a in args):
-        raise ValueError("runtime='onnxruntime' needs a forward whose arguments are all tensors")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default (all physical cores)
     options.inter_op_num_threads = 1
@@ -139,6 +135,17 @@ def _onnxruntime_call(module: nn.Module, args: tuple, device: torch.device, thre
     # Worker threads that spin after a run would steal the cores of the next session timed
     # interleaved with this one (the original and the compressed network alternate pass by pass).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _onnxruntime_call(module: nn.Module, args: tuple, device: torch.device, threads: int | None) -> Callable[[], Any]:
+    """Export with ``export_onnx``, open an ONNX Runtime session on the file, and run it."""
+    from ...surgery.serialization import export_onnx
+
+    ort = _onnxruntime()
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise ValueError("runtime='onnxruntime' needs a forward whose arguments are all tensors")
+    options = session_options(threads)
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
