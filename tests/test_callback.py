@@ -58,27 +58,32 @@ def callback(cache_dir, **kwargs) -> LayerMergeCallback:
 
 
 class CountFinetunes:
-    """Counts importance sub-runs, calibration timings and table-cache writes (to prove nothing was measured)."""
+    """Counts importance sub-runs, calibration timings and table-cache writes (to prove nothing was
+    measured): ``counting(callback)`` gives the callback a planner subclass that counts."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, cache_dir: Path | None = None) -> None:
-        self.finetunes = 0
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        self.finetunes = self.calibrations = 0
         self.cache_dir = cache_dir
         self.before = self.snapshot()
-        finetune = SubRunner.finetune
+        counts = self
 
-        def counted_finetune(runner, *args, **kwargs):
-            self.finetunes += 1
-            return finetune(runner, *args, **kwargs)
+        class Runner(SubRunner):
+            def finetune(self, *args, **kwargs):
+                counts.finetunes += 1
+                return super().finetune(*args, **kwargs)
 
-        monkeypatch.setattr(SubRunner, "finetune", counted_finetune)
-        self.calibrations = 0
-        calibrate = Planner.calibrate
+        class CountingPlanner(Planner):
+            runner_type = Runner
 
-        def counted_calibrate(cb, *args, **kwargs):
-            self.calibrations += 1
-            return calibrate(cb, *args, **kwargs)
+            def calibrate(self, *args, **kwargs):
+                counts.calibrations += 1
+                return super().calibrate(*args, **kwargs)
 
-        monkeypatch.setattr(Planner, "calibrate", counted_calibrate)
+        self.planner_type = CountingPlanner
+
+    def counting(self, cb: LayerMergeCallback) -> LayerMergeCallback:
+        cb.planner_type = self.planner_type
+        return cb
 
     def snapshot(self) -> dict[str, bytes]:
         if self.cache_dir is None or not self.cache_dir.exists():
@@ -265,8 +270,7 @@ def test_merge_check_falls_back_to_the_pruned_network() -> None:
 # --------------------------------------------------------------------------- resume
 
 
-def test_resume_mid_finetuning_rebuilds_the_pruned_architecture(tmp_path: Path, trained_state: dict,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_mid_finetuning_rebuilds_the_pruned_architecture(tmp_path: Path, trained_state: dict) -> None:
     train, _ = loaders()
     cache = tmp_path / "cache"
     first = make(LitTiny, trained_state)
@@ -284,10 +288,10 @@ def test_resume_mid_finetuning_rebuilds_the_pruned_architecture(tmp_path: Path, 
     path = next((tmp_path / "ckpt").glob("*step=2*.ckpt"))
     saved = torch.load(path, weights_only=True)
 
-    counts = CountFinetunes(monkeypatch, cache)
+    counts = CountFinetunes(cache)
     assert counts.before  # latency and importance tables are cached
     second = make(LitTiny, trained_state)
-    cb2, keep = callback(cache), KeepPruned()
+    cb2, keep = counts.counting(callback(cache)), KeepPruned()
     trainer = quiet_trainer(max_steps=4, callbacks=[cb2, keep])
     trainer.fit(second, train_dataloaders=train, ckpt_path=str(path))
     assert counts.finetunes == 0 and counts.calibrations == 0 and counts.cache_unchanged  # nothing measured again
@@ -315,8 +319,7 @@ def test_resume_applies_the_checkpoint_plan_even_if_the_new_plan_differs(tmp_pat
     assert trainer.global_step == 3
 
 
-def test_plan_from_checkpoint_skips_profiling_and_restore_pruned(tmp_path: Path, trained_state: dict,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plan_from_checkpoint_skips_profiling_and_restore_pruned(tmp_path: Path, trained_state: dict) -> None:
     train, _ = loaders()
     first = make(LitTiny, trained_state)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -330,9 +333,9 @@ def test_plan_from_checkpoint_skips_profiling_and_restore_pruned(tmp_path: Path,
     for name, value in fresh.state_dict().items():
         assert torch.equal(value, saved["state_dict"][name]), name
 
-    counts = CountFinetunes(monkeypatch, tmp_path / "other-cache")
+    counts = CountFinetunes(tmp_path / "other-cache")
     second = make(LitTiny, trained_state)
-    cb2 = callback(tmp_path / "other-cache", plan=str(last))
+    cb2 = counts.counting(callback(tmp_path / "other-cache", plan=str(last)))
     quiet_trainer(max_steps=1, callbacks=[cb2]).fit(second, train_dataloaders=train)
     assert counts.finetunes == counts.calibrations == 0 and not (tmp_path / "other-cache").exists()  # no table
     assert cb2.latency_table is None and cb2.plan.keys == cb1.plan.keys
@@ -364,8 +367,9 @@ def test_bad_arguments_are_rejected_at_construction(kwargs: dict, message: str) 
 
 
 def assert_fit_fails_untouched(module: L.LightningModule, cb: LayerMergeCallback, message: str,
-                               monkeypatch: pytest.MonkeyPatch, **fit_kwargs) -> None:
-    counts = CountFinetunes(monkeypatch)
+                               **fit_kwargs) -> None:
+    counts = CountFinetunes()
+    counts.counting(cb)
     before_obj, before = module.model, copy.deepcopy(module.state_dict())
     train, val = loaders()
     trainer = quiet_trainer(max_steps=2, callbacks=[cb])
@@ -378,21 +382,21 @@ def assert_fit_fails_untouched(module: L.LightningModule, cb: LayerMergeCallback
     assert "training_step" not in vars(module) and "on_load_checkpoint" not in vars(module)
 
 
-def test_missing_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_target(tmp_path: Path) -> None:
     assert_fit_fails_untouched(LitTiny(), callback(tmp_path, target="backbone"),
-                               r"no submodule 'backbone'.*children are \['model'\]", monkeypatch)
+                               r"no submodule 'backbone'.*children are \['model'\]")
 
 
-def test_target_without_conv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert_fit_fails_untouched(LitTiny(), callback(tmp_path, target="model.fc"), "holds no nn.Conv2d", monkeypatch)
+def test_target_without_conv(tmp_path: Path) -> None:
+    assert_fit_fails_untouched(LitTiny(), callback(tmp_path, target="model.fc"), "holds no nn.Conv2d")
 
 
-def test_monitor_never_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_monitor_never_logged(tmp_path: Path) -> None:
     assert_fit_fails_untouched(LitTinyVal(), callback(tmp_path, monitor="val_accuracy", mode="max"),
-                               r"monitor='val_accuracy'.*never logged.*'val_acc'", monkeypatch)
+                               r"monitor='val_accuracy'.*never logged.*'val_acc'")
 
 
-def test_budget_below_smallest_achievable_latency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_budget_below_smallest_achievable_latency(tmp_path: Path) -> None:
     module = LitTiny()
     x = torch.randn(32, 1, 8, 8)
     chain = trace(module.model, x)
@@ -405,7 +409,7 @@ def test_budget_below_smallest_achievable_latency(tmp_path: Path, monkeypatch: p
     assert 0 < budget < 1
     cb = callback(tmp_path, budget=round(budget, 4), method="depth")
     assert_fit_fails_untouched(module, cb, r"below the smallest latency method 'depth' can reach.*Raise budget to "
-                               r"at least", monkeypatch)
+                               r"at least")
 
 
 def test_ddp_spawn_is_refused_before_anything_runs(tmp_path: Path) -> None:

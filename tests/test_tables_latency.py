@@ -10,6 +10,7 @@ import math
 import time
 import random
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,7 @@ from torch import nn
 
 from lightning_layermerge import Plan, merge, prune, trace
 from lightning_layermerge.planning.tables import latency as latency_module
-from lightning_layermerge.planning.tables import load as load_module
-from lightning_layermerge.planning.tables import timing as timing_module
+from lightning_layermerge.planning import Timers
 from lightning_layermerge.planning.tables.cache import TableCacheWarning
 from lightning_layermerge.planning.tables.latency import (
     TOTAL_KEY,
@@ -72,14 +72,13 @@ def tiny():
 
 
 class CountingTimer:
-    """Replaces the timing functions (``interleaved_samples`` for entries and the whole model,
-    ``time_nodes`` for the whole model in reference mode), counting calls and failing after
-    ``fail_after`` calls, like an interrupted build."""
+    """Timing functions (``samples`` for entries and the whole model, ``nodes`` for the whole
+    model in place) that count their calls and fail after ``fail_after`` calls, like an
+    interrupted build. Pass ``timer.timers`` to the build."""
 
-    def __init__(self, monkeypatch, fail_after: int | None = None) -> None:
+    def __init__(self, fail_after: int | None = None, base: Timers = Timers()) -> None:
         self.fail_after, self.calls = fail_after, 0
-        for name in ("interleaved_samples", "time_nodes"):
-            monkeypatch.setattr(timing_module, name, self._wrap(getattr(timing_module, name)))
+        self.timers = replace(base, samples=self._wrap(base.samples), nodes=self._wrap(base.nodes))
 
     def _wrap(self, real):
         def timed(*args, **kwargs):
@@ -114,10 +113,10 @@ def test_every_legal_segment_has_an_entry_and_identities_cost_their_activation(t
     assert table.total_ms > 0 and table.settings == FAST
 
 
-def test_equal_geometries_are_timed_once(tiny, monkeypatch) -> None:
+def test_equal_geometries_are_timed_once(tiny) -> None:
     model, chain = tiny
-    timer = CountingTimer(monkeypatch)
-    table = build_latency_table(model, chain, FAST, progress=False)
+    timer = CountingTimer()
+    table = build_latency_table(model, chain, FAST, progress=False, timers=timer.timers)
     assert timer.calls == distinct_geometries(chain) + 2  # + the whole model, + its operations in place (context)
     by_geometry: dict = {}
     for seg in chain.segments:  # equal modules get the very same number (before the in-place scaling)
@@ -183,7 +182,7 @@ def test_segment_module_matches_what_merge_produces(arch: str, seed: int, at_lea
         assert any(s.kernel < s.k for s in checked)
 
 
-def test_total_uses_the_example_with_the_batch_replaced(monkeypatch) -> None:
+def test_total_uses_the_example_with_the_batch_replaced() -> None:
     model = TwoInputNet().eval()
     example = (torch.randn(3, 3, 8, 8), torch.rand(3, 1, 1, 1))
     chain = trace(model, example)
@@ -194,8 +193,8 @@ def test_total_uses_the_example_with_the_batch_replaced(monkeypatch) -> None:
         seen.append(tuple(tuple(a.shape) for a in inputs))
         return [[1.0]]
 
-    monkeypatch.setattr(timing_module, "interleaved_samples", record)
-    table = build_latency_table(model, chain, LatencySettings(batch_size=5), progress=False)
+    table = build_latency_table(model, chain, LatencySettings(batch_size=5), progress=False,
+                                timers=Timers(samples=record))
     assert seen[-1] == ((5, 3, 8, 8), (5, 1, 1, 1))  # the whole model, both arguments batched
     assert all(shape[0][0] == 5 for shape in seen[:-1])  # segments too
     assert table.total_ms == 1.0
@@ -278,44 +277,43 @@ def test_predicted_ms_accepts_segments(tiny) -> None:
 # ---------------------------------------------------------------------- cache
 
 
-def test_second_build_measures_nothing(tiny, tmp_path: Path, monkeypatch) -> None:
+def test_second_build_measures_nothing(tiny, tmp_path: Path) -> None:
     model, chain = tiny
     first = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].name.startswith(f"latency-{chain.fingerprint}-")
-    CountingTimer(monkeypatch, fail_after=0)
+    nothing = CountingTimer(fail_after=0).timers
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
+        again = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False, timers=nothing)
     assert again == first
     # Other settings (here the batch size) are a different table: measured, not reused.
     with pytest.raises(RuntimeError, match="interrupted"):
         build_latency_table(model, chain, LatencySettings(warmup=0, repeats=1, batch_size=3),
-                            cache_dir=tmp_path, progress=False)
+                            cache_dir=tmp_path, progress=False, timers=nothing)
 
 
-def test_interrupted_build_resumes_with_the_missing_entries_only(tiny, tmp_path: Path, monkeypatch) -> None:
+def test_interrupted_build_resumes_with_the_missing_entries_only(tiny, tmp_path: Path) -> None:
     model, chain = tiny
     needed = distinct_geometries(chain) + 2  # + the whole model, + its operations in place
-    interrupted = CountingTimer(monkeypatch, fail_after=needed // 2)
+    interrupted = CountingTimer(fail_after=needed // 2)
     with pytest.raises(RuntimeError, match="interrupted"):
-        build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
+        build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False, timers=interrupted.timers)
     assert interrupted.calls == needed // 2
-    monkeypatch.undo()
-    resumed = CountingTimer(monkeypatch)
-    table = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
+    resumed = CountingTimer()
+    table = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False, timers=resumed.timers)
     assert resumed.calls == needed - needed // 2  # nothing measured twice
     assert set(table.entries) == {s.key for s in chain.segments} and table.total_ms > 0
 
 
-def test_corrupted_cache_is_rebuilt_with_a_warning(tiny, tmp_path: Path, monkeypatch) -> None:
+def test_corrupted_cache_is_rebuilt_with_a_warning(tiny, tmp_path: Path) -> None:
     model, chain = tiny
     build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
     (path,) = tmp_path.iterdir()
     path.write_text(path.read_text()[: len(path.read_text()) // 2])  # truncated mid-write
-    timer = CountingTimer(monkeypatch)
+    timer = CountingTimer()
     with pytest.warns(TableCacheWarning, match="corrupt"):
-        table = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False)
+        table = build_latency_table(model, chain, FAST, cache_dir=tmp_path, progress=False, timers=timer.timers)
     assert timer.calls == distinct_geometries(chain) + 2  # everything measured again
     assert set(table.entries) == {s.key for s in chain.segments}
     assert all(table.entries[s.key] > 0 for s in chain.segments if not s.identity)
@@ -343,7 +341,7 @@ def test_time_interleaved_alternates_passes() -> None:
     assert len(ms) == 2 and all(v >= 0 for v in ms)
 
 
-def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, tmp_path: Path, monkeypatch) -> None:
+def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, tmp_path: Path) -> None:
     model, chain = tiny
     settings = LatencySettings(warmup=0, repeats=3, reference=True, max_spread=1.0)  # ratios 3, 2, 3: spread 33 %
     runs: list[int] = []
@@ -357,10 +355,8 @@ def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, t
         assert reference is not None and s is settings
         return {"conv": 2.5, "add": 0.5}  # median ratios to the reference, per operation
 
-    monkeypatch.setattr(timing_module, "time_module", lambda m, i, s: 2.0)  # the reference alone
-    monkeypatch.setattr(timing_module, "interleaved_samples", fake_samples)
-    monkeypatch.setattr(timing_module, "time_nodes", fake_nodes)
-    table = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False)
+    fake = Timers(module=lambda m, i, s: 2.0, samples=fake_samples, nodes=fake_nodes)  # module: the reference alone
+    table = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False, timers=fake)
     assert table.total_ms == 6.0  # (2.5 + 0.5) x 2.0
     (skip,) = chain.skips
     for seg in chain.segments:  # 3 x 2.0, plus the in-place addition (0.5 x 2.0) where the segment keeps it
@@ -374,9 +370,8 @@ def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, t
     def no_timing(*args):
         raise AssertionError("measured again")
 
-    for name in ("time_module", "interleaved_samples", "time_nodes"):
-        monkeypatch.setattr(timing_module, name, no_timing)
-    assert build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False) == table
+    nothing = Timers(module=no_timing, samples=no_timing, nodes=no_timing)
+    assert build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False, timers=nothing) == table
 
 
 def test_reference_mode_measures_real_modules(tiny) -> None:
@@ -414,14 +409,17 @@ def test_spread_compares_the_medians_of_consecutive_blocks() -> None:
     assert math.isnan(latency_module.spread([1.0, 2.0, 3.0, 4.0, 5.0]))  # single-pass blocks: noise, not spread
 
 
-def test_noisy_timings_are_measured_again_and_the_most_repeatable_kept(monkeypatch) -> None:
+def test_noisy_timings_are_measured_again_and_the_most_repeatable_kept() -> None:
     noisy, steady = [[1.0, 1.0, 3.0, 3.0, 1.0, 1.0]], [[2.0, 2.0, 2.08, 2.08, 2.0, 2.0]]
     answers = [noisy, steady, noisy]
-    monkeypatch.setattr(timing_module, "interleaved_samples", lambda runs, s: answers.pop(0))
-    samples, s = latency_module.time_samples([(nn.Identity(), torch.ones(1))], LatencySettings(retries=2))
+
+    def answer(runs, s):
+        return answers.pop(0)
+
+    samples, s = latency_module.time_samples([(nn.Identity(), torch.ones(1))], LatencySettings(retries=2), None, answer)
     assert samples == steady and s == pytest.approx(0.04) and len(answers) == 1  # stopped once repeatable
     answers[:] = [noisy, noisy, noisy]
-    samples, s = latency_module.time_samples([(nn.Identity(), torch.ones(1))], LatencySettings(retries=1))
+    samples, s = latency_module.time_samples([(nn.Identity(), torch.ones(1))], LatencySettings(retries=1), None, answer)
     assert samples == noisy and s == pytest.approx(2.0) and len(answers) == 1  # 1 + retries attempts
 
 
@@ -483,24 +481,23 @@ def test_probe_load_sees_a_busy_process() -> None:
     assert probe.busy_for(probe.cores)  # every core for timing would have to share with it
 
 
-def test_build_falls_back_to_the_robust_settings_under_load(tiny, tmp_path: Path, monkeypatch) -> None:
+def test_build_falls_back_to_the_robust_settings_under_load(tiny, tmp_path: Path) -> None:
     model, chain = tiny
-    monkeypatch.setattr(load_module, "probe_load", lambda: BUSY)
     requested = LatencySettings(warmup=0, repeats=1, threads=2)
     with pytest.warns(latency_module.LatencyLoadWarning, match="measuring at threads=1 with the thread CPU clock"):
-        table = build_latency_table(model, chain, requested, cache_dir=tmp_path, progress=False)
+        table = build_latency_table(model, chain, requested, cache_dir=tmp_path, progress=False,
+                                    timers=Timers(probe=lambda: BUSY))
     assert table.settings == requested.robust() and "another process" in table.load_note
     (path,) = tmp_path.iterdir()  # cached under the settings really used
     assert latency_module.TableCache(path, latency_module._cache_key(chain, requested.robust(), None)).get(
         TOTAL_KEY) == table.total_ms
-    monkeypatch.setattr(load_module, "probe_load", lambda: QUIET)
-    CountingTimer(monkeypatch, fail_after=0)  # quiet now: the requested settings are a different table
-    with pytest.raises(RuntimeError, match="interrupted"):
-        build_latency_table(model, chain, requested, cache_dir=tmp_path, progress=False)
+    quiet = CountingTimer(fail_after=0, base=Timers(probe=lambda: QUIET))  # quiet now: the requested settings
+    with pytest.raises(RuntimeError, match="interrupted"):                 # are a different table
+        build_latency_table(model, chain, requested, cache_dir=tmp_path, progress=False, timers=quiet.timers)
 
 
 @pytest.mark.parametrize("on_load", ["fallback", "raise"])
-def test_unrepeatable_entries_are_flagged_before_any_plan(tiny, monkeypatch, on_load: str) -> None:
+def test_unrepeatable_entries_are_flagged_before_any_plan(tiny, on_load: str) -> None:
     model, chain = tiny
     calls: list[int] = []
 
@@ -508,14 +505,13 @@ def test_unrepeatable_entries_are_flagged_before_any_plan(tiny, monkeypatch, on_
         calls.append(1)
         return [[1.0, 1.0, 3.0, 3.0, 1.0, 1.0] for _ in runs]
 
-    monkeypatch.setattr(timing_module, "interleaved_samples", noisy)
     settings = LatencySettings(warmup=0, repeats=6, retries=1, on_load=on_load)
     if on_load == "raise":
         with pytest.raises(latency_module.LatencyLoadError, match=r"unrepeatable.*spread up to 200.0%"):
-            build_latency_table(model, chain, settings, progress=False)
+            build_latency_table(model, chain, settings, progress=False, timers=Timers(samples=noisy))
         return
     with pytest.warns(latency_module.LatencyLoadWarning, match=r"stayed unrepeatable after 1 re-measurement"):
-        table = build_latency_table(model, chain, settings, progress=False)
+        table = build_latency_table(model, chain, settings, progress=False, timers=Timers(samples=noisy))
     assert len(calls) == 2 * (distinct_geometries(chain) + 1)  # every timing measured twice (in place: time_nodes)
     measured = {s.key for s in chain.segments if not (s.identity and s.activation is None)}
     assert set(table.unreliable) == measured | {TOTAL_KEY}
@@ -523,15 +519,14 @@ def test_unrepeatable_entries_are_flagged_before_any_plan(tiny, monkeypatch, on_
     assert all(table.spreads[s.key] == 0.0 for s in chain.segments if s.identity and s.activation is None)
 
 
-def test_spreads_are_cached_with_the_entries(tiny, tmp_path: Path, monkeypatch) -> None:
+def test_spreads_are_cached_with_the_entries(tiny, tmp_path: Path) -> None:
     model, chain = tiny
-    monkeypatch.setattr(timing_module, "interleaved_samples",
-                        lambda runs, s: [[2.0, 2.0, 2.2, 2.2, 2.0, 2.0] for _ in runs])
+    steady = Timers(samples=lambda runs, s: [[2.0, 2.0, 2.2, 2.2, 2.0, 2.0] for _ in runs])
     settings = LatencySettings(warmup=0, repeats=6, max_spread=0.5)
-    first = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False)
+    first = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False, timers=steady)
     assert first.build_s > 0 and first.total_spread == pytest.approx(0.1)
-    CountingTimer(monkeypatch, fail_after=0)
-    again = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False)
+    again = build_latency_table(model, chain, settings, cache_dir=tmp_path, progress=False,
+                                timers=CountingTimer(fail_after=0).timers)
     assert again == first and again.spreads == first.spreads and again.build_s == 0.0
 
 
@@ -545,13 +540,12 @@ def test_cache_key_names_runtime_memory_format_threads_and_clock(tiny, change: d
     assert other != base and latency_module.fingerprint(other) != latency_module.fingerprint(base)
 
 
-def test_side_by_side_states_ratio_and_spread(monkeypatch) -> None:
+def test_side_by_side_states_ratio_and_spread() -> None:
     from lightning_layermerge.planning.side_by_side import side_by_side
 
     passes = [[10.0, 10.0, 20.0, 20.0, 10.0, 10.0], [5.0, 5.0, 10.0, 10.0, 5.5, 5.5]]
-    monkeypatch.setattr(timing_module, "interleaved_samples", lambda runs, s: passes)
     timed = side_by_side({"original": nn.Identity(), "candidate": nn.Identity()}, (torch.ones(1),),
-                         LatencySettings(repeats=6))
+                         LatencySettings(repeats=6), Timers(samples=lambda runs, s: passes))
     assert timed.ms == {"original": 10.0, "candidate": 5.5}  # medians of each network's passes
     assert timed.ratio == {"original": 1.0, "candidate": 0.5}  # the load cancels in the pass ratios
     assert timed.spread["candidate"] == pytest.approx(0.1) and timed.spread["original"] == 0.0

@@ -39,7 +39,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from ..planning.report import LayerMergeReport
@@ -51,13 +51,14 @@ from ..surgery.graph import Chain
 from ..surgery.meta import attach_input_spec, input_spec
 from ..surgery.plan import Plan
 from ..surgery.prune import prune
-from .checks import (check_budget, check_cache_dir, check_choice, check_monitor, check_plan, check_target,
-                     check_trainer, check_type)
+from .checks import (check_budget, check_cache_dir, check_choice, check_module, check_monitor, check_plan,
+                     check_target, check_trainer, check_type, warn_unusual)
 from .distill import Distillation, DistillationPatch, frozen_teacher
 from .evaluation import merge_for_evaluation, rebuild_for_evaluation
-from .final_report import build_report, measure_report, publish_report, report_timing
+from .final_report import build_report, measure_report, publish_report, report_timing, score_after
 from .importance_settings import ImportanceSettings, Monitor
 from .paths import get_path, set_path
+from .plan_log import log_plan
 from .planner import Planner, PlanningResult, make_runner, train_loader
 from .precision import timing_settings
 from .resume import (CHECKPOINT_KEY, NOT_COMPRESSED, STATE_KEY, TEACHER_KEY, LoadCheckpointPatch, fit_checkpoint_path,
@@ -69,8 +70,6 @@ from .target import example_input, like_memory_format, merge_checked, resolve_ta
 
 __all__ = ["LayerMergeCallback", "rebuild_pruned", "restore_pruned"]
 
-#: Budgets under this fraction warn: few networks keep their accuracy at such a speed-up.
-LOW_BUDGET = 0.2
 
 
 class LayerMergeCallback(Callback):
@@ -117,7 +116,14 @@ class LayerMergeCallback(Callback):
 
     Raises:
         ValueError / TypeError: On any invalid argument (checked here, before training).
+
+    Attributes:
+        planner_type: The class that builds the tables and chooses the plan
+            (:class:`~lightning_layermerge.fit.planner.Planner`); a subclass can observe or
+            replace a step (tests count sub-runs and calibrations this way).
     """
+
+    planner_type: type[Planner] = Planner
 
     def __init__(
         self,
@@ -147,12 +153,7 @@ class LayerMergeCallback(Callback):
         self._given_plan = check_plan(plan)
         self.calibrate = bool(calibrate)
         self.verbose = bool(verbose)
-        if self.monitor is not None and "acc" in self.monitor.lower() and self.mode == "min":
-            rank_zero_warn(f"LayerMergeCallback(monitor={self.monitor!r}, mode='min'): is a lower value really "
-                           "better? Pass mode='max' for accuracies.")
-        if self.budget < LOW_BUDGET:
-            rank_zero_warn(f"LayerMergeCallback(budget={self.budget}): a network {1 / self.budget:.1f}x faster keeps "
-                           "only a few layers and rarely recovers its accuracy; budgets of 0.3 or more are typical")
+        warn_unusual(self.budget, self.monitor, self.mode)
         # Results, filled during fit.
         self.chain: Chain | None = None
         self.plan: Plan | None = None
@@ -213,7 +214,7 @@ class LayerMergeCallback(Callback):
         self._reset_run()
         check_trainer(trainer, self)
         self._timing = timing_settings(self.latency_settings, trainer.precision)
-        self._check_module(pl_module)
+        check_module(pl_module, self.distill)
         path = resolve_target(pl_module, self.target)
         target = get_path(pl_module, path)
         if is_compressed(unwrap_compressed(target)):  # also a LayerMergeUNet2DModel from an earlier fit
@@ -235,13 +236,6 @@ class LayerMergeCallback(Callback):
                 plan, state = self._plan(trainer, pl_module, path, target, chain)
             teacher = frozen_teacher(target) if self.distill is not None else None
         self._apply(pl_module, path, target, chain, plan, state, teacher)
-
-    def _check_module(self, pl_module: pl.LightningModule) -> None:
-        """Errors about the module that are known before any work."""
-        if self.distill is not None and not pl_module.automatic_optimization:
-            raise ValueError("LayerMergeCallback(distill=...) needs automatic optimization: with manual "
-                             "optimization the loss cannot be extended. Drop distill, or add a KD term to your "
-                             "training_step yourself (from a frozen copy of the original network)")
 
     def _resume_checkpoint(self, trainer: pl.Trainer) -> Mapping | None:
         """The checkpoint ``fit(ckpt_path=...)`` resumes from, if it holds a LayerMerge plan.
@@ -266,7 +260,7 @@ class LayerMergeCallback(Callback):
               chain: Chain) -> tuple[Plan, CompressionState]:
         """Tables -> solve -> calibrate (``planner.Planner``). The callback holds the planner's
         :class:`~.planner.PlanningResult`, which it fills as it goes (a failed run shows how far it got)."""
-        planner = Planner(budget=self.budget, method=self.method, monitor=self.monitor, mode=self.mode,
+        planner = self.planner_type(budget=self.budget, method=self.method, monitor=self.monitor, mode=self.mode,
                           importance=self.importance_settings, latency=self._timing,
                           calibrate=self.calibrate, cache_dir=self._cache(trainer), verbose=self.verbose)
         self._planning = planner.result
@@ -297,22 +291,8 @@ class LayerMergeCallback(Callback):
         self._log_plan(pl_module)
 
     def _log_plan(self, pl_module: pl.LightningModule) -> None:
-        st, plan = self._state, self.plan
-        ratio = st.predicted_ms / st.table_original_ms if st.predicted_ms else None
-        if self.verbose:
-            pred = f", predicted latency {ratio:.3f}x of the original ({1 / ratio:.2f}x faster)" if ratio else ""
-            rounds = "; ".join(f"predicted {c['predicted']:.3f} measured {c['measured']:.3f}" for c in self.calibration)
-            origin = f" (from checkpoint {self._resumed_from})" if self._resumed_from else ""
-            rank_zero_info(f"LayerMerge: {plan} on '{self._target_path}'{pred}{origin}"
-                           + (f"\n  calibration (candidate vs original, side by side): {rounds}" if rounds else ""))
-        metrics = {"layermerge/kept_convs": float(len(plan.kept_convs)),
-                   "layermerge/kept_activations": float(len(plan.kept_activations))}
-        if ratio:
-            metrics.update({"layermerge/predicted_ratio": ratio, "layermerge/predicted_speedup": 1 / ratio})
-        for logger in pl_module.loggers:
-            logger.log_metrics(metrics, step=0)
-            logger.log_hyperparams({"layermerge": {"target": self._target_path, "budget": self.budget,
-                                                   "method": self.method, "segments": str(plan.keys)}})
+        log_plan(pl_module, self.plan, self._state, target=self._target_path, budget=self.budget, method=self.method,
+                 calibration=self.calibration, resumed_from=self._resumed_from, verbose=self.verbose)
 
     # ================================================================== resume
 
@@ -459,14 +439,7 @@ class LayerMergeCallback(Callback):
     def _score_after(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: LayerMergeReport,
                      final: nn.Module) -> None:
         """Monitored metric after compression (and before, if not known), on the same held-out subset."""
-        try:
-            planning = self._planning
-            runner = planning.runner or make_runner(trainer, pl_module, self._target_path, self.importance_settings)
-            if planning.monitor is None or report.metric_before is None:
-                planning.monitor, report.metric_before = runner.resolve_monitor(self._original, self.monitor, self.mode)
-                report.monitor, report.mode = planning.monitor.key, planning.monitor.mode
-            runner.monitor = planning.monitor
-            metrics = runner.metrics(copy.deepcopy(final), training_loss=planning.monitor.training_loss)
-            report.metric_after = metrics.get(planning.monitor.key)
-        except (TypeError, ValueError) as err:  # e.g. no map-style train loader: report without the metric
-            rank_zero_warn(f"LayerMergeCallback: could not score the compressed network: {err}")
+        planning = self._planning
+        score_after(lambda: planning.runner or make_runner(trainer, pl_module, self._target_path,
+                                                           self.importance_settings, self.planner_type.runner_type),
+                    planning, report, self._original, final, monitor=self.monitor, mode=self.mode)

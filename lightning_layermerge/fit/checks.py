@@ -8,10 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
 from ..planning.validate import is_real
 
-__all__ = ["check_budget", "check_cache_dir", "check_choice", "check_monitor", "check_plan", "check_target",
-           "check_trainer", "check_type"]
+__all__ = ["LOW_BUDGET", "check_budget", "check_cache_dir", "check_choice", "check_module", "check_monitor",
+           "check_plan", "check_target", "check_trainer", "check_type", "warn_unusual"]
 
 
 def check_budget(budget: Any) -> float:
@@ -99,3 +101,25 @@ def check_trainer(trainer: Any, callback: Any) -> None:
     others = [cb for cb in trainer.callbacks if isinstance(cb, type(callback)) and cb is not callback]
     if others:
         raise ValueError("only one LayerMergeCallback per Trainer is supported; compress one target per fit")
+
+
+#: Budgets under this fraction warn: few networks keep their accuracy at such a speed-up.
+LOW_BUDGET = 0.2
+
+
+def warn_unusual(budget: float, monitor: str | None, mode: str) -> None:
+    """Warn about legal but probably unintended settings (an accuracy minimised, a tiny budget)."""
+    if monitor is not None and "acc" in monitor.lower() and mode == "min":
+        rank_zero_warn(f"LayerMergeCallback(monitor={monitor!r}, mode='min'): is a lower value really "
+                       "better? Pass mode='max' for accuracies.")
+    if budget < LOW_BUDGET:
+        rank_zero_warn(f"LayerMergeCallback(budget={budget}): a network {1 / budget:.1f}x faster keeps "
+                       "only a few layers and rarely recovers its accuracy; budgets of 0.3 or more are typical")
+
+
+def check_module(pl_module: Any, distill: Any) -> None:
+    """Errors about the LightningModule that are known before any work."""
+    if distill is not None and not pl_module.automatic_optimization:
+        raise ValueError("LayerMergeCallback(distill=...) needs automatic optimization: with manual "
+                         "optimization the loss cannot be extended. Drop distill, or add a KD term to your "
+                         "training_step yourself (from a frozen copy of the original network)")

@@ -4,12 +4,15 @@ side by side with the BN-folded original, then published to the trainer's logger
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..planning.report import LayerMergeReport, count_parameters, settings_dict
@@ -20,7 +23,7 @@ from ..surgery.plan import Plan
 from ..surgery.rebuild import fold_batchnorm
 from .state import CompressionState
 
-__all__ = ["build_report", "measure_report", "publish_report", "report_timing"]
+__all__ = ["build_report", "measure_report", "publish_report", "report_timing", "score_after"]
 
 
 def build_report(*, budget: float, method: str, target: str, chain: Chain, plan: Plan, state: CompressionState,
@@ -97,3 +100,29 @@ def publish_report(trainer: pl.Trainer, report: LayerMergeReport, *, verbose: bo
     report.plot(log_dir / "layermerge_report.png")
     if verbose:
         rank_zero_info(f"{report}\n  files: {log_dir / 'layermerge_report.png'}, {log_dir / 'layermerge_report.json'}")
+
+
+def score_after(make_runner: Callable[[], Any], planning: Any, report: LayerMergeReport, original: nn.Module,
+                final: nn.Module, *, monitor: str | None, mode: str) -> None:
+    """The monitored metric after compression (and before, if not known), on the same held-out subset.
+
+    Args:
+        make_runner: Returns the sub-run helper that scores networks (the planning one, or a new one).
+        planning: The callback's planning result; its ``monitor`` is resolved here when unknown.
+        report: Receives ``metric_before`` / ``metric_after`` (and the monitor's key and mode).
+        original / final: The user's original target and the compressed network.
+        monitor / mode: The callback's settings.
+
+    A network that cannot be scored (e.g. no map-style train loader) leaves the report without
+    the metric, with a warning.
+    """
+    try:
+        runner = make_runner()
+        if planning.monitor is None or report.metric_before is None:
+            planning.monitor, report.metric_before = runner.resolve_monitor(original, monitor, mode)
+            report.monitor, report.mode = planning.monitor.key, planning.monitor.mode
+        runner.monitor = planning.monitor
+        metrics = runner.metrics(copy.deepcopy(final), training_loss=planning.monitor.training_loss)
+        report.metric_after = metrics.get(planning.monitor.key)
+    except (TypeError, ValueError) as err:
+        rank_zero_warn(f"LayerMergeCallback: could not score the compressed network: {err}")

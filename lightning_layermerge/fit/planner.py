@@ -82,7 +82,10 @@ class Planner:
     Attributes:
         result: What :meth:`run` found (:class:`PlanningResult`), filled in as it goes.
         resolution: The DP resolution that reaches the budget (set by :meth:`budget_ms`).
+        runner_type: The sub-run class (a subclass can observe or replace the fine-tunes).
     """
+
+    runner_type: type[SubRunner] = SubRunner
 
     def __init__(self, *, budget: float, method: str, monitor: str | None, mode: str,
                  importance: ImportanceSettings, latency: LatencySettings, calibrate: bool,
@@ -100,7 +103,7 @@ class Planner:
         """The plan for ``target``, and the compression state (what checkpoints and the report need)."""
         # User errors first (metric, the module's own training code), then the tables.
         result = self.result
-        result.runner = make_runner(trainer, pl_module, path, self.importance_settings)
+        result.runner = make_runner(trainer, pl_module, path, self.importance_settings, self.runner_type)
         result.monitor, result.base = result.runner.resolve_monitor(target, self.monitor_name, self.mode)
         result.runner.check_finetune(target)
         table = result.latency_table = self.build_latency_table(trainer, target, chain)
@@ -326,12 +329,12 @@ def val_loader(trainer: pl.Trainer) -> Any:
 
 
 def make_runner(trainer: pl.Trainer, pl_module: pl.LightningModule, path: str,
-                settings: ImportanceSettings) -> SubRunner:
+                settings: ImportanceSettings, runner_type: type[SubRunner] = SubRunner) -> SubRunner:
     """Sub-runs on this process's device (one device per rank), at the trainer's precision."""
     device = trainer.strategy.root_device
     accelerator = {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
     devices = [device.index or 0] if device.type == "cuda" else 1
-    return SubRunner(pl_module, path, check_loader(train_loader(trainer)), settings,
+    return runner_type(pl_module, path, check_loader(train_loader(trainer)), settings,
                      accelerator=accelerator, devices=devices, precision=trainer.precision,
                      val_loader=val_loader(trainer))
 

@@ -13,9 +13,9 @@ from .chain_solve import reachable_floor_ms, solve_chain
 from .report import LayerMergeReport
 from .solve import Solution, solve
 from .tables.importance import build_importance_table
-from .tables.latency import LatencySettings, LatencyTable, build_latency_table
+from .tables.latency import LatencySettings, LatencyTable, Timers, build_latency_table
 
 __all__ = [
-    "Calibration", "LatencySettings", "LatencyTable", "LayerMergeReport", "Solution", "build_importance_table",
+    "Calibration", "LatencySettings", "LatencyTable", "LayerMergeReport", "Solution", "Timers", "build_importance_table",
     "build_latency_table", "calibrate", "reachable_floor_ms", "solve", "solve_chain",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from .tables.latency import LatencySettings, check_load, spread, time_samples
+from .tables.latency import LatencySettings, Timers, check_load, spread, time_samples
 
 __all__ = ["SideBySide", "measure_side_by_side", "side_by_side"]
 
@@ -45,7 +45,8 @@ class SideBySide:
     load_note: str = ""
 
 
-def side_by_side(modules: Mapping[str, nn.Module], inputs: Sequence[Any], settings: LatencySettings) -> SideBySide:
+def side_by_side(modules: Mapping[str, nn.Module], inputs: Sequence[Any], settings: LatencySettings,
+                 timers: Timers = Timers()) -> SideBySide:
     """Time networks interleaved forward by forward, each against the first one, with its spread.
 
     Interleaving (A, B, A, B, ...) exposes all networks to the same machine load. The load
@@ -59,14 +60,15 @@ def side_by_side(modules: Mapping[str, nn.Module], inputs: Sequence[Any], settin
         modules: Name -> module, all taking ``inputs``; the first is the reference of the ratios.
         inputs: Positional arguments (already at the batch size to time).
         settings: Device, dtype, warm-up, repeats, threads, runtime and load policy.
+        timers: The measuring functions (default: measure this machine).
 
     Returns:
         A :class:`SideBySide`.
     """
     names = list(modules)
-    settings, _, note = check_load(settings)
+    settings, _, note = check_load(settings, timers.probe)
     runs = [(copy.deepcopy(modules[n]), tuple(inputs)) for n in names]
-    samples, _ = time_samples(runs, settings, lambda s: _ratios(s[-1], s[0]))
+    samples, _ = time_samples(runs, settings, lambda s: _ratios(s[-1], s[0]), timers.samples)
     ratios = {n: _ratios(samples[i], samples[0]) for i, n in enumerate(names)}
     return SideBySide(ms={n: statistics.median(samples[i]) for i, n in enumerate(names)},
                       ratio={n: statistics.median(r) for n, r in ratios.items()},

@@ -49,13 +49,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ...surgery.graph import Chain, Segment
 from ...surgery.plan import Plan
-from ...surgery.rebuild import fold_batchnorm
 from .cache import TableCache, fingerprint  # noqa: F401  (re-exported: tables name their cache here)
 from .latency_store import (
     IN_PLACE,
@@ -63,7 +61,6 @@ from .latency_store import (
     REFERENCE_KEY,
     TOTAL_KEY,
     Key,
-    _batched,
     _cache_key,
     _complete,
     _open_cache,
@@ -75,9 +72,9 @@ from .latency_settings import CLOCKS, ON_LOAD, SPREAD_BLOCKS, LatencySettings
 from .load import LatencyLoadError, LatencyLoadWarning, LoadProbe, check_load, probe_load
 from .ort_profile import ort_node_times
 from .pricing import _in_place_layers, _scaled_to, in_context, in_context_additive, skip_costs, with_skip_costs
-from .segment_modules import segment_module
-from . import timing as _timing  # called through the module, so tests can replace a timing function
+from .segment_modules import _segment_run, _whole_run, batched_example, segment_module
 from .timing import (
+    Timers,
     Timing,
     _check_device,
     interleaved_samples,
@@ -97,6 +94,7 @@ __all__ = [
     "LatencyLoadError",
     "LatencyLoadWarning",
     "LoadProbe",
+    "Timers",
     "Timing",
     "probe_load",
     "spread",
@@ -104,6 +102,7 @@ __all__ = [
     "TOTAL_KEY",
     "LatencySettings",
     "LatencyTable",
+    "batched_example",
     "build_latency_table",
     "check_load",
     "in_context",
@@ -216,31 +215,6 @@ class LatencyTable:
 
 
 
-def _example_batch(chain: Chain) -> int:
-    """Batch size of the chain's example input (first dim of its first tensor argument)."""
-    for arg in chain.example:
-        if isinstance(arg, torch.Tensor) and arg.dim() > 0:
-            return int(arg.shape[0])
-    return int(chain.layers[0].in_shape[0])
-
-
-def batched_example(chain: Chain, batch: int | None) -> tuple:
-    """``chain.example`` with every batch-sized tensor resized to ``batch`` along dim 0.
-
-    Real example data is reused (cycled when the batch grows), so integer arguments such
-    as diffusion timesteps stay valid.
-    """
-    if batch is None:
-        return tuple(chain.example)
-    n = _example_batch(chain)
-    out = []
-    for arg in chain.example:
-        if isinstance(arg, torch.Tensor) and arg.dim() > 0 and arg.shape[0] == n:
-            arg = arg.index_select(0, torch.arange(batch, device=arg.device) % n)
-        out.append(arg)
-    return tuple(out)
-
-
 def _geometry(seg: Segment) -> tuple:
     """What a segment's timed module depends on: equal geometries are timed once."""
     return (tuple(seg.in_shape[1:]), seg.out_shape[1], seg.kernel, seg.stride, seg.padding, seg.groups,
@@ -255,6 +229,7 @@ def build_latency_table(
     *,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    timers: Timers = Timers(),
 ) -> LatencyTable:
     """Measure the latency of every legal segment of ``chain`` and of the whole model.
 
@@ -273,6 +248,8 @@ def build_latency_table(
             in a file named after the architecture and settings; an interrupted build
             resumes and a repeated build measures nothing. ``None``: no cache.
         progress: Show a progress bar.
+        timers: The measuring functions (default: measure this machine); replace one to
+            observe or fake the build's timings.
 
     Returns:
         The :class:`LatencyTable`; its ``settings`` are the ones really used.
@@ -291,13 +268,13 @@ def build_latency_table(
     key = _cache_key(chain, settings, settings.batch_size)
     store = _Store(_open_cache(cache_dir, chain, key))
     if not _complete(store, chain):  # a complete cached table needs no load check
-        settings, _, note = check_load(settings)
+        settings, _, note = check_load(settings, timers.probe)
         if note:
             key = _cache_key(chain, settings, settings.batch_size)
             store = _Store(_open_cache(cache_dir, chain, key))
     else:
         note = ""
-    timer = _Timer(chain, settings, store)
+    timer = _Timer(chain, settings, store, timers)
     # Geometries already measured (also in an earlier, interrupted build) are not re-timed.
     by_geometry = {_geometry(s): s.key for s in chain.segments if store.get(s.key) is not None}
     bar = tqdm(total=len(chain.segments) + 1, desc="latency table", unit="entry", disable=not progress)
@@ -383,16 +360,6 @@ def _report_unreliable(table: LatencyTable) -> None:
     warnings.warn(message, LatencyLoadWarning, stacklevel=3)
 
 
-def _segment_run(chain: Chain, seg: Segment, settings: LatencySettings) -> tuple[nn.Module, tuple]:
-    """The merged module of one segment and a random input of its shape."""
-    return segment_module(chain, seg), (torch.randn(_batched(seg.in_shape, settings.batch_size)),)
-
-
-def _whole_run(model: nn.Module, chain: Chain, settings: LatencySettings) -> tuple[nn.Module, tuple]:
-    """The original model with BatchNorm folded (the keep-all plan, merged) and its input."""
-    return fold_batchnorm(model, chain), batched_example(chain, settings.batch_size)
-
-
 def _flops(seg: Segment) -> int:
     """Multiply-adds of a segment's merged conv (to pick a typical reference layer)."""
     n, c_out, h, w = seg.out_shape
@@ -402,8 +369,8 @@ def _flops(seg: Segment) -> int:
 class _Timer:
     """Times modules for one build: directly, or relative to a reference (``settings.reference``)."""
 
-    def __init__(self, chain: Chain, settings: LatencySettings, store: _Store) -> None:
-        self.chain, self.settings, self.store = chain, settings, store
+    def __init__(self, chain: Chain, settings: LatencySettings, store: _Store, timers: Timers) -> None:
+        self.chain, self.settings, self.store, self.timers = chain, settings, store, timers
         self.reference: tuple[nn.Module, tuple] | None = None
         self.used = False
 
@@ -415,7 +382,7 @@ class _Timer:
             self.reference = _segment_run(self.chain, layers[len(layers) // 2], self.settings)
         ref_ms = self.store.get(REFERENCE_KEY)
         if ref_ms is None:
-            ref_ms = _timing.time_module(*self.reference, self.settings)
+            ref_ms = self.timers.module(*self.reference, self.settings)
             self.store.put(REFERENCE_KEY, ref_ms)
         return self.reference, ref_ms
 
@@ -430,23 +397,23 @@ class _Timer:
         if not self.settings.reference:
             return self(gm, inputs)
         reference, ref_ms = self._reference()
-        return Timing(sum(_timing.time_nodes(gm, inputs, self.settings, reference=reference).values()) * ref_ms, math.nan)
+        return Timing(sum(self.timers.nodes(gm, inputs, self.settings, reference=reference).values()) * ref_ms, math.nan)
 
     def nodes(self, gm: fx.GraphModule, inputs: tuple) -> dict[str, float]:
         """Every operation of ``gm`` timed in place (ms; relative to the reference, rescaled, in reference mode)."""
         self.used = True
         if not self.settings.reference:
-            return _timing.time_nodes(gm, inputs, self.settings)
+            return self.timers.nodes(gm, inputs, self.settings)
         reference, ref_ms = self._reference()
-        return {n: v * ref_ms for n, v in _timing.time_nodes(gm, inputs, self.settings, reference=reference).items()}
+        return {n: v * ref_ms for n, v in self.timers.nodes(gm, inputs, self.settings, reference=reference).items()}
 
     def __call__(self, module: nn.Module, inputs: tuple) -> Timing:
         self.used = True
         if not self.settings.reference:
-            (samples,), s = _timed_with_retries([(module, inputs)], self.settings)
+            (samples,), s = _timed_with_retries([(module, inputs)], self.settings, self.timers)
             return Timing(statistics.median(samples), s)
         reference, ref_ms = self._reference()
-        (refs, ours), s = _timed_with_retries([reference, (module, inputs)], self.settings, _pass_ratios)
+        (refs, ours), s = _timed_with_retries([reference, (module, inputs)], self.settings, self.timers, _pass_ratios)
         # Ratio of each pass to the reference pass just before it: a slow-down from other
         # processes that lasts longer than one pass cancels out; the median drops outliers.
         return Timing(statistics.median(_pass_ratios([refs, ours])) * ref_ms, s)
@@ -457,9 +424,10 @@ def _pass_ratios(samples: list[list[float]]) -> list[float]:
     return [o / r if r > 0 else math.inf for o, r in zip(samples[-1], samples[0])]
 
 
-def _timed_with_retries(runs: list, settings: LatencySettings, statistic: Any = None) -> tuple[list[list[float]], float]:
+def _timed_with_retries(runs: list, settings: LatencySettings, timers: Timers,
+                        statistic: Any = None) -> tuple[list[list[float]], float]:
     """:func:`time_samples` when checks are on, one plain attempt with ``on_load="ignore"``."""
     if settings.on_load == "ignore":
-        samples = _timing.interleaved_samples(runs, settings)
+        samples = timers.samples(runs, settings)
         return samples, spread((statistic or (lambda x: x[-1]))(samples))
-    return _timing.time_samples(runs, settings, statistic)
+    return time_samples(runs, settings, statistic, timers.samples)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
+from ..validate import check_int
 from .allocator import ALLOCATORS
 from .runtime import MEMORY_FORMATS, RUNTIMES
 
@@ -119,11 +119,11 @@ class LatencySettings:
             raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}") from None
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
-        _check_int("batch_size", self.batch_size, minimum=1, optional=True)
-        _check_int("warmup", self.warmup, minimum=0)
-        _check_int("repeats", self.repeats, minimum=1)
-        _check_int("threads", self.threads, minimum=1, optional=True)
-        _check_int("retries", self.retries, minimum=0)
+        for name, minimum in (("batch_size", 1), ("warmup", 0), ("repeats", 1), ("threads", 1), ("retries", 0)):
+            value = getattr(self, name)
+            if value is not None or name not in ("batch_size", "threads"):  # None: the example's batch, all cores
+                check_int(f"LatencySettings.{name}", value, minimum)
+                object.__setattr__(self, name, int(value))  # a NumPy integer is stored as an int (cache keys are JSON)
         if not isinstance(self.reference, bool):
             raise TypeError(f"LatencySettings.reference must be a bool, got {type(self.reference).__name__}")
         if self.runtime not in RUNTIMES:
@@ -178,13 +178,3 @@ class LatencySettings:
     def robust(self) -> LatencySettings:
         """These settings at 1 thread with the thread CPU clock (what ``on_load="fallback"`` switches to)."""
         return replace(self, threads=1, clock="thread")
-
-
-def _check_int(name: str, value: Any, *, minimum: int, optional: bool = False) -> None:
-    """Raise a helpful error unless ``value`` is an int >= ``minimum`` (or None if optional)."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"LatencySettings.{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"LatencySettings.{name} must be >= {minimum}, got {value}")

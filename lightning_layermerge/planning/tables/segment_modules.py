@@ -1,4 +1,5 @@
-"""The module a latency table times for a segment: what ``merge`` produces for it (torch only)."""
+"""What a latency table times (torch only): a segment's module, i.e. what ``merge`` produces for it, the
+BN-folded whole network, and their inputs at the timing batch size."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import torch
 from torch import fx, nn
 
 from ...surgery.graph import Chain, Segment
+from ...surgery.rebuild import fold_batchnorm
+from .latency_settings import LatencySettings
+from .latency_store import _batched
 
-__all__ = ["segment_module"]
+__all__ = ["batched_example", "segment_module"]
 
 
 class _FunctionActivation(nn.Module):
@@ -77,3 +81,38 @@ def segment_module(chain: Chain, seg: Segment) -> nn.Sequential:
     if act is not None:
         layers.append(act)
     return nn.Sequential(*layers)
+
+
+def _example_batch(chain: Chain) -> int:
+    """Batch size of the chain's example input (first dim of its first tensor argument)."""
+    for arg in chain.example:
+        if isinstance(arg, torch.Tensor) and arg.dim() > 0:
+            return int(arg.shape[0])
+    return int(chain.layers[0].in_shape[0])
+
+
+def batched_example(chain: Chain, batch: int | None) -> tuple:
+    """``chain.example`` with every batch-sized tensor resized to ``batch`` along dim 0.
+
+    Real example data is reused (cycled when the batch grows), so integer arguments such
+    as diffusion timesteps stay valid.
+    """
+    if batch is None:
+        return tuple(chain.example)
+    n = _example_batch(chain)
+    out = []
+    for arg in chain.example:
+        if isinstance(arg, torch.Tensor) and arg.dim() > 0 and arg.shape[0] == n:
+            arg = arg.index_select(0, torch.arange(batch, device=arg.device) % n)
+        out.append(arg)
+    return tuple(out)
+
+
+def _segment_run(chain: Chain, seg: Segment, settings: LatencySettings) -> tuple[nn.Module, tuple]:
+    """The merged module of one segment and a random input of its shape."""
+    return segment_module(chain, seg), (torch.randn(_batched(seg.in_shape, settings.batch_size)),)
+
+
+def _whole_run(model: nn.Module, chain: Chain, settings: LatencySettings) -> tuple[nn.Module, tuple]:
+    """The original model with BatchNorm folded (the keep-all plan, merged) and its input."""
+    return fold_batchnorm(model, chain), batched_example(chain, settings.batch_size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from .allocator import cached_allocator
 from .latency_settings import SPREAD_BLOCKS, LatencySettings
+from .load import LoadProbe, probe_load
 from .runtime import prepare_call
 
 __all__ = ["Timing", "interleaved_samples", "spread", "time_interleaved", "time_module", "time_nodes",
@@ -194,7 +195,8 @@ def spread(samples: Sequence[float], blocks: int = SPREAD_BLOCKS) -> float:
 
 
 def time_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]], settings: LatencySettings,
-                 statistic: Any = None) -> tuple[list[list[float]], float]:
+                 statistic: Any = None, sample: Callable[..., list[list[float]]] | None = None,
+                 ) -> tuple[list[list[float]], float]:
     """:func:`interleaved_samples`, re-measured while the spread exceeds ``settings.max_spread``.
 
     Args:
@@ -202,14 +204,16 @@ def time_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]], setting
         settings: Timing settings (``max_spread``, ``retries``).
         statistic: ``samples -> per-pass values`` whose spread is checked (default: the
             passes of the last run).
+        sample: What takes one attempt's samples (default :func:`interleaved_samples`).
 
     Returns:
         The samples of the most repeatable attempt and its spread (``nan``: not assessable).
     """
     statistic = statistic or (lambda samples: samples[-1])
+    sample = sample or interleaved_samples
     best: tuple[list[list[float]], float] | None = None
     for _ in range(1 + settings.retries):
-        samples = interleaved_samples(runs, settings)
+        samples = sample(runs, settings)
         s = spread(statistic(samples))
         if best is None or not (s >= best[1]):  # nan never beats a number; a smaller spread does
             best = (samples, s)
@@ -308,3 +312,24 @@ def time_nodes(gm: fx.GraphModule, inputs: tuple | torch.Tensor, settings: Laten
                 samples.setdefault(name, []).append(ms / ref_times[name] if ref is not None else ms)
     return {name: statistics.median(values) for name, values in samples.items()}
 
+
+
+@dataclass(frozen=True)
+class Timers:
+    """The measuring functions a latency build and a side-by-side timing call.
+
+    The defaults measure the machine. Replace one to observe or fake what a build measures
+    (tests, dry runs) without touching the module: ``Timers(samples=my_samples)``.
+
+    Attributes:
+        samples: ``(runs, settings) -> per-pass ms of each run`` (:func:`interleaved_samples`).
+        module: ``(module, inputs, settings) -> ms`` (:func:`time_module`; the reference layer).
+        nodes: ``(gm, inputs, settings, reference=None) -> {node: ms}`` (:func:`time_nodes`).
+        probe: ``() -> LoadProbe``, the machine's load before wall-clock timing
+            (:func:`~lightning_layermerge.planning.tables.load.probe_load`).
+    """
+
+    samples: Callable[..., list[list[float]]] = interleaved_samples
+    module: Callable[..., float] = time_module
+    nodes: Callable[..., dict[str, float]] = time_nodes
+    probe: Callable[[], LoadProbe] = probe_load
