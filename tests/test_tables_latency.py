@@ -551,6 +551,27 @@ def test_side_by_side_states_ratio_and_spread() -> None:
     assert timed.spread["candidate"] == pytest.approx(0.1) and timed.spread["original"] == 0.0
 
 
+def test_side_by_side_takes_the_medians_of_rounds_with_fresh_copies() -> None:
+    from lightning_layermerge.planning.side_by_side import side_by_side
+
+    rounds = [[[10.0] * 6, [5.0] * 6], [[10.0] * 6, [6.0] * 6], [[8.0] * 6, [4.4] * 6]]  # ratios 0.5, 0.6, 0.55
+    seen: list[nn.Module] = []  # the copies timed, kept alive so their ids stay distinct
+
+    def sample(runs, settings):
+        seen.append(runs[1][0])
+        return rounds[len(seen) - 1]
+
+    candidate = nn.Identity()
+    timed = side_by_side({"original": nn.Identity(), "candidate": candidate}, (torch.ones(1),),
+                         LatencySettings(repeats=6), Timers(samples=sample))
+    assert timed.ratio["candidate"] == pytest.approx(0.55) and timed.ms == {"original": 10.0, "candidate": 5.0}
+    assert timed.spread["candidate"] == pytest.approx(0.1 / 0.55)  # the rounds disagree by 0.1
+    assert len({id(m) for m in seen}) == 3 and all(m is not candidate for m in seen)  # fresh copies every round
+    with pytest.raises(ValueError, match=r"rounds=.*int >= 1"):
+        side_by_side({"a": nn.Identity()}, (torch.ones(1),), LatencySettings(), rounds=0)
+
+
+
 def test_in_context_scales_entries_by_the_replaced_layers_in_place_over_alone(tiny) -> None:
     _, chain = tiny
     keep = {s.j: s.key for s in Plan.keep_all(chain).segments}
