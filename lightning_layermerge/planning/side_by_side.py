@@ -47,9 +47,10 @@ class SideBySide:
     load_note: str = ""
 
 
-#: Rounds of a side-by-side measurement, each with fresh copies of the networks. The ratio of one
-#: round moves with where the copies land in memory (measured on a 16 px MobileNetV2: single rounds
-#: 0.464-0.491 over 30 calls in 5 processes; the median of 3 rounds 0.470-0.483 over 36 calls in 6).
+#: Rounds of a side-by-side measurement, each with fresh copies of the networks. One round's ratio
+#: varies from call to call within a process as much as between processes (fresh copies land
+#: elsewhere in memory); measured on a 16 px MobileNetV2: single rounds 0.464-0.491 over 30 calls in
+#: 5 processes, the median of 3 rounds 0.470-0.483 over 36 calls in 6.
 ROUNDS = 3
 
 
