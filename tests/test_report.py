@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_layermerge.planning.report import LayerMergeReport, count_parameters
-from lightning_layermerge.planning.side_by_side import measure_side_by_side
+from lightning_layermerge.planning import measure_side_by_side
 from lightning_layermerge import LatencySettings
 
 

@@ -541,7 +541,7 @@ def test_cache_key_names_runtime_memory_format_threads_and_clock(tiny, change: d
 
 
 def test_side_by_side_states_ratio_and_spread() -> None:
-    from lightning_layermerge.planning.side_by_side import side_by_side
+    from lightning_layermerge.planning import side_by_side
 
     passes = [[10.0, 10.0, 20.0, 20.0, 10.0, 10.0], [5.0, 5.0, 10.0, 10.0, 5.5, 5.5]]
     timed = side_by_side({"original": nn.Identity(), "candidate": nn.Identity()}, (torch.ones(1),),
@@ -552,7 +552,7 @@ def test_side_by_side_states_ratio_and_spread() -> None:
 
 
 def test_side_by_side_takes_the_medians_of_rounds_with_fresh_copies() -> None:
-    from lightning_layermerge.planning.side_by_side import side_by_side
+    from lightning_layermerge.planning import side_by_side
 
     rounds = [[[10.0] * 6, [5.0] * 6], [[10.0] * 6, [6.0] * 6], [[8.0] * 6, [4.4] * 6]]  # ratios 0.5, 0.6, 0.55
     seen: list[nn.Module] = []  # the copies timed, kept alive so their ids stay distinct

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_layermerge import Plan, merge, prune, serialization, trace
-from lightning_layermerge.planning.side_by_side import side_by_side
+from lightning_layermerge.planning import side_by_side
 from lightning_layermerge import LatencySettings, build_latency_table
 from lightning_layermerge.planning.tables.runtime import check_runtime, prepare_call
 

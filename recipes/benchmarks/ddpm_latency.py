@@ -25,7 +25,7 @@ import torch
 from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune
 from lightning_layermerge import solve, trace
 from lightning_layermerge.planning.chain_solve import reachable_floor_ms
-from lightning_layermerge.planning.side_by_side import measure_side_by_side
+from lightning_layermerge.planning import measure_side_by_side
 
 # The DDPM UNet comes from the sibling recipe folder recipes/ddpm.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ddpm"))

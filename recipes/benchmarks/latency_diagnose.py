@@ -57,7 +57,7 @@ from latency_check import l1_importance, random_merge_plan
 from latency_models import MODELS, build
 
 from lightning_layermerge import Chain, Plan, fold_batchnorm, merge, prune, solve, trace
-from lightning_layermerge.planning.side_by_side import side_by_side
+from lightning_layermerge.planning import side_by_side
 from lightning_layermerge.planning.tables.latency import (
     LatencySettings,
     LatencyTable,

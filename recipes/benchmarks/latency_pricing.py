@@ -49,7 +49,7 @@ def measure(name: str, random_plans: int) -> list[dict]:
     from latency_models import build
 
     from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune, solve, trace
-    from lightning_layermerge.planning.side_by_side import side_by_side
+    from lightning_layermerge.planning import side_by_side
     from lightning_layermerge.planning.tables.latency_store import IN_PLACE, IN_PLACE_SKIP, _cache_key, _open_cache
     from lightning_layermerge.planning.tables.pricing import in_context, in_context_additive, with_skip_costs
 

@@ -37,7 +37,7 @@ def child(model_name: str, keys: list, threads: str, runtime: str, seed: int) ->
     from latency_models import build
 
     from lightning_layermerge import Plan, fold_batchnorm, merge, prune, trace
-    from lightning_layermerge.planning.side_by_side import side_by_side
+    from lightning_layermerge.planning import side_by_side
 
     model, example = build(model_name, seed)
     chain = trace(model, example)
