@@ -128,12 +128,10 @@ class Setup:
     seed: int = 0
     val_size: int = 5000
     timing_scale: float = 1.0
-    # The paper's importance protocol (Appendix C) at this scale: 1 % of the training set
-    # (550 images) for a few SGD steps per entry, scored on another 1 %.
-    importance: ImportanceSettings = field(default_factory=lambda: ImportanceSettings(
-        fraction=0.01, steps=10, batch_size=32, lr=0.02))
-    latency: LatencySettings = field(default_factory=lambda: LatencySettings(
-        device="cpu", batch_size=64, threads=1, warmup=5, repeats=20, reference=True))
+    # The library's defaults (what a user gets): importance entries fine-tuned for at least 30
+    # steps and scored on the validation set; latency at 1 thread, in context, batch 64.
+    importance: ImportanceSettings = field(default_factory=ImportanceSettings)
+    latency: LatencySettings = field(default_factory=lambda: LatencySettings(batch_size=64))
     distill: Distillation = field(default_factory=lambda: Distillation(alpha=1.0, temperature=4.0))
 
     def datamodule(self, limit: int | None = None) -> FashionMNISTDataModule:
@@ -553,9 +551,9 @@ def write_outputs(setup: Setup, command: str) -> Path:
         f"every compressed network fine-tuned the same way: {setup.finetune_epochs} epoch(s) on "
         f"{setup.finetune_limit or 55000:,} training images, SGD lr {setup.finetune_lr} one-cycle cosine, batch "
         f"{setup.batch_size}, KD from the original (alpha {setup.distill.alpha}, T {setup.distill.temperature}); "
-        f"seeds {', '.join(map(str, setup.seeds))}. Importance (LayerMerge methods): {setup.importance.steps} SGD "
-        f"steps on {setup.importance.fraction:.0%} of the training set per entry, scored by val_loss on another "
-        f"{setup.importance.fraction:.0%}; latency tables batch 64, 1 thread, reference-relative. Width pruning: "
+        f"seeds {', '.join(map(str, setup.seeds))}. Importance (LayerMerge methods): `{setup.importance}` (the "
+        f"library's defaults: at least {setup.importance.min_steps} SGD steps per entry, scored by val_loss on the "
+        f"validation set); latency: `{setup.latency}`. Width pruning: "
         "Torch-Pruning MetaPruner, L1 magnitude group importance, uniform ratio, bisected to ±3 % of the budget "
         "on the BN-folded network (batch 64).",
         "**Measured ratio**: the final network against the BN-folded original, side by side (interleaved, "
