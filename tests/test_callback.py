@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 import math
@@ -237,6 +239,26 @@ def test_relative_importance_divides_perf_by_the_original(tmp_path_factory: pyte
         assert math.log(tables[True][k]) == pytest.approx(math.log(tables[False][k]) / loss0, rel=1e-6, abs=1e-9)
     with pytest.raises(ValueError, match="relative must be True or False"):
         ImportanceSettings(relative="yes")
+
+
+def test_objectives_share_one_importance_table_and_solve_their_own_sum(tmp_path: Path, trained_state: dict) -> None:
+    """objective="exp" (the paper's sum of I) and "log" (sum of ln I) read the same cached table."""
+    from lightning_layermerge.planning import dp_values, solve
+
+    train, _ = loaders()
+    cache, plans = tmp_path / "cache", {}
+    for objective in ("exp", "log"):
+        counts = CountFinetunes(cache)
+        cb = counts.counting(callback(cache, budget=0.8, calibrate=False,
+                                      importance=dataclasses.replace(FAST_IMPORTANCE, objective=objective)))
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(make(LitTiny, trained_state), train_dataloaders=train)
+        plans[objective] = cb.plan
+        if objective == "log":
+            assert counts.finetunes == 0  # the table built for "exp" was reused
+        table, importance = cb.latency_table, cb.importance_table
+        expected = solve(table.entries, dp_values(importance, objective), cb.chain.num_layers,
+                         table.budget_for(0.8))
+        assert sorted(cb.plan.keys) == sorted(expected.segments)
 
 
 def test_merge_check_falls_back_to_the_pruned_network() -> None:

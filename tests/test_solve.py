@@ -353,3 +353,17 @@ def test_min_latency_is_the_floor_below_which_solve_fails() -> None:
     solve(latency, importance, 2, 1.5, resolution=64000)
     with pytest.raises(ValueError, match="smallest achievable latency is 1.5"):
         solve(latency, importance, 2, 1.49)
+
+
+def test_log_objective_prefers_the_merged_segment_the_paper_sum_prefers_two() -> None:
+    """Two segments of I = 0.9 against one merged segment of I = 0.95: the paper's sum of I picks
+    the two (1.8 > 0.95), the sum of ln I the merged one (-0.05 > -0.21)."""
+    from lightning_layermerge.planning import dp_values
+
+    latency = {(0, 1, 3): 1.0, (1, 2, 3): 1.0, (0, 2, 5): 1.0}
+    importance = {(0, 1, 3): 0.9, (1, 2, 3): 0.9, (0, 2, 5): 0.95}
+    assert solve(latency, dp_values(importance, "exp"), 2, 10.0).segments == [(0, 1, 3), (1, 2, 3)]
+    assert solve(latency, dp_values(importance, "log"), 2, 10.0).segments == [(0, 2, 5)]
+    assert dp_values({(0, 1, 1): 0.0}, "log") == {(0, 1, 1): -math.inf}  # never chosen
+    with pytest.raises(ValueError, match=r"objective must be one of \['log', 'exp'\], got 'sum'"):
+        dp_values(importance, "sum")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..planning.objective import OBJECTIVES
 from ..planning.validate import check_count, check_finite, is_int, is_real
 
 __all__ = ["MIN_SCORE_SAMPLES", "MIN_STEPS", "TRAIN_LOSS_KEY", "VAL_LOSS_KEYS", "ImportanceSettings", "Monitor"]
@@ -88,6 +89,11 @@ class ImportanceSettings:
         noise_entries: Table entries (spread over the importance range) also re-run
             ``noise_repeats - 1`` times: a damaged network's short fine-tune is much noisier
             than the intact one's, and only this spread tracks how well the table ranks.
+        objective: What the DP maximises over a plan's segments: ``"log"`` (default), the sum
+            of ``ln I``, i.e. of the entries' Perf changes; ``"exp"``, the sum of ``I`` (the
+            paper's Eq. 5, which favours plans with more segments). It only changes how the
+            table is read, so both share one cached table
+            (:mod:`~lightning_layermerge.planning.objective`).
     """
 
     fraction: float = 0.04
@@ -104,6 +110,7 @@ class ImportanceSettings:
     kd_temperature: float = 4.0
     noise_repeats: int = 3
     noise_entries: int = 2
+    objective: str = "log"
 
     def __post_init__(self) -> None:
         if not is_real(self.fraction) or not 0 < self.fraction <= 0.5:
@@ -126,6 +133,8 @@ class ImportanceSettings:
             raise ValueError(f"ImportanceSettings.seed must be an int, got {self.seed!r}")
         if not isinstance(self.relative, bool):
             raise ValueError(f"ImportanceSettings.relative must be True or False, got {self.relative!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"ImportanceSettings.objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
         if self.score_on not in ("val", "train"):
             raise ValueError(f"ImportanceSettings.score_on must be 'val' or 'train', got {self.score_on!r}")
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..planning.calibrate import calibrate
 from ..planning.chain_solve import RESOLUTIONS, reachable_floor_ms, resolution_for, smallest_budget, solve_chain
+from ..planning.objective import dp_values
 from ..planning.plan_cache import plan_cache_path, read_cached_plan, write_cached_plan
 from ..planning.side_by_side import side_by_side
 from ..planning.tables.cache import TableCache, fingerprint
@@ -109,10 +110,11 @@ class Planner:
         table = result.latency_table = self.build_latency_table(trainer, target, chain)
         budget_ms = self.budget_ms(table, chain)
         importance = result.importance_table = self.build_importance_table(trainer, target, chain)
-        plan_file = self.plan_file(chain, table, importance)
+        values = dp_values(importance, self.importance_settings.objective)  # what the DP sums
+        plan_file = self.plan_file(chain, table, values)
         plan = self.cached_plan(trainer, chain, plan_file)
         if plan is None:
-            plan = Plan.from_segments(chain, self.solve(table, importance, chain, budget_ms))
+            plan = Plan.from_segments(chain, self.solve(table, values, chain, budget_ms))
             if self.calibrate_plans:
                 plan = self.calibrate(trainer, target, chain, plan, budget_ms)
             self.store_plan(trainer, plan_file, plan)
@@ -169,7 +171,7 @@ class Planner:
         key = {"weights": weights_fingerprint(target), "module": type(runner.shell).__qualname__,
                "monitor": monitor.key, "mode": monitor.mode, "data": len(runner.loader.dataset),
                "score_samples": runner.score_samples, "score_on_val": runner.subsets.on_val,
-               **vars(self.importance_settings)}
+               **{k: v for k, v in vars(self.importance_settings).items() if k != "objective"}}  # same table
         self._importance_key = key
         score, base, scale = runner.score, monitor.perf(base_perf), 1.0
         if self.importance_settings.relative:
@@ -256,7 +258,8 @@ class Planner:
             ratio = self.measured_ratio(trainer, folded, merge(prune(target, chain, candidate)), inputs)
             return ratio, self.last_spread
 
-        result = calibrate(self.result.latency_table, self.result.importance_table, chain, plan, budget_ms,
+        values = dp_values(self.result.importance_table, self.importance_settings.objective)
+        result = calibrate(self.result.latency_table, values, chain, plan, budget_ms,
                            budget=self.budget, method=self.method, measure=measure, resolution=self.resolution,
                            progress=self.verbose and trainer.is_global_zero)
         self.result.calibration.extend(result.rounds)

@@ -10,6 +10,7 @@ Planning builds on :mod:`lightning_layermerge.surgery` and never imports Lightni
 
 from .calibrate import Calibration, calibrate
 from .chain_solve import reachable_floor_ms, solve_chain
+from .objective import OBJECTIVES, dp_values
 from .report import LayerMergeReport
 from .side_by_side import SideBySide, measure_side_by_side, side_by_side
 from .solve import Solution, solve
@@ -17,7 +18,7 @@ from .tables.importance import build_importance_table
 from .tables.latency import LatencySettings, LatencyTable, Timers, build_latency_table
 
 __all__ = [
-    "Calibration", "LatencySettings", "LatencyTable", "LayerMergeReport", "SideBySide", "Solution", "Timers",
-    "build_importance_table", "build_latency_table", "calibrate", "measure_side_by_side", "reachable_floor_ms",
-    "side_by_side", "solve", "solve_chain",
+    "OBJECTIVES", "Calibration", "LatencySettings", "LatencyTable", "LayerMergeReport", "SideBySide", "Solution",
+    "Timers", "build_importance_table", "build_latency_table", "calibrate", "dp_values", "measure_side_by_side",
+    "reachable_floor_ms", "side_by_side", "solve", "solve_chain",
 ]
