@@ -398,6 +398,12 @@ def _importance_text(runs: list[dict]) -> str:
     return "; ".join(parts)
 
 
+def _removed(report: dict) -> str:
+    """Chain indices (1-based) of the convs the plan removes."""
+    removed = sorted(set(range(1, report["num_layers"] + 1)) - set(report["kept_convs"]))
+    return " ".join(map(str, removed)) or "-"
+
+
 def _notes(path: Path) -> str:
     """The human-written notes block of an existing file (kept across rewrites)."""
     if path.exists():
@@ -466,15 +472,15 @@ def write_outputs(setup: Setup, elapsed: float | None) -> Path:
                          + " |")
         lines += ["", "<details><summary>details per run</summary>", "",
                   "| method | budget | imp. seed | seed | measured ratio | predicted ratio | speed-up | test acc "
-                  "| vs uncompressed | kept convs | kept acts | merged segments (i,j]k | params | run s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+                  "| vs uncompressed | kept convs | removed convs | kept acts | merged segments (i,j]k | params | run s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|"]
         for m in setup.methods:
             for b in setup.budgets:
                 for r in by_key.get((net, m, b), []):
                     if r["status"] != "ok":
                         why = r.get("error", "")[:160]
                         lines.append(f"| {m} | {b:.2f} | {r['importance_seed']} | {r['seed']} | {r['status']}: {why} "
-                                     "| | | | | | | | | |")
+                                     "| | | | | | | | | | |")
                         continue
                     rep = r["report"]
                     delta = 100 * (r["test_acc"] - base["test_acc"]) if base else math.nan
@@ -482,7 +488,7 @@ def write_outputs(setup: Setup, elapsed: float | None) -> Path:
                         f"| {m} | {b:.2f} | {r['importance_seed']} | {r['seed']} | {rep['measured_ratio']:.3f} "
                         f"| {rep['predicted_ratio']:.3f} "
                         f"| {rep['measured_speedup']:.2f}x | {100 * r['test_acc']:.2f} | {delta:+.2f} "
-                        f"| {len(rep['kept_convs'])}/{rep['num_layers']} | {len(rep['kept_activations'])} "
+                        f"| {len(rep['kept_convs'])}/{rep['num_layers']} | {_removed(rep)} | {len(rep['kept_activations'])} "
                         f"| {_seg_text(rep)} | {rep['params_after']:,} | {r['seconds']:.0f} |")
         lines += ["", "</details>", ""]
     lines += [f"![accuracy vs measured latency]({stem}.png)", ""]
