@@ -134,7 +134,8 @@ class Setup:
     @property
     def command(self) -> str:
         args = [a for a in self.argv if a != "--report-only"]
-        return " ".join(["python recipes/benchmarks/compare.py", *args])
+        script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "compare.py"  # or objective_check.py
+        return " ".join([f"python recipes/benchmarks/{script}", *args])
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Setup, bool]:
