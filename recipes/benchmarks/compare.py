@@ -25,7 +25,7 @@ three methods: the table's entries do not depend on the method (LayerOnly reads 
 single-layer entries ``(l-1, l, k)``, Depth the all-convs-kept entry of each ``(i, j)``,
 LayerMerge all of them), and its cache key (weights, data, settings) is the same for all
 runs of a network, so only the first run builds it. Every run writes its own JSON
-(``<work>/<dataset>/<net>/runs/<method>-<budget>[-s<seed>].json``) and is skipped when it exists, so
+(``<work>/<dataset>/<net>/runs/<method>-<budget>[-s<seed>][-i<importance seed>].json``) and is skipped when it exists, so
 an interrupted script resumes where it stopped; ``--report-only`` just rebuilds the outputs.
 ``--importance-seeds`` repeats everything with other ``ImportanceSettings.seed`` values (one
 importance table, and so maybe one plan, per seed; run files get an ``-i<seed>`` suffix).
@@ -33,23 +33,25 @@ importance table, and so maybe one plan, per seed; run files get an ``-i<seed>``
 Run::
 
     python recipes/benchmarks/compare.py                  # full grid on digits, one fine-tuning seed
-    python recipes/benchmarks/compare.py --seeds 0 1 2 3 4   # the committed results: 5 fine-tuning seeds
+    python recipes/benchmarks/compare.py --seeds 0 1 2    # the committed results: 3 fine-tuning seeds
     python recipes/benchmarks/compare.py --quick          # 2 budgets, short training (a few minutes)
     # issue 13's repeatability check: 3 importance tables (seeds 0-2), budget 0.7, 3 epochs
-    python recipes/benchmarks/compare.py --methods layermerge --budgets 0.7 --finetune-epochs 3 \
+    python recipes/benchmarks/compare.py --methods layermerge depth --budgets 0.7 --finetune-epochs 3 \
         --importance-seeds 0 1 2 --work /tmp/importance_budget07 --out importance_budget07
     python recipes/benchmarks/compare.py --cifar10 ~/data/cifar10 --train-epochs 30
 
-Runtime here (2 CPU cores shared with other jobs, 1 torch thread): the seed-0 grid took 25 min
-(1497 s: training both networks 2 min, the ResNet / MobileNetV2 importance tables about 4 / 3
-min inside their first run, then 15-75 s per run); each further seed adds about 6-10 min
-(the tables and plans come from the cache, only fine-tuning and the final measurement run).
+Runtime here (2 CPU cores shared with other jobs, 1 torch thread; 2026-11-30): the seed-0 grid
+took 381 s (training both networks 47 s, the ResNet / MobileNetV2 importance tables 60 / 87 s
+inside their first run, then 3-8 s per run); seeds 1 and 2 added 271 s (the tables and plans
+come from the cache, only fine-tuning and the final measurement run).
 
 Writes ``recipes/benchmarks/results/compare.md`` (tables), ``compare.png`` (test accuracy vs
 measured latency ratio, one line per method, one panel per network) and ``compare.json``
 (every run's numbers); ``--quick`` writes ``compare_quick.*`` into the work directory instead.
 Text between ``<!-- notes -->`` and ``<!-- /notes -->`` at the top of an existing
 ``compare.md`` (the human-written reading of the results) is kept when it is rewritten.
+``--out STEM`` writes ``STEM.*`` into ``recipes/benchmarks/results`` instead (e.g.
+``importance_budget07``); ``objective_check.py`` reruns this script with the DP on ln I.
 """
 
 from __future__ import annotations
