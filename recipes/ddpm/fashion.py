@@ -3,25 +3,32 @@
 REDUCED setting, sized for 2 shared CPU cores (the issue's full setting is the same script
 with larger arguments): 16x16 images (bilinear from 28x28), the demo's small UNet
 (0.18 M parameters), ``--train-steps`` of DDPM training, ``--finetune-steps`` per
-compressed run, FID on ``--samples`` DDIM samples (``--ddim-steps``).
+compressed run, FID on ``--samples`` DDIM samples (``--ddim-steps``) for each of
+``--sample-seeds`` (the mean is reported, the range shows the proxy's sampling noise).
 
     python recipes/ddpm/fashion.py                      # reduced grid (see the README for the time)
-    python recipes/ddpm/fashion.py --samples 2000 --ddim-steps 50 --train-steps 5000   # closer to the issue
+    python recipes/ddpm/fashion.py --ddim-steps 50 --train-steps 10000 --image-size 28   # closer to the issue
 
 1. Data: Fashion-MNIST from the local IDX files (``--data``, Debian ``dataset-fashion-mnist``
    layout; never downloaded), in [-1, 1]; 1,000 training images held out for ``val_loss``.
 2. A Fashion-MNIST classifier (small CNN, trained here, cached): its 64-d penultimate
    features are the FID feature space (torchmetrics ``FrechetInceptionDistance(feature=...)``;
    no Inception weights). Real statistics: the 10,000 test images.
-3. ``DiffusionModule`` (``diffusion.py``) trained once, saved with ``save_pretrained``.
+3. ``DiffusionModule`` (``diffusion.py``) trained once with an EMA of its weights (``--ema``),
+   the EMA saved with ``save_pretrained``. DDPM samples from an EMA: without it, the last
+   step's weights carry small random biases of the predicted noise at the noisiest timesteps,
+   which move the samples' brightness and class mix: the FID proxy of raw checkpoints 1,000
+   steps apart differed by up to 46 %, and 200 more steps at lr 2e-4 doubled it
+   (``fashion_diag.py`` measures it).
 4. For each method and budget: the trained UNet, a ``trainer.fit`` with
-   ``LayerMergeCallback(budget, method, distill=Distillation(alpha=1.0))`` (importance from
+   ``LayerMergeCallback(budget, method, distill=Distillation(alpha=1.0))`` and an EMA of the
+   fine-tuned (pruned) weights (``--finetune-ema``), merged at the end (importance from
    short sub-runs scored by the held-out denoising loss; the latency and importance tables are
    cached and shared by all runs), then ``DDIMPipeline(unet=module.unet)`` samples (the
    merged UNet as a diffusers model) and the FID proxy. The latency ratio is the callback's:
    the merged UNet timed side by side with the original (GroupNorm kept, nothing to fold).
 5. The uncompressed UNet is scored the same way, and as a control it is fine-tuned for the
-   same number of steps without compression.
+   same number of steps (same lr and EMA) without compression.
 
 Each run writes ``<work>/runs/<name>.json`` and is skipped when that exists (resumable).
 Outputs: ``recipes/ddpm/results/fashion.md`` (table), ``fashion.png`` (FID vs measured
