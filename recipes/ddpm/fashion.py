@@ -3,25 +3,32 @@
 REDUCED setting, sized for 2 shared CPU cores (the issue's full setting is the same script
 with larger arguments): 16x16 images (bilinear from 28x28), the demo's small UNet
 (0.18 M parameters), ``--train-steps`` of DDPM training, ``--finetune-steps`` per
-compressed run, FID on ``--samples`` DDIM samples (``--ddim-steps``).
+compressed run, FID on ``--samples`` DDIM samples (``--ddim-steps``) for each of
+``--sample-seeds`` (the mean is reported, the range shows the proxy's sampling noise).
 
     python recipes/ddpm/fashion.py                      # reduced grid (see the README for the time)
-    python recipes/ddpm/fashion.py --samples 2000 --ddim-steps 50 --train-steps 5000   # closer to the issue
+    python recipes/ddpm/fashion.py --ddim-steps 50 --train-steps 10000 --image-size 28   # closer to the issue
 
 1. Data: Fashion-MNIST from the local IDX files (``--data``, Debian ``dataset-fashion-mnist``
    layout; never downloaded), in [-1, 1]; 1,000 training images held out for ``val_loss``.
 2. A Fashion-MNIST classifier (small CNN, trained here, cached): its 64-d penultimate
    features are the FID feature space (torchmetrics ``FrechetInceptionDistance(feature=...)``;
    no Inception weights). Real statistics: the 10,000 test images.
-3. ``DiffusionModule`` (``diffusion.py``) trained once, saved with ``save_pretrained``.
+3. ``DiffusionModule`` (``diffusion.py``) trained once with an EMA of its weights (``--ema``),
+   the EMA saved with ``save_pretrained``. DDPM samples from an EMA: without it, the last
+   step's weights carry small random biases of the predicted noise at the noisiest timesteps,
+   which move the samples' brightness and class mix: the FID proxy of raw checkpoints 1,000
+   steps apart differed by up to 46 %, and 200 more steps at lr 2e-4 doubled it
+   (``fashion_diag.py`` measures it).
 4. For each method and budget: the trained UNet, a ``trainer.fit`` with
-   ``LayerMergeCallback(budget, method, distill=Distillation(alpha=1.0))`` (importance from
+   ``LayerMergeCallback(budget, method, distill=Distillation(alpha=1.0))`` and an EMA of the
+   fine-tuned (pruned) weights (``--finetune-ema``), merged at the end (importance from
    short sub-runs scored by the held-out denoising loss; the latency and importance tables are
    cached and shared by all runs), then ``DDIMPipeline(unet=module.unet)`` samples (the
    merged UNet as a diffusers model) and the FID proxy. The latency ratio is the callback's:
    the merged UNet timed side by side with the original (GroupNorm kept, nothing to fold).
 5. The uncompressed UNet is scored the same way, and as a control it is fine-tuned for the
-   same number of steps without compression.
+   same number of steps (same lr and EMA) without compression.
 
 Each run writes ``<work>/runs/<name>.json`` and is skipped when that exists (resumable).
 Outputs: ``recipes/ddpm/results/fashion.md`` (table), ``fashion.png`` (FID vs measured
@@ -63,13 +70,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="folder with the four IDX .gz files")
     p.add_argument("--work", default="runs/ddpm_fashion")
     p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--train-steps", type=int, default=1000)
-    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--train-steps", type=int, default=4000)
+    p.add_argument("--finetune-steps", type=int, default=1000)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the base training (0: last weights)")
+    p.add_argument("--finetune-lr", type=float, default=2e-4)
+    p.add_argument("--finetune-ema", type=float, default=0.995, help="EMA decay while fine-tuning (0: none)")
     p.add_argument("--importance-steps", type=int, default=10)
     p.add_argument("--classifier-steps", type=int, default=500)
     p.add_argument("--methods", nargs="+", default=["layermerge", "layeronly", "depth"])
     p.add_argument("--budgets", nargs="+", type=float, default=[0.95, 0.9, 0.87, 0.8])
-    p.add_argument("--samples", type=int, default=1000, help="generated images per FID")
+    p.add_argument("--samples", type=int, default=2000, help="generated images per FID")
+    p.add_argument("--sample-seeds", type=int, nargs="+", default=[1234, 1, 2],
+                   help="one FID per sampling seed; the table shows their mean and range")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-control", action="store_true", help="skip the fine-tuned uncompressed control")
@@ -216,13 +228,13 @@ def trainer(work: Path, name: str, steps: int, callbacks: list | None = None) ->
 
 
 def ddim_samples(unet: nn.Module, scheduler_config: Any, n: int, steps: int, size: int,
-                 batch: int = 250) -> torch.Tensor:
-    """``n`` samples in [-1, 1] from ``DDIMPipeline(unet=unet)``, the same noise for every UNet."""
+                 batch: int = 250, seed: int = 1234) -> torch.Tensor:
+    """``n`` samples in [-1, 1] from ``DDIMPipeline(unet=unet)``, the same noise for every UNet (``seed``)."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(1234)
+    generator = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, n, batch):
         images = pipe(batch_size=min(batch, n - start), num_inference_steps=steps, generator=generator,
@@ -231,19 +243,64 @@ def ddim_samples(unet: nn.Module, scheduler_config: Any, n: int, steps: int, siz
     return torch.cat(out)[:, :1, :size, :size]
 
 
-def trained_module(args: argparse.Namespace, dm: FashionImages, work: Path) -> DiffusionModule:
-    """The DDPM after ``--train-steps`` (trained once; the UNet is cached with save_pretrained)."""
+class EMA(L.Callback):
+    """Exponential moving average of ``pl_module.<target>``'s weights during a fit (DDPM samples from one).
+
+    The average starts from the weights at the start of training (after ``LayerMergeCallback``
+    has pruned the target in ``setup``), uses diffusers' warm-up ``min(decay, (1 + n) / (10 + n))``
+    after ``n`` updates, and is loaded into the target at the end of training, before the
+    callback merges it in ``on_fit_end``.
+    """
+
+    def __init__(self, decay: float = 0.995, target: str = "unet") -> None:
+        self.decay, self.target = decay, target
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.updates = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.shadow = {k: v.detach().clone() for k, v in getattr(pl_module, self.target).state_dict().items()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for key, value in getattr(pl_module, self.target).state_dict().items():
+            if value.dtype.is_floating_point:
+                self.shadow[key].lerp_(value.detach(), 1 - decay)
+            else:
+                self.shadow[key].copy_(value)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        getattr(pl_module, self.target).load_state_dict(self.shadow)
+
+
+def trained_module(args: argparse.Namespace, dm: FashionImages, work: Path,
+                   callbacks: list | None = None) -> DiffusionModule:
+    """The DDPM after ``--train-steps`` (trained once; the UNet is cached with save_pretrained).
+
+    With ``--ema`` > 0 (the default), the saved UNet is the EMA of the weights, as DDPM samples
+    from: the samples' brightness and class mix depend on tiny biases of the predicted noise at
+    the noisiest timesteps (DDIM divides by sqrt(alpha_bar) ~ 0.01 there), which the raw weights
+    of the last step carry and the average removes. ``callbacks`` are added to the training fit.
+    """
     folder = work / "unet"
     if not (folder / "config.json").is_file():
         L.seed_everything(0, workers=True)
         module = DiffusionModule(FASHION_UNET, lr=1e-3, warmup_steps=100)
         start = time.perf_counter()
-        trainer(work, "train", args.train_steps).fit(module, datamodule=dm)
+        ema = [EMA(args.ema)] if args.ema > 0 else []
+        trainer(work, "train", args.train_steps, [*(callbacks or []), *ema]).fit(module, datamodule=dm)
         module.unet.save_pretrained(folder)
         (work / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
-    module = DiffusionModule(str(folder), lr=2e-4)
+    module = DiffusionModule(str(folder), lr=args.finetune_lr)
     module.unet.train()  # from_pretrained returns it in eval mode
     return module
+
+
+def finetune_callbacks(args: argparse.Namespace) -> list:
+    """The EMA of the fine-tuned weights (``--finetune-ema``; none when 0)."""
+    return [EMA(args.finetune_ema)] if args.finetune_ema > 0 else []
 
 
 def compressed_run(args: argparse.Namespace, dm: FashionImages, work: Path, method: str,
@@ -259,7 +316,8 @@ def compressed_run(args: argparse.Namespace, dm: FashionImages, work: Path, meth
     )
     start = time.perf_counter()
     try:
-        trainer(work, f"{method}-{budget}", args.finetune_steps, [callback]).fit(module, datamodule=dm)
+        trainer(work, f"{method}-{budget}", args.finetune_steps, [callback, *finetune_callbacks(args)]).fit(
+            module, datamodule=dm)
     except ValueError as err:  # e.g. a budget below what the method can reach
         return {"method": method, "budget": budget, "error": str(err).splitlines()[0]}, None
     report = callback.report
@@ -277,17 +335,21 @@ def control_run(args: argparse.Namespace, dm: FashionImages, work: Path) -> tupl
     """The uncompressed UNet fine-tuned for ``--finetune-steps`` at the same learning rate."""
     L.seed_everything(0, workers=True)
     module = trained_module(args, dm, work)
-    trainer(work, "control", args.finetune_steps).fit(module, datamodule=dm)
+    trainer(work, "control", args.finetune_steps, finetune_callbacks(args)).fit(module, datamodule=dm)
     return {"method": "uncompressed, fine-tuned", "budget": 1.0, "measured_ratio": 1.0}, module.unet
 
 
 def score(run: dict, unet: nn.Module, fid: FidProxy, args: argparse.Namespace, scheduler_config: Any,
           grids: dict[str, torch.Tensor]) -> dict:
+    """FID proxy of ``--samples`` DDIM samples for each of ``--sample-seeds``; ``fid`` is their mean."""
     start = time.perf_counter()
-    images = ddim_samples(unet.eval(), scheduler_config, args.samples, args.ddim_steps, args.image_size)
-    run["fid"] = fid(images)
+    run["fid_per_seed"] = {}
+    for seed in args.sample_seeds:
+        images = ddim_samples(unet.eval(), scheduler_config, args.samples, args.ddim_steps, args.image_size, seed=seed)
+        run["fid_per_seed"][seed] = fid(images)
+        grids.setdefault(run["name"], images[:32])
+    run["fid"] = float(np.mean(list(run["fid_per_seed"].values())))
     run["sample_seconds"] = time.perf_counter() - start
-    grids[run["name"]] = images[:32]
     return run
 
 
@@ -302,26 +364,32 @@ def write_outputs(runs: list[dict], meta: dict, grids: dict[str, torch.Tensor], 
         "# Fashion-MNIST DDPM: FID proxy vs measured latency (REDUCED setting)", "",
         f"Command: `{meta['command']}`", "",
         f"{meta['image_size']}x{meta['image_size']} Fashion-MNIST, UNet with {meta['unet_params']:,} parameters, "
-        f"{meta['train_steps']} training steps, {meta['finetune_steps']} fine-tuning steps per run (KD, alpha 1), "
+        f"{meta['train_steps']} training steps (EMA {meta.get('ema', 0)}), {meta['finetune_steps']} fine-tuning steps "
+        f"per run (lr {meta.get('finetune_lr', 2e-4)}, EMA {meta.get('finetune_ema', 0)}, KD alpha 1), "
         f"FID proxy on {meta['samples']} DDIM samples ({meta['ddim_steps']} steps) against the 10,000 test images "
-        f"in the 64-d feature space of a classifier trained here (test accuracy {meta['classifier_acc']:.3f}). "
+        f"in the 64-d feature space of a classifier trained here (test accuracy {meta['classifier_acc']:.3f}); "
+        f"one FID per sampling seed ({', '.join(map(str, meta.get('sample_seeds', [1234])))}), the table shows "
+        "their mean and range (min-max). "
         "Latency: the UNet forward (batch 16, CPU, 1 thread), merged vs original timed side by side by the "
         "callback (ratio < 1 is faster).", "",
-        "| run | budget | measured latency ratio | speed-up | kept convs | FID proxy | vs original | vs fine-tuned control | val loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | budget | measured latency ratio | speed-up | kept convs | FID proxy (mean) | range over seeds "
+        "| vs original | vs fine-tuned control | val loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     control = next((r for r in runs if r["name"] == "uncompressed, fine-tuned"), None)
     for r in runs:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['budget']} | — | — | — | — | — | — | {_short(r['error'])} |")
+            lines.append(f"| {r['name']} | {r['budget']} | — | — | — | — | — | — | — | {_short(r['error'])} |")
             continue
         ratio = r.get("measured_ratio") or 1.0
         kept = f"{r['kept_convs']}/{r['num_layers']}" if "kept_convs" in r else "all"
         rel = r["fid"] / base["fid"] - 1
         loss = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else ""
         rel_control = f"{r['fid'] / control['fid'] - 1:+.1%}" if control else ""
+        seeds = list((r.get("fid_per_seed") or {}).values())
+        spread = f"{min(seeds):.3f}-{max(seeds):.3f}" if len(seeds) > 1 else ""
         lines.append(f"| {r['name']} | {r['budget']} | {ratio:.3f} | {1 / ratio:.2f}x | {kept} | {r['fid']:.3f} | "
-                     f"{rel:+.1%} | {rel_control} | {loss} |")
+                     f"{spread} | {rel:+.1%} | {rel_control} | {loss} |")
     compressed = [r for r in runs if "error" not in r and r.get("kept_convs") is not None]
     lines += ["", _verdict([r for r in compressed if r["fid"] <= 1.1 * base["fid"]], base, "original")]
     if control:
@@ -447,7 +515,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      for k, v in run.items() if k not in ("segments", "name")), flush=True)
     meta = {"command": "python recipes/ddpm/" + " ".join([Path(__file__).name, *(argv or sys.argv[1:])]),
             "image_size": args.image_size, "train_steps": args.train_steps, "finetune_steps": args.finetune_steps,
-            "samples": args.samples, "ddim_steps": args.ddim_steps, "classifier_acc": acc,
+            "samples": args.samples, "ddim_steps": args.ddim_steps, "classifier_acc": acc, "ema": args.ema,
+            "finetune_lr": args.finetune_lr, "finetune_ema": args.finetune_ema, "sample_seeds": args.sample_seeds,
             "unet_params": sum(p.numel() for p in base.unet.parameters()),
             "seconds": None if args.report_only else time.perf_counter() - start}
     write_outputs(runs, meta, grids, Path(args.out))
