@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-lr", type=float, default=2e-4)
     p.add_argument("--finetune-ema", type=float, default=0.995, help="EMA decay while fine-tuning (0: none)")
     p.add_argument("--importance-steps", type=int, default=10)
+    p.add_argument("--objective", choices=("log", "exp"), default="log",
+                   help="what the DP maximises: the sum of ln I (library default) or of I (the paper; the "
+                        "committed results/fashion.md runs)")
     p.add_argument("--classifier-steps", type=int, default=500)
     p.add_argument("--methods", nargs="+", default=["layermerge", "layeronly", "depth"])
     p.add_argument("--budgets", nargs="+", type=float, default=[0.95, 0.9, 0.87, 0.8])
@@ -310,7 +313,8 @@ def compressed_run(args: argparse.Namespace, dm: FashionImages, work: Path, meth
     module = trained_module(args, dm, work)
     callback = LayerMergeCallback(
         budget=budget, method=method, target="unet", monitor="val_loss",
-        importance=ImportanceSettings(fraction=0.02, steps=args.importance_steps, batch_size=32, relative=True),
+        importance=ImportanceSettings(fraction=0.02, steps=args.importance_steps, batch_size=32, relative=True,
+                                      objective=args.objective),
         latency=LatencySettings(device="cpu", batch_size=16, threads=1, warmup=5, repeats=20, reference=True),
         distill=Distillation(alpha=1.0), cache_dir=str(work / "cache"), verbose=False,
     )
