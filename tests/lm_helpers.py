@@ -192,3 +192,20 @@ class LitManual(LitTinyVal):
         self.manual_backward(loss)
         opt.step()
         return loss
+
+
+def tiny_diffusion_fit(diffusion, tmp_path, lr: float) -> tuple:
+    """A tiny DDPM fit on random 8x8 images: train and val loaders, the recipe's ``DiffusionModule``
+    (``diffusion`` is the loaded ``recipes/ddpm/diffusion.py``) and a ``LayerMergeCallback`` at
+    budget 0.95 with relative importance and distillation."""
+    from lightning_layermerge import Distillation, LayerMergeCallback
+
+    L.seed_everything(0)
+    images = torch.rand(96, 1, 8, 8) * 2 - 1
+    train = DataLoader(TensorDataset(images[:64]), batch_size=16, shuffle=True)
+    val = DataLoader(TensorDataset(images[64:]), batch_size=16)
+    module = diffusion.DiffusionModule(TINY_UNET, num_train_timesteps=50, lr=lr, example_batch=4)
+    cb = LayerMergeCallback(budget=0.95, target="unet", importance=ImportanceSettings(fraction=0.25, steps=2,
+                            batch_size=8, relative=True), latency=FAST_LATENCY, distill=Distillation(alpha=1.0),
+                            cache_dir=str(tmp_path / "cache"), verbose=False)
+    return train, val, module, cb

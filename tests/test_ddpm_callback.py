@@ -10,10 +10,8 @@ import pytest
 import torch
 from helpers import load_recipe
 from lightning.pytorch.callbacks import Callback
-from lm_helpers import FAST_LATENCY, TINY_UNET, one_thread, quiet_trainer
-from torch.utils.data import DataLoader, TensorDataset
+from lm_helpers import one_thread, quiet_trainer, tiny_diffusion_fit
 
-from lightning_layermerge import Distillation, ImportanceSettings, LayerMergeCallback
 
 diffusion = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "ddpm" / "diffusion.py")
 DiffusionModule, sample = diffusion.DiffusionModule, diffusion.sample
@@ -28,15 +26,8 @@ class KeepPruned(Callback):
 
 
 def test_callback_compresses_a_unet_in_a_diffusion_loop(tmp_path: Path) -> None:
-    L.seed_everything(0)
-    images = torch.rand(96, 1, 8, 8) * 2 - 1
-    train = DataLoader(TensorDataset(images[:64]), batch_size=16, shuffle=True)
-    val = DataLoader(TensorDataset(images[64:]), batch_size=16)
-    module = DiffusionModule(TINY_UNET, num_train_timesteps=50, lr=1e-3, example_batch=4)
+    train, val, module, cb = tiny_diffusion_fit(diffusion, tmp_path, lr=1e-3)
     original = copy.deepcopy(module.unet).eval()
-    cb = LayerMergeCallback(budget=0.95, target="unet", importance=ImportanceSettings(fraction=0.25, steps=2,
-                            batch_size=8, relative=True), latency=FAST_LATENCY, distill=Distillation(alpha=1.0),
-                            cache_dir=str(tmp_path / "cache"), verbose=False)
     keep = KeepPruned()
     trainer = quiet_trainer(max_steps=3, callbacks=[cb, keep], limit_val_batches=1)
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)

@@ -10,10 +10,8 @@ import pytest
 import torch
 from helpers import load_recipe
 from lightning.pytorch.callbacks import Callback
-from lm_helpers import FAST_LATENCY, TINY_UNET, one_thread, quiet_trainer
-from torch.utils.data import DataLoader, TensorDataset
+from lm_helpers import one_thread, quiet_trainer, tiny_diffusion_fit
 
-from lightning_layermerge import Distillation, ImportanceSettings, LayerMergeCallback
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ddpm"
 diffusion = load_recipe(RECIPE / "diffusion.py")
@@ -39,14 +37,7 @@ class Record(Callback):
 
 
 def test_ema_of_the_pruned_unet_is_merged(tmp_path: Path) -> None:
-    L.seed_everything(0)
-    images = torch.rand(96, 1, 8, 8) * 2 - 1
-    train = DataLoader(TensorDataset(images[:64]), batch_size=16, shuffle=True)
-    val = DataLoader(TensorDataset(images[64:]), batch_size=16)
-    module = diffusion.DiffusionModule(TINY_UNET, num_train_timesteps=50, lr=1e-2, example_batch=4)
-    cb = LayerMergeCallback(budget=0.95, target="unet", importance=ImportanceSettings(fraction=0.25, steps=2,
-                            batch_size=8, relative=True), latency=FAST_LATENCY, distill=Distillation(alpha=1.0),
-                            cache_dir=str(tmp_path / "cache"), verbose=False)
+    train, val, module, cb = tiny_diffusion_fit(diffusion, tmp_path, lr=1e-2)
     record = Record()
     # Hooks run in list order: the recorder's on_train_end sees what the EMA left.
     trainer = quiet_trainer(max_steps=4, callbacks=[cb, fashion.EMA(decay=0.5), record], limit_val_batches=1)
