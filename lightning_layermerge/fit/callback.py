@@ -261,8 +261,8 @@ class LayerMergeCallback(Callback):
         """Tables -> solve -> calibrate (``planner.Planner``). The callback holds the planner's
         :class:`~.planner.PlanningResult`, which it fills as it goes (a failed run shows how far it got)."""
         planner = self.planner_type(budget=self.budget, method=self.method, monitor=self.monitor, mode=self.mode,
-                          importance=self.importance_settings, latency=self._timing,
-                          calibrate=self.calibrate, cache_dir=self._cache(trainer), verbose=self.verbose)
+                                    importance=self.importance_settings, latency=self._timing,
+                                    calibrate=self.calibrate, cache_dir=self._cache(trainer), verbose=self.verbose)
         self._planning = planner.result
         return planner.run(trainer, pl_module, path, target, chain)
 

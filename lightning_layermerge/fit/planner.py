@@ -116,7 +116,7 @@ class Planner:
         if plan is None:
             plan = Plan.from_segments(chain, self.solve(table, values, chain, budget_ms))
             if self.calibrate_plans:
-                plan = self.calibrate(trainer, target, chain, plan, budget_ms)
+                plan = self.calibrate(trainer, target, chain, plan, budget_ms, values)
             self.store_plan(trainer, plan_file, plan)
         plan = _same_on_all_ranks(trainer, plan)
         state = {"plan": plan.to_dict(), "predicted_ms": table.predicted_ms(plan.keys),
@@ -248,9 +248,10 @@ class Planner:
             raise ValueError(f"LayerMergeCallback(budget={self.budget}, method={self.method!r}): {err}") from err
 
     def calibrate(self, trainer: pl.Trainer, target: nn.Module, chain: Chain, plan: Plan,
-                  budget_ms: float) -> Plan:
-        """:func:`~lightning_layermerge.planning.calibrate.calibrate` with each candidate merged and
-        timed side by side with the BN-folded original on rank 0 (:meth:`measured_ratio`)."""
+                  budget_ms: float, values: dict) -> Plan:
+        """:func:`~lightning_layermerge.planning.calibrate.calibrate` on the DP values (``dp_values``
+        of the importance table) with each candidate merged and timed side by side with the
+        BN-folded original on rank 0 (:meth:`measured_ratio`)."""
         folded = fold_batchnorm(target, chain)
         inputs = batched_example(chain, self.latency_settings.batch_size)
 
@@ -258,7 +259,6 @@ class Planner:
             ratio = self.measured_ratio(trainer, folded, merge(prune(target, chain, candidate)), inputs)
             return ratio, self.last_spread
 
-        values = dp_values(self.result.importance_table, self.importance_settings.objective)
         result = calibrate(self.result.latency_table, values, chain, plan, budget_ms,
                            budget=self.budget, method=self.method, measure=measure, resolution=self.resolution,
                            progress=self.verbose and trainer.is_global_zero)
