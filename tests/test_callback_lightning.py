@@ -211,6 +211,29 @@ print("ok", sum(p.numel() for p in merged.parameters()))
     assert out.stdout.startswith("ok")
 
 
+def test_load_from_checkpoint_rebuilds_a_plan_that_keeps_every_conv(tmp_path: Path, trained_state: dict) -> None:
+    """A plan that only removes activations leaves the original's parameter names: the loaded
+    module must still get the pruned architecture (the original with its activations computes
+    something else)."""
+    train, val = loaders()
+    module = make(LitEval, trained_state)
+    chain = trace(module.model, torch.randn(32, 1, 8, 8))
+    keys = [s.key for s in chain.segments if len(s.convs) == s.j - s.i]  # every conv of the segment kept
+    merged_pair = next(k for k in keys if k[1] - k[0] >= 2)
+    plan = Plan.from_segments(chain, [k for k in Plan.keep_all(chain).keys if k[1] <= merged_pair[0]] + [merged_pair]
+                              + [k for k in Plan.keep_all(chain).keys if k[0] >= merged_pair[1]])
+    assert plan.kept_convs == frozenset(range(1, chain.num_layers + 1)) and len(plan.kept_activations) < chain.num_layers - 1
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1)
+    quiet_trainer(max_steps=2, val_check_interval=2, enable_checkpointing=True,
+                  callbacks=[callback(tmp_path / "cache", plan=plan.to_dict()), ckpt]).fit(
+        module, train_dataloaders=train, val_dataloaders=val)
+    loaded = LitEval.load_from_checkpoint(ckpt.best_model_path).eval()
+    assert isinstance(loaded.model, fx.GraphModule) and loaded.model.meta["layermerge"]["merged"] is False
+    x = next(iter(val))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected_from(ckpt.best_model_path, x), rtol=1e-4, atol=1e-5)
+
+
 def test_test_with_a_fresh_callback_on_an_already_merged_module_names_the_call_that_works(
         compressed_fit: dict) -> None:
     # The module's target is merged and this new callback never saw the original: a clear error.

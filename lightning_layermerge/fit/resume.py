@@ -174,8 +174,10 @@ def rebuild_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, origin
         def on_load_checkpoint(self, checkpoint):
             rebuild_pruned(self, checkpoint)
 
-    It does nothing for checkpoints without a LayerMerge plan, or when the module already has
-    the checkpoint's architecture (same parameter names).
+    It does nothing for checkpoints without a LayerMerge plan, or when the module's target
+    already has the checkpoint's architecture (compressed with the same plan, merged or not
+    alike). Parameter names do not decide it: a plan that keeps every conv and removes only
+    activations has the original's parameter names, but not its function.
 
     Args:
         pl_module: The module; its target must still be the original (uncompressed)
@@ -198,7 +200,7 @@ def rebuild_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, origin
     state = CompressionState.from_dict(stored)
     path = state.target
     current = get_path(pl_module, path)
-    if _same_keys(pl_module, checkpoint.get("state_dict")):
+    if _has_architecture(current, state):
         return False
     if original is None:
         if is_compressed(current):
@@ -214,8 +216,14 @@ def rebuild_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, origin
     return True
 
 
-def _same_keys(pl_module: nn.Module, state_dict: Mapping | None) -> bool:
-    return state_dict is not None and set(pl_module.state_dict()) == set(state_dict)
+def _has_architecture(target: nn.Module, state: CompressionState) -> bool:
+    """Whether ``target`` is already the network the checkpoint's weights belong to."""
+    target = unwrap_compressed(target)
+    if not is_compressed(target):
+        return False
+    meta = SurgeryMeta.of(target)
+    same_plan = [list(seg) for seg in meta.plan["segments"]] == [list(seg) for seg in state.plan["segments"]]
+    return same_plan and meta.merged == bool(state.merged)
 
 
 def restore_pruned(pl_module: pl.LightningModule, checkpoint: Checkpoint, *, strict: bool = True,
