@@ -16,7 +16,8 @@ For each network (the digits ResNet and MobileNetV2 of ``compare.py``, 16 px dig
 
 Every entry's result is appended to ``<work>/results.jsonl`` as soon as it is known and
 skipped when present, so an interrupted run resumes; ``--report-only`` rebuilds the outputs.
-Writes ``recipes/benchmarks/results/importance_check.md`` and ``importance_check.png``.
+Writes ``importance_check.md``, ``.json`` and ``.png`` to ``--out`` (default
+``recipes/benchmarks/results/``).
 
 Run::
 
@@ -92,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="random plans per network whose summed table importance (default setting, whole "
                         "table) is compared with their accuracy after the oracle's fine-tuning")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--out", default=str(RESULTS),
+                   help="folder for importance_check.md/.json/.png (default: the committed results; "
+                        "pass another folder when trying settings, so the committed report is kept)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     return a
@@ -411,9 +415,10 @@ def summarise(store: Store) -> list[dict]:
 
 def write_report(store: Store, args: argparse.Namespace) -> None:
     rows = summarise(store)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     lines = ["# Importance table vs long fine-tunes (digits, CPU)", "",
-             "<!-- notes -->", _notes(), "<!-- /notes -->", "",
+             "<!-- notes -->", _notes(out), "<!-- /notes -->", "",
              f"Command: `python recipes/benchmarks/importance_check.py --entries {args.entries} --oracle-epochs "
              f"{args.oracle_epochs} --train-epochs {args.train_epochs} --plans {args.plans}` "
              "(run here in 300-s chunks with "
@@ -457,22 +462,22 @@ def write_report(store: Store, args: argparse.Namespace) -> None:
     for name, s in SETTINGS.items():
         lines.append(f"- `{name}`: `{s}`")
     lines += ["", "![Spearman vs compute](importance_check.png)", ""]
-    md = RESULTS / "importance_check.md"
+    md = out / "importance_check.md"
     md.write_text("\n".join(lines))
-    (RESULTS / "importance_check.json").write_text(json.dumps(rows, indent=2))
-    _plot(rows)
+    (out / "importance_check.json").write_text(json.dumps(rows, indent=2))
+    _plot(rows, out)
     print(md.read_text())
 
 
-def _notes() -> str:
-    md = RESULTS / "importance_check.md"
+def _notes(out: Path) -> str:
+    md = out / "importance_check.md"
     if md.exists() and "<!-- notes -->" in md.read_text():
         text = md.read_text()
         return text.split("<!-- notes -->", 1)[1].split("<!-- /notes -->", 1)[0].strip()
     return "(notes to be written)"
 
 
-def _plot(rows: list[dict]) -> None:
+def _plot(rows: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -491,7 +496,7 @@ def _plot(rows: list[dict]) -> None:
     ax.set_title("Importance table vs long fine-tunes (digits)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "importance_check.png", dpi=120)
+    fig.savefig(out / "importance_check.png", dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
