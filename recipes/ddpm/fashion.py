@@ -438,6 +438,10 @@ def _plot(runs: list[dict], base: dict, path: Path) -> None:
             ax.plot(*zip(*pts), marker="o", label=method)
     ax.scatter([1.0], [base["fid"]], color="black", zorder=3, label="original")
     ax.axhline(1.1 * base["fid"], color="gray", ls="--", lw=0.8, label="original + 10 %")
+    control = next((r for r in runs if r.get("name") == "uncompressed, fine-tuned" and "fid" in r), None)
+    if control:
+        ax.scatter([1.0], [control["fid"]], color="black", marker="x", zorder=3, label="fine-tuned control")
+        ax.axhline(1.1 * control["fid"], color="gray", ls=":", lw=0.8, label="control + 10 %")
     ax.set_xlabel("measured latency ratio (UNet forward, CPU)")
     ax.set_ylabel("FID proxy (classifier features)")
     ax.set_title("Fashion-MNIST DDPM (reduced)")
