@@ -110,3 +110,23 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert len(list(csv.DictReader(out.open()))) == 2
     text = out.with_suffix(".md").read_text()
     assert "| 0.80 |" in text and "<!-- notes -->" in text and out.with_suffix(".png").exists()
+
+
+def test_verdicts_compare_at_equal_latency() -> None:
+    """The benchmark's plain statement: a win needs more than one sd at equal or lower latency,
+    a loss more than one sd less at equal or higher latency; otherwise a tie or a trade-off."""
+    bench = load_recipe(RECIPES / "benchmarks" / "compare_fashion.py")
+    P = bench.Point
+    lm = P(b1=0.8, b64=0.50, acc=90.0, sd=0.1, n=3)
+    assert bench.verdict(lm, P(0.6, 0.51, 89.5, 0.2, 3)).startswith("wins, +0.50 points (sd 0.20)")
+    assert bench.verdict(lm, P(0.6, 0.50, 90.5, 0.2, 3)).startswith("loses, -0.50")
+    assert bench.verdict(lm, P(0.6, 0.505, 90.05, 0.2, 3)).startswith("ties, -0.05")
+    assert bench.verdict(lm, P(0.6, 0.60, 90.5, 0.2, 3)).startswith("trade-off")  # less accurate but 17 % faster
+    assert bench.verdict(lm, P(0.6, 0.40, 89.0, 0.2, 3)).startswith("trade-off")  # more accurate but slower
+    assert bench.verdict(lm, P(0.6, 0.51, 89.5, 0.2, 3), "b1").startswith("trade-off")  # slower at batch 1
+    row = {"status": "ok", "test_acc": "0.9", "ratio_b1": "0.8", "ratio_b64": "0.5", "segments": "(0,3]k3",
+           "kept_convs": "5", "kept_acts": "3"}
+    groups = {("n", "layermerge", "0.50"): [row], ("n", "depth", "0.50"): [dict(row, ratio_b64="0.52")],
+              ("n", "layeronly", "0.50"): [dict(row, segments="-", test_acc="0.8")]}
+    (line,) = bench.verdict_lines(groups, "n", [0.5, 0.7], ["layermerge", "layeronly", "depth"])
+    assert "vs depth: the same plan" in line and "vs layeronly: batch 64 wins, +10.00" in line

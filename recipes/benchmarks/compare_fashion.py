@@ -66,6 +66,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as L
@@ -540,6 +541,64 @@ def cell(rows: list[dict]) -> str:
     return f"{p.acc:.2f}{sd} (n={p.n}) @ {p.b1:.2f} / {p.b64:.2f}"
 
 
+#: Latency ratios within this relative margin count as equal (the width search's tolerance).
+EQUAL_LATENCY = 0.03
+
+
+def verdict(lm: Point, other: Point, batch: str = "b64") -> str:
+    """LayerMerge against one other method at one budget, at one batch size's measured latency.
+
+    "wins" / "loses": more / less accurate by more than one standard deviation over seeds (the
+    larger of the two) at equal or lower / equal or higher measured latency (equal: within
+    :data:`EQUAL_LATENCY`); "ties": within one standard deviation at equal latency; otherwise a
+    trade-off (one is more accurate, the other faster), with both differences.
+    """
+    t_lm, t_other = getattr(lm, batch), getattr(other, batch)
+    gap = lm.acc - other.acc
+    sd = max(lm.sd, other.sd)
+    faster_or_equal = t_lm <= t_other * (1 + EQUAL_LATENCY)
+    slower_or_equal = t_lm >= t_other * (1 - EQUAL_LATENCY)
+    detail = f"{gap:+.2f} points (sd {sd:.2f}), latency {t_lm:.3f} vs {t_other:.3f}"
+    if gap > sd and faster_or_equal:
+        return f"wins, {detail}"
+    if gap < -sd and slower_or_equal:
+        return f"loses, {detail}"
+    if abs(gap) <= sd and faster_or_equal and slower_or_equal:
+        return f"ties, {detail}"
+    if abs(gap) <= sd:
+        return f"ties on accuracy and is {'faster' if t_lm < t_other else 'slower'}, {detail}"
+    return f"trade-off, {detail}"
+
+
+def verdict_lines(groups: dict[tuple, list[dict]], net: str, budgets: Sequence[float],
+                  methods: Sequence[str]) -> list[str]:
+    """One line per budget: LayerMerge against each other method that ran, at batch 64 and batch 1."""
+    def plan_of(rows: list[dict]) -> tuple | None:
+        ok = [r for r in rows if r["status"] == "ok"]
+        return (ok[0].get("segments"), ok[0].get("kept_convs"), ok[0].get("kept_acts")) if ok else None
+
+    lines = []
+    for b in budgets:
+        lm_rows = groups.get((net, "layermerge", f"{b:.2f}"), [])
+        lm = point(lm_rows)
+        if lm is None:
+            continue
+        parts = []
+        for m in methods:
+            rows = groups.get((net, m, f"{b:.2f}"), []) if m != "layermerge" else []
+            other = point(rows)
+            if other is None:
+                continue
+            if m != "width" and plan_of(rows) == plan_of(lm_rows):  # same network: only the timing differs
+                parts.append(f"vs {m}: the same plan (accuracy {lm.acc:.2f} for both; the two measurements of it "
+                             f"gave {lm.b64:.3f} / {other.b64:.3f} at batch 64)")
+            else:
+                parts.append(f"vs {m}: batch 64 {verdict(lm, other)}; batch 1 {verdict(lm, other, 'b1')}")
+        if parts:
+            lines.append(f"- **{b:.2f}**: " + "; ".join(parts) + ".")
+    return lines
+
+
 def write_outputs(setup: Setup, command: str) -> Path:
     rows = read_rows(setup.csv)
     stem = setup.csv.stem
@@ -585,6 +644,11 @@ def write_outputs(setup: Setup, command: str) -> Path:
         for b in setup.budgets:
             lines.append(f"| {b:.2f} | " + " | ".join(cell(groups.get((net, m, f"{b:.2f}"), []))
                                                       for m in setup.methods) + " |")
+        verdicts = verdict_lines(groups, net, setup.budgets, setup.methods)
+        if verdicts:
+            lines += ["", "LayerMerge against each method, per budget (wins / loses: more than one sd over seeds apart "
+                      f"at equal or lower / higher measured latency, equal meaning within {EQUAL_LATENCY:.0%}):", "",
+                      *verdicts]
         lines += ["", "<details><summary>every run</summary>", "",
                   "| method | budget | seed | status | test acc | ratio b1 | ratio b64 | callback ratio (b64) | "
                   "predicted | width ratio | kept convs | acts | merged segments | params | run s | load |",
