@@ -121,6 +121,28 @@ def l1_importance(chain: Chain) -> dict[tuple[int, int, int], float]:
             for s in chain.segments}
 
 
+def dp_plans(table: LatencyTable, chain: Chain, budgets=(0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+             label: str = "") -> list[tuple[str, Plan]]:
+    """The DP plan (L1 stand-in importance) at each reachable budget, as ``("dp<budget>", plan)``;
+    an unreachable budget is printed with the solver's reason and skipped."""
+    plans = []
+    for budget in budgets:
+        try:
+            sol = solve(table.entries, l1_importance(chain), chain.num_layers, table.budget_for(budget))
+        except ValueError as err:
+            print(f"{label} dp{budget}: {err}")
+            continue
+        plans.append((f"dp{budget}", Plan.from_segments(chain, sol.segments)))
+    return plans
+
+
+def predicted_ratio(table: LatencyTable, chain: Chain, entries: dict, plan: Plan) -> float:
+    """A plan's latency ratio under other prices ``entries`` (the table's whole-network time, and
+    the part outside the chain as those prices leave it)."""
+    outside = table.total_ms - sum(entries[k] for k in Plan.keep_all(chain).keys)
+    return (outside + sum(entries[k] for k in plan.keys)) / table.total_ms
+
+
 def random_merge_plan(chain: Chain, rng: random.Random) -> Plan:
     """A random covering that prefers merged segments of kernel 5 or 7 where there are some."""
     at, keys = 0, []

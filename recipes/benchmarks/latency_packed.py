@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from latency_check import l1_importance, random_merge_plan
+from latency_check import dp_plans, predicted_ratio, random_merge_plan
 from latency_models import build
-from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune, solve, trace
+from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune, trace
 from lightning_layermerge.planning import side_by_side
 from lightning_layermerge.planning.tables.latency_store import IN_PLACE, IN_PLACE_SKIP, _cache_key, _open_cache
 from lightning_layermerge.planning.tables.pricing import in_context, in_context_additive, with_skip_costs
@@ -80,7 +80,6 @@ def main(name, random_plans=5, rounds=3):
     costs = [store.get((IN_PLACE_SKIP, i, 0)) or 0.0 for i in range(len(chain.skips))]
     alone = dict(table.alone)
     factor_ctx = in_context(chain, alone, in_place)
-    segs = {s.key: s for s in chain.segments}
     merged_keys = [s.key for s in chain.segments if s.j - s.i > 1 and not s.identity]
     inputs = batched_example(chain, settings.batch_size)
     t0 = time.perf_counter()
@@ -122,16 +121,9 @@ def main(name, random_plans=5, rounds=3):
     print("packed/factor per entry: median %.3f min %.3f max %.3f" % (statistics.median(ratio), min(ratio), max(ratio)))
 
     def predict(e, plan):
-        outside = table.total_ms - sum(e[k] for k in Plan.keep_all(chain).keys)
-        return (outside + sum(e[k] for k in plan.keys)) / table.total_ms
+        return predicted_ratio(table, chain, e, plan)
 
-    test = []
-    for budget in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-        try:
-            sol = solve(table.entries, l1_importance(chain), chain.num_layers, table.budget_for(budget))
-            test.append((f"dp{budget}", Plan.from_segments(chain, sol.segments)))
-        except ValueError:
-            pass
+    test = dp_plans(table, chain, label=name)
     rng = random.Random(0)
     test += [(f"random{n}", random_merge_plan(chain, rng)) for n in range(random_plans)]
     folded, rows = fold_batchnorm(model, chain), []

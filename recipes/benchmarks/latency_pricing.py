@@ -45,10 +45,10 @@ def measure(name: str, random_plans: int) -> list[dict]:
     """Table, plans, measurements and every model's prediction for one network."""
     import numpy as np
     import torch
-    from latency_check import l1_importance, random_merge_plan
+    from latency_check import dp_plans, predicted_ratio, random_merge_plan
     from latency_models import build
 
-    from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune, solve, trace
+    from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune, trace
     from lightning_layermerge.planning import side_by_side
     from lightning_layermerge.planning.tables.latency_store import IN_PLACE, IN_PLACE_SKIP, _cache_key, _open_cache
     from lightning_layermerge.planning.tables.pricing import in_context, in_context_additive, with_skip_costs
@@ -95,17 +95,9 @@ def measure(name: str, random_plans: int) -> list[dict]:
                "bytes_exact": with_skip_costs(chain, bytes_model(True), costs)}
 
     def predict(e: dict, plan) -> float:
-        outside = table.total_ms - sum(e[k] for k in Plan.keep_all(chain).keys)
-        return (outside + sum(e[k] for k in plan.keys)) / table.total_ms
+        return predicted_ratio(table, chain, e, plan)
 
-    plans = []
-    for budget in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-        try:
-            sol = solve(table.entries, l1_importance(chain), chain.num_layers, table.budget_for(budget))
-        except ValueError as err:
-            print(f"{name} dp{budget}: {err}")
-            continue
-        plans.append((f"dp{budget}", Plan.from_segments(chain, sol.segments)))
+    plans = dp_plans(table, chain, label=name)
     rng = random.Random(0)
     plans += [(f"random{n}", random_merge_plan(chain, rng)) for n in range(random_plans)]
     folded, rows = fold_batchnorm(model, chain), []
