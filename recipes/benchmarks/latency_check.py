@@ -45,6 +45,7 @@ Writes ``recipes/benchmarks/results/latency_check.md`` and ``latency_check.png``
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import platform
 import random
 import statistics
@@ -134,6 +135,58 @@ def dp_plans(table: LatencyTable, chain: Chain, budgets=(0.4, 0.5, 0.6, 0.7, 0.8
             continue
         plans.append((f"dp{budget}", Plan.from_segments(chain, sol.segments)))
     return plans
+
+
+@dataclass
+class DefaultTable:
+    """A network's latency table with default ``LatencySettings()`` and the in-place times its
+    build stored (what the pricing experiments re-price)."""
+
+    model: nn.Module
+    example: torch.Tensor
+    chain: Chain
+    table: LatencyTable
+    in_place: dict[int, float]  # chain layer -> its conv + activation timed in place
+    skip_costs: list[float]  # per chain.skips entry, timed in place
+    build_s: float
+
+
+def default_table(name: str) -> DefaultTable:
+    """Build ``name``'s (``latency_models.build``) default table in a fresh cache, 1 thread."""
+    import tempfile
+
+    from latency_models import build
+    from lightning_layermerge.planning.tables.latency_store import IN_PLACE, IN_PLACE_SKIP, _cache_key, _open_cache
+
+    torch.set_num_threads(1)
+    model, example = build(name)
+    model.eval()
+    chain = trace(model, example)
+    settings, cache = LatencySettings(), tempfile.mkdtemp()
+    start = time.perf_counter()
+    table = build_latency_table(model, chain, settings, cache_dir=cache, progress=False)
+    build_s = time.perf_counter() - start
+    store = _open_cache(cache, chain, _cache_key(chain, settings, settings.batch_size))
+    in_place = {l: store.get((IN_PLACE, l, 0)) for l in range(1, chain.num_layers + 1)
+                if store.get((IN_PLACE, l, 0)) is not None}
+    costs = [store.get((IN_PLACE_SKIP, i, 0)) or 0.0 for i in range(len(chain.skips))]
+    return DefaultTable(model, example, chain, table, in_place, costs, build_s)
+
+
+def measured_plans(model: nn.Module, chain: Chain, table: LatencyTable, example, random_plans: int,
+                   label: str = "", calls: int = 3):
+    """The DP plans and ``random_plans`` random merge plans (seed 0), each merged and timed side by
+    side with the BN-folded original ``calls`` times: yields ``(label, plan, median ratio)``."""
+    from lightning_layermerge.planning import side_by_side
+
+    rng = random.Random(0)
+    plans = dp_plans(table, chain, label=label) + [(f"random{n}", random_merge_plan(chain, rng))
+                                                    for n in range(random_plans)]
+    folded = fold_batchnorm(model, chain)
+    for name, plan in plans:
+        merged = merge(prune(model, chain, plan))
+        yield name, plan, statistics.median(side_by_side({"original": folded, "plan": merged}, example,
+                                                         table.settings).ratio["plan"] for _ in range(calls))
 
 
 def predicted_ratio(table: LatencyTable, chain: Chain, entries: dict, plan: Plan) -> float:

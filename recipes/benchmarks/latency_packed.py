@@ -12,21 +12,15 @@ by more than 5 / 10 / 20 %. Quiet machine only (nothing else may run):
 Appends to ``results/latency_packed.jsonl``; per-entry prices to ``results/latency_packed_<net>.json``.
 """
 import json
-import random
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
-from latency_check import dp_plans, predicted_ratio, random_merge_plan
-from latency_models import build
-from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune, trace
-from lightning_layermerge.planning import side_by_side
-from lightning_layermerge.planning.tables.latency_store import IN_PLACE, IN_PLACE_SKIP, _cache_key, _open_cache
+from latency_check import default_table, measured_plans, predicted_ratio
+from lightning_layermerge import Plan, fold_batchnorm, merge, prune
 from lightning_layermerge.planning.tables.pricing import in_context, in_context_additive, with_skip_costs
 from lightning_layermerge.planning.tables.segment_modules import batched_example
 from lightning_layermerge.planning.tables.timing import time_nodes, timing_environment
@@ -65,19 +59,9 @@ def segment_nodes(chain, seg, nodes):
 
 def main(name, random_plans=5, rounds=3):
     """Table, packed in-place prices, plans and every pricing's prediction for one network."""
-    torch.set_num_threads(1)
-    model, example = build(name)
-    model.eval()
-    chain = trace(model, example)
-    settings = LatencySettings()
-    cache = tempfile.mkdtemp()
-    t0 = time.perf_counter()
-    table = build_latency_table(model, chain, settings, cache_dir=cache, progress=False)
-    t_table = time.perf_counter() - t0
-    store = _open_cache(cache, chain, _cache_key(chain, settings, settings.batch_size))
-    in_place = {l: store.get((IN_PLACE, l, 0)) for l in range(1, chain.num_layers + 1)
-                if store.get((IN_PLACE, l, 0)) is not None}
-    costs = [store.get((IN_PLACE_SKIP, i, 0)) or 0.0 for i in range(len(chain.skips))]
+    base = default_table(name)
+    model, example, chain, table, t_table = base.model, base.example, base.chain, base.table, base.build_s
+    in_place, costs, settings = base.in_place, base.skip_costs, table.settings
     alone = dict(table.alone)
     factor_ctx = in_context(chain, alone, in_place)
     merged_keys = [s.key for s in chain.segments if s.j - s.i > 1 and not s.identity]
@@ -123,14 +107,8 @@ def main(name, random_plans=5, rounds=3):
     def predict(e, plan):
         return predicted_ratio(table, chain, e, plan)
 
-    test = dp_plans(table, chain, label=name)
-    rng = random.Random(0)
-    test += [(f"random{n}", random_merge_plan(chain, rng)) for n in range(random_plans)]
-    folded, rows = fold_batchnorm(model, chain), []
-    for label, plan in test:
-        m = merge(prune(model, chain, plan))
-        measured = statistics.median(side_by_side({"original": folded, "plan": m}, example, settings).ratio["plan"]
-                                     for _ in range(3))
+    rows = []
+    for label, plan, measured in measured_plans(model, chain, table, example, random_plans, label=name):
         row = {"model": name, "plan": label, "measured": measured, **{k: predict(e, plan) for k, e in entries.items()}}
         rows.append(row)
         print(label, f"measured {measured:.3f}",

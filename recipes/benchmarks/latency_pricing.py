@@ -30,9 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
-import statistics
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,26 +41,14 @@ NOTES = ("<!-- notes -->", "<!-- /notes -->")
 def measure(name: str, random_plans: int) -> list[dict]:
     """Table, plans, measurements and every model's prediction for one network."""
     import numpy as np
-    import torch
-    from latency_check import dp_plans, predicted_ratio, random_merge_plan
-    from latency_models import build
+    from latency_check import default_table, measured_plans, predicted_ratio
 
-    from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune, trace
-    from lightning_layermerge.planning import side_by_side
-    from lightning_layermerge.planning.tables.latency_store import IN_PLACE, IN_PLACE_SKIP, _cache_key, _open_cache
+    from lightning_layermerge import Plan
     from lightning_layermerge.planning.tables.pricing import in_context, in_context_additive, with_skip_costs
 
-    torch.set_num_threads(1)
-    model, example = build(name)
-    model.eval()
-    chain = trace(model, example)
-    settings = LatencySettings()
-    cache = tempfile.mkdtemp()
-    table = build_latency_table(model, chain, settings, cache_dir=cache, progress=False)
-    store = _open_cache(cache, chain, _cache_key(chain, settings, settings.batch_size))
-    in_place = {l: store.get((IN_PLACE, l, 0)) for l in range(1, chain.num_layers + 1)
-                if store.get((IN_PLACE, l, 0)) is not None}
-    costs = [store.get((IN_PLACE_SKIP, i, 0)) or 0.0 for i in range(len(chain.skips))]
+    base = default_table(name)
+    model, example, chain, table = base.model, base.example, base.chain, base.table
+    in_place, costs = base.in_place, base.skip_costs
     alone, segs = dict(table.alone), {s.key: s for s in chain.segments}
     keep = {s.j: s for s in Plan.keep_all(chain).segments}
 
@@ -97,14 +82,8 @@ def measure(name: str, random_plans: int) -> list[dict]:
     def predict(e: dict, plan) -> float:
         return predicted_ratio(table, chain, e, plan)
 
-    plans = dp_plans(table, chain, label=name)
-    rng = random.Random(0)
-    plans += [(f"random{n}", random_merge_plan(chain, rng)) for n in range(random_plans)]
-    folded, rows = fold_batchnorm(model, chain), []
-    for label, plan in plans:
-        merged = merge(prune(model, chain, plan))
-        measured = statistics.median(side_by_side({"original": folded, "plan": merged}, example,
-                                                  table.settings).ratio["plan"] for _ in range(3))
+    rows = []
+    for label, plan, measured in measured_plans(model, chain, table, example, random_plans, label=name):
         row = {"model": name, "plan": label, "measured": measured,
                "merges": sum(len(s.convs) > 1 for s in plan.segments), **{m: predict(entries[m], plan) for m in MODELS}}
         print(label, f"measured {measured:.3f}", " ".join(f"{m} {row[m]:.3f}" for m in MODELS), flush=True)
