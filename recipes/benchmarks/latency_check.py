@@ -189,6 +189,18 @@ def measured_plans(model: nn.Module, chain: Chain, table: LatencyTable, example,
                                                          table.settings).ratio["plan"] for _ in range(calls))
 
 
+def median_node_times(gm: nn.Module, inputs: tuple, settings: LatencySettings, rounds: int) -> dict[str, float]:
+    """Every operation of ``gm`` timed in place (``time_nodes``), median over ``rounds`` passes.
+    Call it inside ``timing_environment(settings)``."""
+    from lightning_layermerge.planning.tables.timing import time_nodes
+
+    samples: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for node, ms in time_nodes(gm, inputs, settings).items():
+            samples.setdefault(node, []).append(ms)
+    return {node: statistics.median(v) for node, v in samples.items()}
+
+
 def predicted_ratio(table: LatencyTable, chain: Chain, entries: dict, plan: Plan) -> float:
     """A plan's latency ratio under other prices ``entries`` (the table's whole-network time, and
     the part outside the chain as those prices leave it)."""

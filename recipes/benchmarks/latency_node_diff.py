@@ -10,10 +10,11 @@ import sys
 
 import torch
 
+from latency_check import median_node_times
 from latency_models import build
 from lightning_layermerge import LatencySettings, Plan, fold_batchnorm, merge, prune, trace
 from lightning_layermerge.planning.tables.segment_modules import batched_example
-from lightning_layermerge.planning.tables.timing import time_nodes, timing_environment, time_module
+from lightning_layermerge.planning.tables.timing import time_module, timing_environment
 torch.set_num_threads(1)
 model, example = build(sys.argv[1]); model.eval()
 chain = trace(model, example)
@@ -22,14 +23,8 @@ x = batched_example(chain, s.batch_size)
 folded = fold_batchnorm(model, chain)
 seg = chain.segment(*map(int, sys.argv[2:5]))
 plan = merge(prune(model, chain, Plan.replacing(chain, seg)))
-def med(gm):
-    acc = {}
-    for _ in range(5):
-        for n, v in time_nodes(gm, x, s).items():
-            acc.setdefault(n, []).append(v)
-    return {n: statistics.median(v) for n, v in acc.items()}
 with timing_environment(s):
-    a, b = med(folded), med(plan)
+    a, b = median_node_times(folded, x, s, 5), median_node_times(plan, x, s, 5)
     wa = statistics.median(time_module(folded, x, s) for _ in range(5))
     wb = statistics.median(time_module(plan, x, s) for _ in range(5))
 print(f"whole: original {wa:.4f} plan {wb:.4f} saving {wa-wb:.4f} ms; node sums {sum(a.values()):.4f} {sum(b.values()):.4f}")

@@ -18,12 +18,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-
-from latency_check import default_table, measured_plans, predicted_ratio
+from latency_check import default_table, measured_plans, median_node_times, predicted_ratio
 from lightning_layermerge import Plan, fold_batchnorm, merge, prune
 from lightning_layermerge.planning.tables.pricing import in_context, in_context_additive, with_skip_costs
 from lightning_layermerge.planning.tables.segment_modules import batched_example
-from lightning_layermerge.planning.tables.timing import time_nodes, timing_environment
+from lightning_layermerge.planning.tables.timing import timing_environment
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,24 +67,12 @@ def main(name, random_plans=5, rounds=3):
     inputs = batched_example(chain, settings.batch_size)
     t0 = time.perf_counter()
     with timing_environment(settings):
-        keep_nodes = {}
-        for _ in range(rounds):
-            nd = time_nodes(fold_batchnorm(model, chain), inputs, settings)
-            for n, v in nd.items():
-                keep_nodes.setdefault(n, []).append(v)
-        keep_nodes = {n: statistics.median(v) for n, v in keep_nodes.items()}
-        scale = table.total_ms / sum(keep_nodes.values())
+        scale = table.total_ms / sum(median_node_times(fold_batchnorm(model, chain), inputs, settings, rounds).values())
         plans = packed_plans(chain, merged_keys)
         packed = {}
         for plan in plans:
-            gm = merge(prune(model, chain, plan))
-            acc = defaultdict(list)
-            for _ in range(rounds):
-                nd = time_nodes(gm, inputs, settings)
-                for s in plan.segments:
-                    if s.key in merged_keys:
-                        acc[s.key].append(segment_nodes(chain, s, nd) * scale)
-            packed.update({k: statistics.median(v) for k, v in acc.items()})
+            nodes = median_node_times(merge(prune(model, chain, plan)), inputs, settings, rounds)
+            packed.update({s.key: segment_nodes(chain, s, nodes) * scale for s in plan.segments if s.key in merged_keys})
     t_packed = time.perf_counter() - t0
     ctx_packed = dict(factor_ctx)
     ctx_packed.update(packed)
@@ -103,13 +90,9 @@ def main(name, random_plans=5, rounds=3):
           f"{t_packed:.1f} s; node scale {scale:.3f}", flush=True)
     ratio = [packed[k] / factor_ctx[k] for k in packed if factor_ctx[k] > 0]
     print("packed/factor per entry: median %.3f min %.3f max %.3f" % (statistics.median(ratio), min(ratio), max(ratio)))
-
-    def predict(e, plan):
-        return predicted_ratio(table, chain, e, plan)
-
     rows = []
     for label, plan, measured in measured_plans(model, chain, table, example, random_plans, label=name):
-        row = {"model": name, "plan": label, "measured": measured, **{k: predict(e, plan) for k, e in entries.items()}}
+        row = {"model": name, "plan": label, "measured": measured, **{k: predicted_ratio(table, chain, e, plan) for k, e in entries.items()}}
         rows.append(row)
         print(label, f"measured {measured:.3f}",
               " ".join(f"{k} {row[k]:.3f} ({(measured - row[k]) / row[k]:+.1%})" for k in entries), flush=True)

@@ -79,13 +79,10 @@ def measure(name: str, random_plans: int) -> list[dict]:
                "bytes": with_skip_costs(chain, bytes_model(False), costs),
                "bytes_exact": with_skip_costs(chain, bytes_model(True), costs)}
 
-    def predict(e: dict, plan) -> float:
-        return predicted_ratio(table, chain, e, plan)
-
     rows = []
     for label, plan, measured in measured_plans(model, chain, table, example, random_plans, label=name):
         row = {"model": name, "plan": label, "measured": measured,
-               "merges": sum(len(s.convs) > 1 for s in plan.segments), **{m: predict(entries[m], plan) for m in MODELS}}
+               "merges": sum(len(s.convs) > 1 for s in plan.segments), **{m: predicted_ratio(table, chain, entries[m], plan) for m in MODELS}}
         print(label, f"measured {measured:.3f}", " ".join(f"{m} {row[m]:.3f}" for m in MODELS), flush=True)
         rows.append(row)
     return rows
