@@ -276,6 +276,27 @@ def run(args: argparse.Namespace) -> None:
             return
 
 
+def default_entry(runner: SubRunner, net: str, model: nn.Module, chain: Any, seg: Any) -> dict:
+    """One entry of the ``default`` table as the callback computes it (a store row)."""
+    t = time.perf_counter()
+    trained_net = runner.finetune(prune(model, chain, Plan.replacing(chain, seg)), seg)
+    metrics = runner.metrics(trained_net, training_loss=False)
+    return {"id": f"{net}/default/{seg.key}", "net": net, "kind": "entry", "setting": "default",
+            "key": list(seg.key), "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
+            "seconds": time.perf_counter() - t}
+
+
+def finetuned_plan(model: nn.Module, chain: Any, plan: Plan, epochs: int) -> dict[str, float]:
+    """A whole plan pruned, BatchNorm re-estimated and fine-tuned like the oracle; val_loss / val_acc."""
+    dm = datamodule()
+    pruned = prune(model, chain, plan)
+    L.seed_everything(0, workers=True)
+    recalibrate_batchnorm(pruned, dm.train_dataloader(), 8)
+    with quiet():
+        _trainer(epochs).fit(Classifier(pruned.train(), lr=0.02), train_dataloaders=dm.train_dataloader())
+    return evaluate(pruned, dm.val_dataloader())
+
+
 def random_plan(chain: Any, rng: random.Random) -> Plan:
     """``Plan.random``: a uniformly random walk over legal segments from position 0 to L."""
     return Plan.random(chain, rng)
@@ -291,12 +312,7 @@ def plans_stage(store: Store, net: str, model: nn.Module, chain: Any, args: argp
             continue
         if out_of_time():
             return False
-        t = time.perf_counter()
-        trained_net = runner.finetune(prune(model, chain, Plan.replacing(chain, seg)), seg)
-        metrics = runner.metrics(trained_net, training_loss=False)
-        store.add({"id": rid, "net": net, "kind": "entry", "setting": "default", "key": list(seg.key),
-                   "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
-                   "seconds": time.perf_counter() - t})
+        store.add(default_entry(runner, net, model, chain, seg))
     rng = random.Random(1)
     for index in range(args.plans):
         plan = random_plan(chain, rng)
@@ -305,15 +321,8 @@ def plans_stage(store: Store, net: str, model: nn.Module, chain: Any, args: argp
             continue
         if out_of_time():
             return False
-        dm = datamodule()
-        pruned = prune(model, chain, plan)
-        L.seed_everything(0, workers=True)
-        recalibrate_batchnorm(pruned, dm.train_dataloader(), 8)
-        with quiet():
-            _trainer(args.oracle_epochs).fit(Classifier(pruned.train(), lr=0.02),
-                                             train_dataloaders=dm.train_dataloader())
         store.add({"id": rid, "net": net, "kind": "plan", "segments": [list(k) for k in plan.keys],
-                   **evaluate(pruned, dm.val_dataloader())})
+                   **finetuned_plan(model, chain, plan, args.oracle_epochs)})
     return True
 
 
