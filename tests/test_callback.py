@@ -239,11 +239,14 @@ def test_relative_importance_divides_perf_by_the_original(tmp_path_factory: pyte
         assert math.log(tables[True][k]) == pytest.approx(math.log(tables[False][k]) / loss0, rel=1e-6, abs=1e-9)
     with pytest.raises(ValueError, match="relative must be True or False"):
         ImportanceSettings(relative="yes")
+    with pytest.raises(ValueError, match="paired must be True or False"):
+        ImportanceSettings(paired=1)
 
 
 def test_objectives_share_one_importance_table_and_solve_their_own_sum(tmp_path: Path, trained_state: dict) -> None:
     """objective="exp" (the paper's sum of I) and "log" (sum of ln I) read the same cached table."""
     from lightning_layermerge.planning import dp_values, solve
+    from lightning_layermerge.planning.objective import trivial_keys
 
     train, _ = loaders()
     cache, plans = tmp_path / "cache", {}
@@ -256,8 +259,9 @@ def test_objectives_share_one_importance_table_and_solve_their_own_sum(tmp_path:
         if objective == "log":
             assert counts.finetunes == 0  # the table built for "exp" was reused
         table, importance = cb.latency_table, cb.importance_table
-        expected = solve(table.entries, dp_values(importance, objective), cb.chain.num_layers,
-                         table.budget_for(0.8))
+        # ImportanceSettings(paired=True), the default: entries read relative to the trivial ones.
+        values = dp_values(importance, objective, trivial=trivial_keys(cb.chain))
+        expected = solve(table.entries, values, cb.chain.num_layers, table.budget_for(0.8))
         assert sorted(cb.plan.keys) == sorted(expected.segments)
 
 

@@ -4,6 +4,7 @@ distillation in the sub-runs, and the measured noise level (issue 13)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import statistics
@@ -278,6 +279,10 @@ def test_report_shows_the_noise_level_steps_and_build_time() -> None:
     assert ("importance table : 2 entries, 30 steps each, scored on 270 samples, built in 123 s; "
             "noise sigma 0.01 of Perf (3 repeats; unmodified 0.01, 1 entries 0.00141), "
             "1 entries beyond 2 sigma") in text
+    assert "read relative to" not in text  # no paired_offset recorded
+    paired = dataclasses.replace(report, importance={**level.as_dict(), "paired_offset": -0.0054})
+    assert ("1 entries beyond 2 sigma; read relative to the unmodified network's own short fine-tune "
+            "(ln I offset -0.0054)") in str(paired)
     metrics = report.metrics()
     assert metrics["layermerge/importance_sigma"] == pytest.approx(0.01)
     assert metrics["layermerge/importance_distinguishable"] == 1.0

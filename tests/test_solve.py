@@ -367,3 +367,49 @@ def test_log_objective_prefers_the_merged_segment_the_paper_sum_prefers_two() ->
     assert dp_values({(0, 1, 1): 0.0}, "log") == {(0, 1, 1): -math.inf}  # never chosen
     with pytest.raises(ValueError, match=r"objective must be one of \['log', 'exp'\], got 'sum'"):
         dp_values(importance, "sum")
+
+
+def test_paired_values_charge_the_protocol_once_not_per_segment() -> None:
+    """Keep entries at ln I = -0.01 (the short fine-tune's own cost) against a merged entry at
+    -0.015: read as they are, two keeps (-0.02) lose to the merge; read relative to the keep
+    entries (offset -0.01), the keeps are 0 and the merge -0.005, so the keeps win."""
+    from lightning_layermerge.planning import dp_values
+    from lightning_layermerge.planning.objective import protocol_offset
+
+    latency = {(0, 1, 3): 1.0, (1, 2, 3): 1.0, (0, 2, 5): 1.0}
+    importance = {(0, 1, 3): math.exp(-0.01), (1, 2, 3): math.exp(-0.01), (0, 2, 5): math.exp(-0.015)}
+    trivial = {(0, 1, 3), (1, 2, 3)}
+    assert protocol_offset(importance, trivial) == pytest.approx(-0.01)
+    assert solve(latency, dp_values(importance, "log"), 2, 10.0).segments == [(0, 2, 5)]
+    paired = dp_values(importance, "log", trivial=trivial)
+    assert paired[(0, 1, 3)] == 0.0 and paired[(0, 2, 5)] == pytest.approx(-0.005)
+    assert solve(latency, paired, 2, 10.0).segments == [(0, 1, 3), (1, 2, 3)]
+    exp_paired = dp_values(importance, "exp", trivial=trivial)
+    assert exp_paired[(1, 2, 3)] == 1.0 and exp_paired[(0, 2, 5)] == pytest.approx(math.exp(-0.005))
+    # Unusable entries stay unusable; a table without finite trivial entries has no offset.
+    assert dp_values({(0, 1, 3): 0.0, (0, 2, 5): 0.5}, "log", trivial={(0, 1, 3)})[(0, 1, 3)] == -math.inf
+    assert protocol_offset({(0, 1, 3): -math.inf}, {(0, 1, 3)}) == 0.0
+
+
+def test_trivial_keys_are_the_segments_that_leave_the_network_unchanged() -> None:
+    import torch
+
+    from lm_helpers import TinyNet
+
+    from lightning_layermerge import Plan, prune, trace
+    from lightning_layermerge.planning.objective import trivial_keys
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    x = torch.randn(2, 1, 8, 8)
+    chain = trace(model, x)
+    trivial = trivial_keys(chain)
+    assert trivial == {s.key for s in chain.segments if s.j - s.i == 1 and s.convs == (s.j,)}
+    assert len(trivial) == chain.num_layers  # one per layer: the layer as it is
+    with torch.no_grad():
+        for key in trivial:
+            assert torch.equal(prune(model, chain, Plan.replacing(chain, key)).eval()(x), model(x))
+        others = [s.key for s in chain.segments if s.key not in trivial]
+        changed = [k for k in others if not torch.allclose(prune(model, chain, Plan.replacing(chain, k)).eval()(x),
+                                                             model(x))]
+        assert changed == others  # every other entry changes the network

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..planning.calibrate import calibrate
 from ..planning.chain_solve import RESOLUTIONS, reachable_floor_ms, resolution_for, smallest_budget, solve_chain
-from ..planning.objective import dp_values
+from ..planning.objective import dp_values, protocol_offset, trivial_keys
 from ..planning.plan_cache import plan_cache_path, read_cached_plan, write_cached_plan
 from ..planning.side_by_side import side_by_side
 from ..planning.tables.cache import TableCache, fingerprint
@@ -110,7 +110,8 @@ class Planner:
         table = result.latency_table = self.build_latency_table(trainer, target, chain)
         budget_ms = self.budget_ms(table, chain)
         importance = result.importance_table = self.build_importance_table(trainer, target, chain)
-        values = dp_values(importance, self.importance_settings.objective)  # what the DP sums
+        trivial = trivial_keys(chain) if self.importance_settings.paired else ()
+        values = dp_values(importance, self.importance_settings.objective, trivial=trivial)  # what the DP sums
         plan_file = self.plan_file(chain, table, values)
         plan = self.cached_plan(trainer, chain, plan_file)
         if plan is None:
@@ -123,7 +124,7 @@ class Planner:
                  "table_original_ms": table.total_ms, "metric_before": result.base, "monitor": result.monitor.key,
                  "mode": result.monitor.mode, "training_loss": result.monitor.training_loss,
                  "calibration": result.calibration,
-                 "importance": result.importance_noise.as_dict() if result.importance_noise else None,
+                 "importance": _importance_state(result.importance_noise, importance, trivial),
                  # How the table was really measured (a busy machine may have changed the settings),
                  # so a resumed run times its final report the same way without the table.
                  "latency_settings": asdict(table.settings), "table_build_s": table.build_s,
@@ -171,7 +172,8 @@ class Planner:
         key = {"weights": weights_fingerprint(target), "module": type(runner.shell).__qualname__,
                "monitor": monitor.key, "mode": monitor.mode, "data": len(runner.loader.dataset),
                "score_samples": runner.score_samples, "score_on_val": runner.subsets.on_val,
-               **{k: v for k, v in vars(self.importance_settings).items() if k != "objective"}}  # same table
+               **{k: v for k, v in vars(self.importance_settings).items()
+                  if k not in ("objective", "paired")}}  # how the table is read, not what it holds
         self._importance_key = key
         score, base, scale = runner.score, monitor.perf(base_perf), 1.0
         if self.importance_settings.relative:
@@ -362,3 +364,11 @@ def _same_on_all_ranks(trainer: pl.Trainer, plan: Plan) -> Plan:
             raise RuntimeError(f"LayerMergeCallback: rank {trainer.global_rank} solved {plan.keys} but rank 0 "
                                f"solved {reference}; the tables differ between ranks")
     return plan
+
+
+def _importance_state(noise: NoiseLevel | None, importance: dict, trivial: Any) -> dict | None:
+    """The noise level's record, plus the offset the entries were read relative to
+    (``ImportanceSettings(paired=True)``; ``None``: read as they are)."""
+    if noise is None:
+        return None
+    return {**noise.as_dict(), "paired_offset": protocol_offset(importance, trivial) if trivial else None}

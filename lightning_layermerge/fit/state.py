@@ -38,7 +38,8 @@ class CompressionState:
             original network's measured total.
         metric_before / monitor / mode / training_loss: The Perf metric and its value before compression.
         calibration: One record per calibration round.
-        importance: Noise level of the importance table (``NoiseLevel.as_dict()``).
+        importance: Noise level of the importance table (``NoiseLevel.as_dict()``) and
+            ``paired_offset``, the ln I offset its entries were read relative to (None: as they are).
         latency_settings: The settings the table was really measured with (``asdict(LatencySettings)``).
         table_build_s / table_max_spread / load_note: Facts about the latency table's build.
         extra: Keys this version does not know (kept, so that a round trip loses nothing).
