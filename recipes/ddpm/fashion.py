@@ -83,6 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--objective", choices=("log", "exp"), default="exp",
                    help="what the DP maximises: the sum of I (the paper; this recipe's default: at 0.95 and 0.9 it "
                         "scored better than the library's default, the sum of ln I, in results/fashion*.md) or of ln I")
+    p.add_argument("--paired", action="store_true",
+                   help="read importance entries relative to the unmodified UNet's own sub-run "
+                        "(ImportanceSettings(paired=True), the library default since 2026-12-01); off here because "
+                        "every committed results/fashion*.md run read them as they are, and paired=True has not "
+                        "been evaluated on this UNet")
     p.add_argument("--classifier-steps", type=int, default=500)
     p.add_argument("--methods", nargs="+", default=["layermerge", "layeronly", "depth"])
     p.add_argument("--budgets", nargs="+", type=float, default=[0.95, 0.9, 0.87, 0.8])
@@ -318,7 +323,7 @@ def compressed_run(args: argparse.Namespace, dm: FashionImages, work: Path, meth
     callback = LayerMergeCallback(
         budget=budget, method=method, target="unet", monitor="val_loss",
         importance=ImportanceSettings(fraction=0.02, steps=args.importance_steps, batch_size=32, relative=True,
-                                      objective=args.objective),
+                                      objective=args.objective, paired=args.paired),
         latency=LatencySettings(device="cpu", batch_size=16, threads=1, warmup=5, repeats=20, reference=True),
         distill=Distillation(alpha=1.0), cache_dir=str(work / "cache"), verbose=False,
     )
