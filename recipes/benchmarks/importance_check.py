@@ -154,14 +154,7 @@ def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
 
 def oracle(model: nn.Module, chain: Any, key: tuple[int, int, int], epochs: int) -> dict[str, float]:
     """The entry after a long fine-tune, scored on the whole validation set."""
-    dm = datamodule()
-    pruned = prune(model, chain, Plan.replacing(chain, chain.segment(*key)))
-    L.seed_everything(0, workers=True)
-    recalibrate_batchnorm(pruned, dm.train_dataloader(), 8)
-    module = Classifier(pruned.train(), lr=0.02)  # Lightning keeps eval() modules in eval mode
-    with quiet():
-        _trainer(epochs).fit(module, train_dataloaders=dm.train_dataloader())
-    return evaluate(pruned, dm.val_dataloader())
+    return finetuned_plan(model, chain, Plan.replacing(chain, chain.segment(*key)), epochs)
 
 
 def runner_for(model: nn.Module, settings: ImportanceSettings) -> SubRunner:
@@ -286,14 +279,16 @@ def default_entry(runner: SubRunner, net: str, model: nn.Module, chain: Any, seg
             "seconds": time.perf_counter() - t}
 
 
-def finetuned_plan(model: nn.Module, chain: Any, plan: Plan, epochs: int) -> dict[str, float]:
-    """A whole plan pruned, BatchNorm re-estimated and fine-tuned like the oracle; val_loss / val_acc."""
-    dm = datamodule()
+def finetuned_plan(model: nn.Module, chain: Any, plan: Plan, epochs: int, dm: Any = None) -> dict[str, float]:
+    """``plan`` pruned, BatchNorm re-estimated on 8 batches, fine-tuned ``epochs`` on ``dm``'s whole
+    training set (default: the digits) and scored on its whole validation set: val_loss / val_acc."""
+    dm = dm if dm is not None else datamodule()
     pruned = prune(model, chain, plan)
     L.seed_everything(0, workers=True)
     recalibrate_batchnorm(pruned, dm.train_dataloader(), 8)
+    module = Classifier(pruned.train(), lr=0.02)  # Lightning keeps eval() modules in eval mode
     with quiet():
-        _trainer(epochs).fit(Classifier(pruned.train(), lr=0.02), train_dataloaders=dm.train_dataloader())
+        _trainer(epochs).fit(module, train_dataloaders=dm.train_dataloader())
     return evaluate(pruned, dm.val_dataloader())
 
 

@@ -30,16 +30,13 @@ import json
 import time
 from pathlib import Path
 
-import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 
 import compare_fashion as cf
 import importance_check as ic
-from nets import Classifier
+from importance_zero_training import outputs, pruned_scores
 
 from lightning_layermerge import Plan, prune, trace
-from lightning_layermerge.planning.bn_recalibration import recalibrate_batchnorm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
@@ -58,12 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-@torch.no_grad()
-def outputs(model: torch.nn.Module, loader) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x) for x, _ in loader])
-
-
 def cached_table(net_dir: Path) -> tuple[dict, dict]:
     """The callback's cached importance table ``{key: I}`` and its cache key."""
     files = sorted((net_dir / "cache").glob("importance-*-shard0of1.json"))
@@ -71,18 +62,6 @@ def cached_table(net_dir: Path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"no cached importance table under {net_dir / 'cache'}; run compare_fashion.py first")
     data = json.loads(files[0].read_text())
     return {tuple(e[:3]): e[3] for e in data["entries"] if e[0] >= 0}, data["key"]["user"]
-
-
-def scores(pruned: torch.nn.Module, dm, reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Zero-training scores (lower is better) of a pruned network."""
-    L.seed_everything(0, workers=True)
-    recalibrate_batchnorm(pruned, dm.train_dataloader(), 8)
-    out = outputs(pruned, dm.val_dataloader())
-    row = {"ce": float(F.cross_entropy(out, labels)), "mse": float(((out - reference) ** 2).mean() / reference.var())}
-    for t in TEMPERATURES:
-        row[f"kl{t:g}"] = float(F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(reference / t, 1),
-                                         log_target=True, reduction="batchmean"))
-    return row
 
 
 def net_study(setup: cf.Setup, net: str, store: ic.Store, a: argparse.Namespace) -> dict:
@@ -98,17 +77,13 @@ def net_study(setup: cf.Setup, net: str, store: ic.Store, a: argparse.Namespace)
         rid = f"{net}/oracle/{seg_key}"
         if rid not in store:
             t = time.perf_counter()
-            pruned = prune(model, chain, Plan.replacing(chain, chain.segment(*seg_key)))
-            L.seed_everything(0, workers=True)
-            recalibrate_batchnorm(pruned, dm.train_dataloader(), 8)
-            with ic.quiet():
-                ic._trainer(a.oracle_epochs).fit(Classifier(pruned.train(), lr=0.02),
-                                                 train_dataloaders=dm.train_dataloader())
+            plan = Plan.replacing(chain, chain.segment(*seg_key))
             store.add({"id": rid, "net": net, "kind": "oracle", "key": list(seg_key),
-                       **ic.evaluate(pruned, dm.val_dataloader()), "seconds": time.perf_counter() - t})
+                       **ic.finetuned_plan(model, chain, plan, a.oracle_epochs, dm=dm),
+                       "seconds": time.perf_counter() - t})
         pruned = prune(model, chain, Plan.replacing(chain, chain.segment(*seg_key)))
         rows.append({"key": seg_key, "oracle": store.rows[rid]["val_loss"], "default": table[seg_key],
-                     **scores(pruned, dm, reference, labels)})
+                     **pruned_scores(pruned, dm, reference, labels, TEMPERATURES)})
         print(net, rows[-1], flush=True)
     oracle = [-r["oracle"] for r in rows]
     rho = {"default": ic.spearman([r["default"] for r in rows], oracle)}

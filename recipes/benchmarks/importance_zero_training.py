@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +74,19 @@ def outputs(model: nn.Module, loader: Any) -> torch.Tensor:
 
 def zero_training_scores(model: nn.Module, chain: Any, plan: Plan, reference: torch.Tensor,
                          temperatures: list[float]) -> dict[str, float]:
-    """Distances (lower is better) of ``plan``'s pruned network to the original, no training."""
+    """Distances (lower is better) of ``plan``'s pruned network to the original, no training (digits)."""
     dm = ic.datamodule()
-    pruned = prune(model, chain, plan)
+    labels = torch.cat([y for _, y in dm.val_dataloader()])
+    return pruned_scores(prune(model, chain, plan), dm, reference, labels, temperatures)
+
+
+def pruned_scores(pruned: nn.Module, dm: Any, reference: torch.Tensor, labels: torch.Tensor,
+                  temperatures: Sequence[float]) -> dict[str, float]:
+    """BatchNorm re-estimation of ``pruned`` on 8 of ``dm``'s training batches, then its validation loss
+    (``ce``) and its outputs' distances to the original's ``reference`` outputs (``mse``, ``kl{T}``)."""
     L.seed_everything(0, workers=True)
     recalibrate_batchnorm(pruned, dm.train_dataloader(), 8)
     out = outputs(pruned, dm.val_dataloader())
-    labels = torch.cat([y for _, y in dm.val_dataloader()])
     scores = {"ce": float(F.cross_entropy(out, labels)),
               "mse": float(((out - reference) ** 2).mean() / reference.var())}
     for t in temperatures:
