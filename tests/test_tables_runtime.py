@@ -161,3 +161,25 @@ def test_onnxruntime_tables_are_priced_in_context_additively() -> None:
     moved = in_context_additive(chain, alone, in_place)
     assert all(moved[s.key] == pytest.approx(in_place[s.j]) for s in keep if not s.identity)
     assert all(v >= 0 for v in moved.values())
+
+
+def test_onnxruntime_sessions_spin_only_while_a_run_lasts() -> None:
+    # Spinning kept on after a run steals the cores of the next interleaved session; spinning
+    # off makes every pass wake sleeping workers. Timing sessions spin and stop at the run's end.
+    from lightning_layermerge.planning.tables.runtime import session_options
+
+    options = session_options(2)
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
+@pytest.mark.parametrize("runtime, torch_threads", [("onnxruntime", 1), ("eager", 2)])
+def test_torch_keeps_one_thread_while_onnxruntime_is_timed(runtime: str, torch_threads: int) -> None:
+    # torch only exports for ONNX Runtime; its spinning OpenMP workers would share the cores.
+    from lightning_layermerge.planning.tables.timing import timing_environment
+
+    before = torch.get_num_threads()
+    with timing_environment(LatencySettings(runtime=runtime, threads=2)):
+        assert torch.get_num_threads() == torch_threads
+    assert torch.get_num_threads() == before

@@ -42,8 +42,16 @@ def _num_threads(threads: int | None) -> Iterator[None]:
 
 @contextmanager
 def timing_environment(settings: LatencySettings) -> Iterator[None]:
-    """Threads and allocator regime of ``settings`` for the block (both restored after)."""
-    with _num_threads(settings.threads), cached_allocator(settings.allocator == "cached"):
+    """Threads and allocator regime of ``settings`` for the block (both restored after).
+
+    With ``runtime="onnxruntime"`` torch gets one thread: it only exports and converts there,
+    and torch's OpenMP workers keep spinning for a while after each torch call, on the cores
+    ONNX Runtime's own workers need (measured at 2 threads on 2 cores: the same one-conv
+    session timed 0.054-0.057 ms after torch ran at 1 thread, 0.055-0.068 ms with spreads up
+    to 22 % after torch ran at 2).
+    """
+    torch_threads = 1 if settings.runtime == "onnxruntime" else settings.threads
+    with _num_threads(torch_threads), cached_allocator(settings.allocator == "cached"):
         yield
 
 
