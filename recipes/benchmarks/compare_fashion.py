@@ -42,6 +42,9 @@ Run (``pip install -e ".[bench]"`` for Torch-Pruning; Fashion-MNIST from
     python recipes/benchmarks/compare_fashion.py            # budgets 0.3-0.8, seeds 0 1 2 (~2 h on 2 cores)
     python recipes/benchmarks/compare_fashion.py --remeasure # re-time every saved network (quiet machine)
     python recipes/benchmarks/compare_fashion.py --report-only
+    # LayerMerge with importance tables that train nothing (ImportanceSettings(steps=0, bn_batches=8)):
+    python recipes/benchmarks/compare_fashion.py --zero-training --methods layermerge --no-control \
+        --work runs/fashion_zt --csv runs/fashion_zt/compare_fashion_zt.csv
 
 Outputs: the CSV (``recipes/benchmarks/results/compare_fashion.csv``; ``--quick``:
 ``compare_fashion_quick.csv``), ``compare_fashion[_quick].md`` (tables, plans, run times) and
@@ -170,6 +173,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Setup, argparse.Namespace
     p.add_argument("--redo", nargs="+", default=(), metavar="METHOD",
                    help="drop these methods' rows (and width-ratio searches) of the selected nets and budgets, then run")
     p.add_argument("--train-only", action="store_true", help="only train (or load) the networks")
+    p.add_argument("--zero-training", action="store_true",
+                   help="importance without sub-run training: ImportanceSettings(steps=0, bn_batches=8) "
+                        "(each entry scored right after BatchNorm re-estimation); use its own --work and --csv")
     p.add_argument("--timing-scale", type=float, default=1.0,
                    help="scale the timed passes (tests: 0.05); 1 = 40 at batch 64, 300 at batch 1")
     # Internal: latency of one saved network in its own process.
@@ -187,7 +193,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[Setup, argparse.Namespace
         control=not a.no_control, quick=quick, work=Path(a.work),
         csv=Path(a.csv) if a.csv else RESULTS / f"{stem}.csv", val_size=a.val_size,
         batch_size=a.batch_size, timing_scale=a.timing_scale,
+        importance=ImportanceSettings(steps=0, bn_batches=8) if a.zero_training else ImportanceSettings(),
     ), a
+
+
+def _importance_words(settings: ImportanceSettings) -> str:
+    """How the importance table of these settings was estimated, in words."""
+    if settings.steps == 0:
+        return (f"--zero-training: no sub-run training; each entry scored by val_loss on the validation set right "
+                f"after re-estimating BatchNorm statistics on {settings.bn_batches} training batches")
+    return (f"the library's defaults: at least {settings.min_steps} SGD steps per entry, scored by val_loss on the "
+            "validation set")
 
 
 def load_avg() -> str:
@@ -619,9 +635,8 @@ def write_outputs(setup: Setup, command: str) -> Path:
         f"every compressed network fine-tuned the same way: {setup.finetune_epochs} epoch(s) on "
         f"{setup.finetune_limit or 55000:,} training images, SGD lr {setup.finetune_lr} one-cycle cosine, batch "
         f"{setup.batch_size}, KD from the original (alpha {setup.distill.alpha}, T {setup.distill.temperature}); "
-        f"seeds {', '.join(map(str, setup.seeds))}. Importance (LayerMerge methods): `{setup.importance}` (the "
-        f"library's defaults: at least {setup.importance.min_steps} SGD steps per entry, scored by val_loss on the "
-        f"validation set); latency: `{setup.latency}`. Width pruning: "
+        f"seeds {', '.join(map(str, setup.seeds))}. Importance (LayerMerge methods): `{setup.importance}` "
+        f"({_importance_words(setup.importance)}); latency: `{setup.latency}`. Width pruning: "
         "Torch-Pruning MetaPruner, L1 magnitude group importance, uniform ratio, bisected to ±3 % of the budget "
         "on the BN-folded network (batch 64).",
         "**Measured ratio**: the final network against the BN-folded original, side by side (interleaved, "
