@@ -8,8 +8,9 @@ no fine-tuning) on the trained networks of ``compare.py`` (digits) and ``compare
 
 * the importance tables those recipes cached (``--digits-work`` / ``--fashion-work``; the
   recipes build them, this script only reads them and stops if one is missing);
-* ``LatencySettings(batch_size=64)`` otherwise default, i.e. all cores and the wall clock
-  (this process keeps torch's default thread count), the table built once per network;
+* ``LatencySettings(batch_size=64)`` otherwise default, i.e. 1 thread timed by the thread's
+  CPU clock, the latency table built once per network (in this process, not read from the
+  recipe's cache);
 * a fresh plan cache per run (the recipes' cached plans are not read), so every run calibrates.
 
 It writes ``recipes/benchmarks/results/calibration_count.md``: per run the candidates'
