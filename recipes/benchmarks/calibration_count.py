@@ -84,7 +84,7 @@ def _plan_cache(cache: Path, into: Path) -> Path:
 
 def run(label: str, make_module, dm, importance, method: str, budget: float, tables: Path) -> dict:
     """One callback planning run; its calibration rounds."""
-    import lightning.pytorch as L
+    from compare import _trainer
 
     from lightning_layermerge import LatencySettings, LayerMergeCallback
 
@@ -95,9 +95,7 @@ def run(label: str, make_module, dm, importance, method: str, budget: float, tab
     callback = LayerMergeCallback(budget=budget, target="model", method=method, monitor="val_loss", mode="min",
                                   importance=importance, latency=LatencySettings(batch_size=64),
                                   cache_dir=str(tables), verbose=False)
-    trainer = L.Trainer(max_epochs=0, accelerator="cpu", devices=1, callbacks=[callback], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, default_root_dir=str(tables / "runs"))
+    trainer = _trainer(tables / "runs", 0, [callback])  # compare.py's trainer, no epoch: planning only
     start = time.perf_counter()
     try:
         trainer.fit(make_module(), datamodule=dm)
@@ -138,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import torch
-
-    threads = torch.get_num_threads()
     sources = _sources(args)
-    torch.set_num_threads(threads)  # the recipes' argument parsers pin torch to 1 thread; undo it
     rows: list[dict] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="calibration-count-") as tmp:
