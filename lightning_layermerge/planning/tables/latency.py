@@ -19,7 +19,10 @@ into :data:`SPREAD_BLOCKS` blocks, ``(max - min) / median`` of the block medians
 measured again while it exceeds ``settings.max_spread``; a wall-clock setting on a busy CPU is
 detected before measuring (:func:`probe_load`) and handled as ``settings.on_load`` says.
 Modules run in the settings' runtime (eager, TorchScript or ONNX Runtime,
-:mod:`~lightning_layermerge.tables.runtime`). With ``settings.context`` (default) the original
+:mod:`~lightning_layermerge.tables.runtime`). ONNX Runtime timings at more than one thread
+are taken when the threads get their parallel speed-up (on a virtual machine it comes and
+goes; :mod:`~lightning_layermerge.planning.tables.parallel_gate`), and entries timed before
+that state was first seen are re-timed at the end of the build. With ``settings.context`` (default) the original
 network is also timed operation by operation in place, and every entry is scaled by the
 in-place / alone time of the original layers it replaces (:func:`in_context`), and the
 residual additions with their shortcut projections, timed in place too, are priced with the
@@ -71,6 +74,7 @@ from .latency_store import (
 from .latency_settings import CLOCKS, ON_LOAD, SPREAD_BLOCKS, LatencySettings
 from .load import LatencyLoadError, LatencyLoadWarning, LoadProbe, check_load, probe_load
 from .ort_profile import ort_node_times
+from .parallel_gate import ParallelGate, gate_for
 from .pricing import _in_place_layers, _scaled_to, in_context, in_context_additive, skip_costs, with_skip_costs
 from .segment_modules import _segment_run, _whole_run, batched_example, segment_module
 from .timing import (
@@ -279,6 +283,8 @@ def build_latency_table(
     by_geometry = {_geometry(s): s.key for s in chain.segments if store.get(s.key) is not None}
     bar = tqdm(total=len(chain.segments) + 1, desc="latency table", unit="entry", disable=not progress)
     measured, start = 0, time.perf_counter()
+    gate = gate_for(settings)
+    states: dict[Key, float] = {}  # sentinel ratio at the end of each timing of this build (gated settings)
     with bar, timing_environment(settings):
         for seg in chain.segments:
             if store.get(seg.key) is None:
@@ -290,16 +296,18 @@ def build_latency_table(
                     store.put_timing(seg.key, 0.0, 0.0)
                     by_geometry[geometry] = seg.key
                 else:
-                    timing = timer(*_segment_run(chain, seg, settings))
+                    timing = _watched(gate, states, seg.key, lambda: timer(*_segment_run(chain, seg, settings)))
                     store.put_timing(seg.key, timing.ms, timing.spread)
                     by_geometry[geometry] = seg.key
                     measured += 1
             bar.update(1)
             bar.set_postfix(measured=measured)
         if store.get(TOTAL_KEY) is None:
-            timing = timer.whole(*_whole_run(model, chain, settings))
+            timing = _watched(gate, states, TOTAL_KEY, lambda: timer.whole(*_whole_run(model, chain, settings)))
             store.put_timing(TOTAL_KEY, timing.ms, timing.spread)
         bar.update(1)
+        if gate is not None:
+            _retime_stale(model, chain, settings, store, timer, gate, states)
         if _uses_context(settings) and store.get((IN_PLACE, 0, 0)) is None:
             nodes = _scaled_to(_in_place_nodes(timer, *_whole_run(model, chain, settings)), store.values[TOTAL_KEY])
             for layer, ms in _in_place_layers(chain, nodes).items():
@@ -335,8 +343,50 @@ def _in_place_nodes(timer: _Timer, gm: fx.GraphModule, inputs: tuple) -> dict[st
     """Every operation of the BN-folded original timed in place, in the settings' runtime."""
     if timer.settings.runtime == "onnxruntime":
         timer.used = True
-        return ort_node_times(gm, inputs, timer.settings)
+        gate = gate_for(timer.settings)
+        if gate is None:
+            return ort_node_times(gm, inputs, timer.settings)
+        return gate.gated(lambda: ort_node_times(gm, inputs, timer.settings))
     return timer.nodes(gm, inputs)
+
+
+def _watched(gate: ParallelGate | None, states: dict[Key, float], key: Key, take: Any) -> Timing:
+    """``take()``, noting the gate's state after it; a timing the gate gave up on counts as unrepeatable.
+
+    Its spread becomes at least how much slower the sentinel ran than in the best state, so the
+    table lists it in :attr:`LatencyTable.unreliable` and warns, as for any unrepeatable timing.
+    """
+    if gate is None:
+        return take()
+    before = gate.slow_timings
+    timing = take()
+    states[key] = gate.last
+    if gate.slow_timings > before and math.isfinite(gate.last / gate.best):
+        excess = gate.last / gate.best - 1
+        timing = Timing(timing.ms, excess if math.isnan(timing.spread) else max(timing.spread, excess), timing.attempts)
+    return timing
+
+
+def _retime_stale(model: nn.Module, chain: Chain, settings: LatencySettings, store: _Store, timer: _Timer,
+                  gate: ParallelGate, states: dict[Key, float]) -> None:
+    """Time again what this build timed before the gate had seen the machine's parallel speed-up.
+
+    The gate accepts a timing when the sentinel is within tolerance of the best ratio seen *so
+    far*; a build that started while the threads got no speed-up took its first timings in
+    that state. Once a better state has been seen, those are re-taken (in it), and every
+    segment of the same geometry gets the new value.
+    """
+    stale = [key for key, ratio in states.items() if gate.stale(ratio)]
+    for key in stale:
+        if key == TOTAL_KEY:
+            timing = _watched(gate, states, key, lambda: timer.whole(*_whole_run(model, chain, settings)))
+            store.put_timing(TOTAL_KEY, timing.ms, timing.spread)
+            continue
+        seg = next(s for s in chain.segments if s.key == key)
+        timing = _watched(gate, states, key, lambda: timer(*_segment_run(chain, seg, settings)))
+        for other in chain.segments:
+            if _geometry(other) == _geometry(seg):
+                store.put_timing(other.key, timing.ms, timing.spread)
 
 
 
@@ -350,7 +400,12 @@ def _report_unreliable(table: LatencyTable) -> None:
     what = "the whole model" if worst == TOTAL_KEY else f"segment {worst}"
     message = (f"{len(table.unreliable)} latency table timing(s) stayed unrepeatable after {settings.retries} "
                f"re-measurement(s): spread up to {worst_spread:.1%} ({what}) > max_spread={settings.max_spread:g}")
-    if settings.clock_used == "wall" and settings.torch_device.type == "cpu":
+    gate = gate_for(settings)
+    if gate is not None and gate.slow_timings:
+        message += (f"; the {settings.threads or 'default'} timing threads got no parallel speed-up for long stretches "
+                    f"({gate.describe()}): on a virtual machine the host decides this; pass "
+                    "LatencySettings(threads=1) (per-thread CPU time) for prices that do not depend on it")
+    elif settings.clock_used == "wall" and settings.torch_device.type == "cpu":
         message += ("; another process is probably using the CPU: pass LatencySettings(threads=1) (per-thread "
                     "CPU time) or stop it")
     else:

@@ -20,6 +20,7 @@ from torch import fx, nn
 from .allocator import cached_allocator
 from .latency_settings import SPREAD_BLOCKS, LatencySettings
 from .load import LoadProbe, probe_load
+from .parallel_gate import gate_for
 from .runtime import prepare_call
 
 __all__ = ["Timing", "interleaved_samples", "spread", "time_interleaved", "time_module", "time_nodes",
@@ -130,16 +131,30 @@ def interleaved_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]],
     """
     device = settings.torch_device
     _check_device(device)
-    times: list[list[float]] = [[] for _ in runs]
     with timing_environment(settings), torch.no_grad():
         calls = [_prepare(module, inputs, settings) for module, inputs in runs]
         for call in calls:
             for _ in range(settings.warmup):
                 call()
         clock = _clock(settings)
-        for _ in range(settings.repeats):
-            for samples, call in zip(times, calls):
-                samples.append(_timed_call(call, device, clock)[1])
+        gate = gate_for(settings)
+        if gate is None:
+            return _passes(calls, settings.repeats, device, clock)
+        # Multi-thread ONNX Runtime: passes taken while the threads get their parallel speed-up
+        # (:mod:`~lightning_layermerge.planning.tables.parallel_gate`); one untimed pass first,
+        # since the wait may have let the workers fall asleep.
+        return gate.gated(lambda: _passes(calls, settings.repeats, device, clock, untimed=1))
+
+
+def _passes(calls: Sequence[Any], repeats: int, device: torch.device, clock: Any, untimed: int = 0) -> list[list[float]]:
+    """``repeats`` rounds of one timed pass of every call, in turn (after ``untimed`` untimed rounds)."""
+    for _ in range(untimed):
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for samples, call in zip(times, calls):
+            samples.append(_timed_call(call, device, clock)[1])
     return times
 
 
