@@ -129,3 +129,24 @@ def test_real_probe_gives_a_positive_ratio() -> None:
     gate = ParallelGate(ORT2)
     value = gate.ratio()
     assert 0.05 < value < 20 and gate.best == value
+
+
+def test_a_build_that_waited_says_so_in_its_load_note(monkeypatch) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+    chain = trace(model, torch.randn(2, 3, 8, 8))
+    gate, clock = scripted_gate([0.75])
+    monkeypatch.setattr(latency_module, "gate_for", lambda settings: gate)
+
+    def samples(runs, settings):  # each timing waits 2.5 s for the parallel state, as on a VM whose cores drift
+        clock.sleep(2.5)
+        gate.waited_s += 2.5
+        gate.ratio()
+        return [[1.0] for _ in runs]
+
+    table = build_latency_table(model, chain, ORT2, progress=False, timers=Timers(samples=samples))
+    assert table.load_note.startswith("waited ") and "parallel speed-up" in table.load_note
+    assert "0 timing(s) taken without it" in table.load_note
+    quiet, _ = scripted_gate([0.75])
+    monkeypatch.setattr(latency_module, "gate_for", lambda settings: quiet)
+    plain = build_latency_table(model, chain, ORT2, progress=False, timers=Timers(samples=lambda r, s: [[1.0] for _ in r]))
+    assert plain.load_note == ""

@@ -285,6 +285,7 @@ def build_latency_table(
     measured, start = 0, time.perf_counter()
     gate = gate_for(settings)
     states: dict[Key, float] = {}  # sentinel ratio at the end of each timing of this build (gated settings)
+    gate_before = (gate.waited_s, gate.slow_timings) if gate is not None else (0.0, 0)
     with bar, timing_environment(settings):
         for seg in chain.segments:
             if store.get(seg.key) is None:
@@ -315,6 +316,7 @@ def build_latency_table(
             for index, ms in enumerate(skip_costs(chain, nodes)):
                 store.put((IN_PLACE_SKIP, index, 0), ms)
             store.put((IN_PLACE, 0, 0), 1.0)  # done (also when no layer could be found in place)
+    note = _with_gate_note(note, gate, gate_before)
     raw = {s.key: store.values[s.key] for s in chain.segments}
     entries = raw
     if _uses_context(settings):
@@ -365,6 +367,19 @@ def _watched(gate: ParallelGate | None, states: dict[Key, float], key: Key, take
         excess = gate.last / gate.best - 1
         timing = Timing(timing.ms, excess if math.isnan(timing.spread) else max(timing.spread, excess), timing.attempts)
     return timing
+
+
+def _with_gate_note(note: str, gate: ParallelGate | None, before: tuple[float, int]) -> str:
+    """``note`` plus what the parallel-state gate did in this build, when it waited a second or more or gave up."""
+    if gate is None:
+        return note
+    waited, slow = gate.waited_s - before[0], gate.slow_timings - before[1]
+    if waited < 1.0 and not slow:
+        return note
+    threads = gate.settings.threads or "default"
+    said = (f"waited {waited:.1f} s for the {threads} timing threads' parallel speed-up "
+            f"(it comes and goes on this machine); {slow} timing(s) taken without it")
+    return f"{note}; {said}" if note else said
 
 
 def _retime_stale(model: nn.Module, chain: Chain, settings: LatencySettings, store: _Store, timer: _Timer,
