@@ -6,6 +6,8 @@ gives the module's output, and that the table and side-by-side measurements use 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,37 @@ def test_torch_keeps_one_thread_while_onnxruntime_is_timed(runtime: str, torch_t
     with timing_environment(LatencySettings(runtime=runtime, threads=2)):
         assert torch.get_num_threads() == torch_threads
     assert torch.get_num_threads() == before
+
+
+def test_fitted_overhead_keeps_layers_exact_and_removes_the_whole_fixed_cost_from_merges() -> None:
+    """Multi-thread ONNX Runtime pricing: alone = in place + fixed + per-element x sizes, recovered exactly."""
+    from lightning_layermerge.planning.tables.pricing import _overhead_fit, in_context_fitted
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 32, 1), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    chain = trace(model, torch.randn(2, 3, 6, 6))
+    fixed, per = 0.02, 1e-5
+    size = lambda seg: math.prod(seg.in_shape) + math.prod(seg.out_shape)  # noqa: E731
+    keep = {s.j: s for s in Plan.keep_all(chain).segments}
+    in_place = {l: 0.1 * l for l in keep}
+    alone = {}
+    for seg in chain.segments:  # every segment alone pays exactly fixed + per x its sizes over its in-network time
+        true = 0.05 * (seg.j - seg.i) if seg.j - seg.i > 1 else in_place[seg.j]
+        alone[seg.key] = 0.0 if seg.identity else true + fixed + per * size(seg)
+    assert _overhead_fit([(size(keep[l]), fixed + per * size(keep[l])) for l in keep]) == pytest.approx((fixed, per))
+    priced = in_context_fitted(chain, alone, in_place)
+    for seg in chain.segments:
+        if seg.identity:
+            continue
+        true = 0.05 * (seg.j - seg.i) if seg.j - seg.i > 1 else in_place[seg.j]
+        assert priced[seg.key] == pytest.approx(true), seg.key
+
+
+def test_overhead_fit_never_goes_negative() -> None:
+    from lightning_layermerge.planning.tables.pricing import _overhead_fit
+
+    assert _overhead_fit([]) == (0.0, 0.0)
+    assert _overhead_fit([(1.0, 0.3), (2.0, 0.2), (3.0, 0.1)]) == pytest.approx((0.2, 0.0))  # falling: constant
+    fixed, per = _overhead_fit([(1.0, 0.0), (2.0, 0.5), (3.0, 1.0)])  # through the origin instead of below it
+    assert fixed == 0.0 and per > 0

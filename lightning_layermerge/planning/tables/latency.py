@@ -74,8 +74,16 @@ from .latency_store import (
 from .latency_settings import CLOCKS, ON_LOAD, SPREAD_BLOCKS, LatencySettings
 from .load import LatencyLoadError, LatencyLoadWarning, LoadProbe, check_load, probe_load
 from .ort_profile import ort_node_times
-from .parallel_gate import ParallelGate, gate_for
-from .pricing import _in_place_layers, _scaled_to, in_context, in_context_additive, skip_costs, with_skip_costs
+from .parallel_gate import ParallelGate, gate_for, ort_threads
+from .pricing import (
+    _in_place_layers,
+    _scaled_to,
+    in_context,
+    in_context_additive,
+    in_context_fitted,
+    skip_costs,
+    with_skip_costs,
+)
 from .segment_modules import _segment_run, _whole_run, batched_example, segment_module
 from .timing import (
     Timers,
@@ -323,10 +331,16 @@ def build_latency_table(
         in_place = {l: store.values[(IN_PLACE, l, 0)] for l in range(1, chain.num_layers + 1)
                     if (IN_PLACE, l, 0) in store.values}
         costs = [store.values.get((IN_PLACE_SKIP, index, 0), 0.0) for index in range(len(chain.skips))]
-        # ONNX Runtime: a segment's own session pays a fixed layout conversion at its input and
-        # output, so the in-place correction is additive there (measured: the factor model priced
-        # merged MobileNetV2 blocks 26-45 % too low); eager: a factor.
-        to_context = in_context_additive if settings.runtime == "onnxruntime" else in_context
+        # ONNX Runtime: a segment's own session pays a layout conversion at its input and output,
+        # so the in-place correction is additive there (measured: the factor model priced merged
+        # MobileNetV2 blocks 26-45 % too low); with more than one thread each of those conversions
+        # is also a kernel dispatched to the threads, a fixed cost that the size-proportional split
+        # under-assigns to merged segments, so it is fitted (2-thread block: 74 / 93 % within 5 /
+        # 10 % fitted vs 67 / 85 % additive; at 1 thread the additive split is better, 90 / 100 %
+        # vs 75 / 90 %). Eager: a factor.
+        to_context = in_context
+        if settings.runtime == "onnxruntime":
+            to_context = in_context_fitted if ort_threads(settings) > 1 else in_context_additive
         entries = with_skip_costs(chain, to_context(chain, raw, in_place), costs)
     chain_ms = sum(entries[k] for k in Plan.keep_all(chain).keys)
     table = LatencyTable(entries, store.values[TOTAL_KEY], chain_ms, settings, alone=raw,

@@ -66,7 +66,8 @@ class LatencySettings:
             ``runtime="onnxruntime"`` the in-place times come from ONNX Runtime's profiler
             (``ort_profile.ort_node_times``) and the correction is additive
             (``pricing.in_context_additive``): a segment's own session pays a fixed layout
-            conversion at its input and output. TorchScript has no per-operation times; its
+            conversion at its input and output; with more than one thread, a fitted fixed +
+            per-element session overhead (``pricing.in_context_fitted``). TorchScript has no per-operation times; its
             entries stay as timed alone.
         runtime: What runs the network: ``"eager"`` PyTorch, ``"torchscript"`` (the file
             ``export_torchscript`` writes, loaded back) or ``"onnxruntime"`` (the file

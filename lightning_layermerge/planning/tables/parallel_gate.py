@@ -37,7 +37,7 @@ from torch import nn
 from .latency_settings import LatencySettings
 from .runtime import prepare_call
 
-__all__ = ["TOLERANCE", "ParallelGate", "gate_for", "sentinel"]
+__all__ = ["TOLERANCE", "ParallelGate", "gate_for", "ort_threads", "sentinel"]
 
 #: A state is "parallel" while the sentinel's ratio is at most ``(1 + TOLERANCE)`` times the best
 #: ratio seen in this process (measured: 0.70-0.85 vs 1.35-1.55, so 0.3 separates them with margin).
@@ -166,12 +166,12 @@ class ParallelGate:
 
     def describe(self) -> str:
         """A one-line account for reports and warnings."""
-        return (f"parallel-state sentinel: best {_threads(self.settings)}-thread/1-thread ratio {self.best:.2f}, "
+        return (f"parallel-state sentinel: best {ort_threads(self.settings)}-thread/1-thread ratio {self.best:.2f}, "
                 f"last {self.last:.2f}, waited {self.waited_s:.1f} s, {self.slow_timings} timing(s) taken without "
                 f"a parallel speed-up")
 
 
-def _threads(settings: LatencySettings) -> int:
+def ort_threads(settings: LatencySettings) -> int:
     """ONNX Runtime's intra-op threads for ``settings`` (``None``: its default, one per core)."""
     return settings.threads if settings.threads is not None else (os.cpu_count() or 1)
 
@@ -184,9 +184,9 @@ def gate_for(settings: LatencySettings) -> ParallelGate | None:
     eager and TorchScript.
     """
     if (settings.runtime != "onnxruntime" or settings.torch_device.type != "cpu"
-            or _threads(settings) <= 1 or settings.clock_used != "wall"):
+            or ort_threads(settings) <= 1 or settings.clock_used != "wall"):
         return None
-    key = (settings.runtime, _threads(settings), str(settings.torch_device), str(settings.torch_dtype))
+    key = (settings.runtime, ort_threads(settings), str(settings.torch_device), str(settings.torch_dtype))
     if key not in _GATES:
         _GATES[key] = ParallelGate(settings)
     return _GATES[key]
