@@ -10,9 +10,9 @@ with the segments that keep it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from ...surgery.graph import Chain
+from ...surgery.graph import Chain, Segment
 from ...surgery.plan import Plan
 
 __all__ = ["in_context", "in_context_additive", "in_context_fitted", "skip_costs", "with_skip_costs"]
@@ -150,26 +150,7 @@ def in_context_additive(chain: Chain, alone: dict[Key, float], in_place: dict[in
     Returns:
         The corrected entries.
     """
-    keep = {s.j: s for s in Plan.keep_all(chain).segments}
-    scaled = in_context(chain, alone, in_place)
-
-    def share_in(l: int) -> float:
-        seg = keep[l]
-        size_in, size_out = math.prod(seg.in_shape), math.prod(seg.out_shape)
-        return size_in / (size_in + size_out)
-
-    def excess(l: int) -> float:
-        return in_place.get(l, alone[keep[l].key]) - alone[keep[l].key]
-
-    segments = {s.key: s for s in chain.segments}
-    out = {}
-    for key, ms in alone.items():
-        seg = segments[key]
-        if seg.identity or ms <= 0:
-            out[key] = scaled[key]
-        else:
-            out[key] = max(ms + excess(seg.i + 1) * share_in(seg.i + 1) + excess(seg.j) * (1 - share_in(seg.j)), 0.0)
-    return out
+    return _with_end_corrections(chain, alone, in_place, _excess(chain, alone, in_place))
 
 
 def _overhead_fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -214,26 +195,48 @@ def in_context_fitted(chain: Chain, alone: dict[Key, float], in_place: dict[int,
         The corrected entries.
     """
     keep = {s.j: s for s in Plan.keep_all(chain).segments}
-    scaled = in_context(chain, alone, in_place)
-
-    def elements(seg) -> float:
-        return float(math.prod(seg.in_shape) + math.prod(seg.out_shape))
-
-    def share_in(l: int) -> float:
-        seg = keep[l]
-        size_in, size_out = math.prod(seg.in_shape), math.prod(seg.out_shape)
-        return size_in / (size_in + size_out)
-
-    def overhead(l: int) -> float:
-        return alone[keep[l].key] - in_place.get(l, alone[keep[l].key])
-
-    fixed, per_element = _overhead_fit([(elements(keep[l]), overhead(l)) for l in keep
+    excess = _excess(chain, alone, in_place)
+    overhead = lambda l: -excess(l)  # noqa: E731  (what the layer's own session adds)
+    fixed, per_element = _overhead_fit([(_elements(keep[l]), overhead(l)) for l in keep
                                         if not keep[l].identity and l in in_place])
 
     def residual(l: int) -> float:
         if keep[l].identity:  # not timed as a layer of its own: nothing to correct
             return 0.0
-        return overhead(l) - (fixed + per_element * elements(keep[l]))
+        return overhead(l) - (fixed + per_element * _elements(keep[l]))
+
+    return _with_end_corrections(chain, alone, in_place, lambda l: -residual(l),
+                                 whole=lambda seg: fixed + per_element * _elements(seg))
+
+
+def _excess(chain: Chain, alone: dict[Key, float], in_place: dict[int, float]) -> Callable[[int], float]:
+    """``l -> in_place[l] - alone[keep-all layer l]`` (0 for a layer without an in-place time)."""
+    keep = {s.j: s for s in Plan.keep_all(chain).segments}
+    return lambda l: in_place.get(l, alone[keep[l].key]) - alone[keep[l].key]
+
+
+def _elements(seg: Segment) -> float:
+    """Elements a segment reads and writes (input + output tensor sizes)."""
+    return float(math.prod(seg.in_shape) + math.prod(seg.out_shape))
+
+
+def _with_end_corrections(chain: Chain, alone: dict[Key, float], in_place: dict[int, float],
+                          end: Callable[[int], float], whole: Callable[[Segment], float] = lambda seg: 0.0,
+                          ) -> dict[Key, float]:
+    """``alone - whole(seg)`` plus the input share of ``end(i+1)`` and the output share of ``end(j)``.
+
+    The common form of the additive corrections: each original layer's correction ``end(l)``
+    is split between its input and output in proportion to their sizes, and segment ``(i, j]``
+    takes the input part of layer ``i+1`` and the output part of layer ``j``. Identity segments
+    are scaled as in :func:`in_context`; entries are floored at 0.
+    """
+    keep = {s.j: s for s in Plan.keep_all(chain).segments}
+    scaled = in_context(chain, alone, in_place)
+
+    def share_in(l: int) -> float:
+        seg = keep[l]
+        size_in, size_out = math.prod(seg.in_shape), math.prod(seg.out_shape)
+        return size_in / (size_in + size_out)
 
     segments = {s.key: s for s in chain.segments}
     out = {}
@@ -242,7 +245,6 @@ def in_context_fitted(chain: Chain, alone: dict[Key, float], in_place: dict[int,
         if seg.identity or ms <= 0:
             out[key] = scaled[key]
             continue
-        fitted = fixed + per_element * elements(seg)
-        ends = residual(seg.i + 1) * share_in(seg.i + 1) + residual(seg.j) * (1 - share_in(seg.j))
-        out[key] = max(ms - fitted - ends, 0.0)
+        ends = end(seg.i + 1) * share_in(seg.i + 1) + end(seg.j) * (1 - share_in(seg.j))
+        out[key] = max(ms - whole(seg) + ends, 0.0)
     return out
