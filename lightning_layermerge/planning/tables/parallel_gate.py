@@ -109,16 +109,13 @@ class ParallelGate:
         if self._probe is not None:
             value = self._probe()
         else:
-            many, one = self._sentinel_calls()
+            from .timing import _passes  # timing imports this module for gate_for: imported here, not at the top
+
             with torch.no_grad():
-                many(), one()  # a sleeping worker pool's first pass is a wake-up, not the state
-                times: tuple[list[float], list[float]] = ([], [])
-                for _ in range(PROBE_PASSES):
-                    for samples, call in zip(times, (many, one)):
-                        start = time.perf_counter()
-                        call()
-                        samples.append(time.perf_counter() - start)
-            value = statistics.median(times[0]) / statistics.median(times[1])
+                # One untimed round: a sleeping worker pool's first pass is a wake-up, not the state.
+                many, one = _passes(self._sentinel_calls(), PROBE_PASSES, torch.device("cpu"), time.perf_counter,
+                                    untimed=1)
+            value = statistics.median(many) / statistics.median(one)
         self.last = value
         self.best = min(self.best, value)
         return value
