@@ -72,7 +72,7 @@ def main() -> None:
         budget=args.budget,
         target="model",
         monitor="val_loss",
-        importance=ImportanceSettings(batch_size=32, lr=0.02),  # default floors: >= 30 steps, val-set scoring
+        importance=ImportanceSettings(method="finetune", batch_size=32, lr=0.02),  # default floors: >= 30 steps, val-set scoring
         latency=LatencySettings(batch_size=64),  # defaults: 1 thread, thread CPU clock, in-context prices
         distill=Distillation(alpha=1.0, temperature=4.0),
         cache_dir=str(Path(args.out) / "cache"),

@@ -22,7 +22,7 @@ TINY_UNET = {
 }
 
 #: Importance settings that keep a table build to a few seconds.
-FAST_IMPORTANCE = ImportanceSettings(fraction=0.05, steps=2, batch_size=16, lr=0.01)
+FAST_IMPORTANCE = ImportanceSettings(method="finetune", fraction=0.05, steps=2, batch_size=16, lr=0.01)
 #: Latency settings that keep a table build to a few seconds (1 thread: stable numbers).
 FAST_LATENCY = LatencySettings(batch_size=16, threads=1, warmup=2, repeats=5)
 
@@ -205,7 +205,7 @@ def tiny_diffusion_fit(diffusion, tmp_path, lr: float) -> tuple:
     train = DataLoader(TensorDataset(images[:64]), batch_size=16, shuffle=True)
     val = DataLoader(TensorDataset(images[64:]), batch_size=16)
     module = diffusion.DiffusionModule(TINY_UNET, num_train_timesteps=50, lr=lr, example_batch=4)
-    cb = LayerMergeCallback(budget=0.95, target="unet", importance=ImportanceSettings(fraction=0.25, steps=2,
+    cb = LayerMergeCallback(budget=0.95, target="unet", importance=ImportanceSettings(method="finetune", fraction=0.25, steps=2,
                             batch_size=8, relative=True), latency=FAST_LATENCY, distill=Distillation(alpha=1.0),
                             cache_dir=str(tmp_path / "cache"), verbose=False)
     return train, val, module, cb

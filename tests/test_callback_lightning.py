@@ -27,8 +27,8 @@ from lightning_layermerge import ImportanceSettings
 
 TESTS = Path(__file__).parent
 #: Sub-runs that use the module's own configure_optimizers (lr=None).
-OWN_OPTIMIZER = ImportanceSettings(fraction=0.05, steps=2, batch_size=16)
-FAST = ImportanceSettings(fraction=0.05, steps=2, batch_size=16, lr=0.01)
+OWN_OPTIMIZER = ImportanceSettings(method="finetune", fraction=0.05, steps=2, batch_size=16)
+FAST = ImportanceSettings(method="finetune", fraction=0.05, steps=2, batch_size=16, lr=0.01)
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -261,7 +261,7 @@ def test_a_module_whose_optimizer_needs_the_datamodule_fails_before_any_table(tm
     train, _ = loaders()
     trainer = quiet_trainer(max_steps=2, callbacks=[callback(tmp_path / "cache", importance=OWN_OPTIMIZER)])
     with pytest.raises(ValueError, match=r"failed in the module's own code: AttributeError.*"
-                                         r"test_callback_lightning.py|lm_helpers.py.*ImportanceSettings\(lr=") as err:
+                                         r"test_callback_lightning.py|lm_helpers.py.*ImportanceSettings\(method='finetune', lr=") as err:
         trainer.fit(module, train_dataloaders=train)
     assert "lm_helpers.py" in str(err.value) and "configure_optimizers" in str(err.value)
     assert not (tmp_path / "cache").exists()  # no latency table measured

@@ -28,7 +28,7 @@ def test_recipe_yaml_builds_the_callback() -> None:
     cli = main(["--config", str(RECIPES / "cli" / "compress.yaml"), "--model.weights=null"], run=False)
     cb = the_callback(cli)
     assert (cb.budget, cb.target, cb.method, cb.monitor, cb.mode) == (0.6, "model", "layermerge", "val_loss", "min")
-    assert cb.importance_settings == ImportanceSettings(fraction=0.15, steps=20, batch_size=32, lr=0.02)
+    assert cb.importance_settings == ImportanceSettings(method="finetune", fraction=0.15, steps=20, batch_size=32, lr=0.02)
     assert cb.latency_settings == LatencySettings(device="cpu", batch_size=64, threads=1, warmup=10, repeats=30,
                                                  reference=True)
     assert cb.distill == Distillation(alpha=1.0, temperature=4.0)
@@ -52,7 +52,7 @@ def test_cli_fit_compresses(tmp_path: Path) -> None:
                 "class_path": "lightning_layermerge.callback.LayerMergeCallback",
                 "init_args": {
                     "budget": 0.8, "method": "layermerge", "verbose": False, "cache_dir": False,
-                    "importance": {"fraction": 0.05, "steps": 2, "batch_size": 16, "lr": 0.01},
+                    "importance": {"method": "finetune", "fraction": 0.05, "steps": 2, "batch_size": 16, "lr": 0.01},
                     "latency": {"batch_size": 16, "threads": 1, "warmup": 2, "repeats": 5},
                     "distill": {"alpha": 0.5, "temperature": 2.0},
                 },

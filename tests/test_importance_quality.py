@@ -70,7 +70,7 @@ def _runner(settings: ImportanceSettings, *, val: bool = True) -> SubRunner:
 
 
 def test_subrun_trains_the_floor_of_steps_and_scores_on_the_validation_set() -> None:
-    runner = _runner(ImportanceSettings(fraction=0.04, min_steps=12, batch_size=16, bn_batches=0))
+    runner = _runner(ImportanceSettings(method="finetune", fraction=0.04, min_steps=12, batch_size=16, bn_batches=0))
     assert runner.steps == 12  # 4 % of 480 = 19 images would be one step
     assert len(runner.train_idx) == 12 * 16  # distinct samples for the floor
     assert runner.subsets.on_val and runner.score_samples == 120  # the whole validation set
@@ -80,11 +80,11 @@ def test_subrun_trains_the_floor_of_steps_and_scores_on_the_validation_set() -> 
     assert len(CountingVal.calls) == 12
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), original.parameters()))
     # An explicit steps wins over the floor; without a validation loader, held-out training data.
-    explicit = _runner(ImportanceSettings(fraction=0.04, steps=3, batch_size=16), val=False)
+    explicit = _runner(ImportanceSettings(method="finetune", fraction=0.04, steps=3, batch_size=16), val=False)
     assert explicit.steps == 3 and not explicit.subsets.on_val
     assert explicit.score_samples == 240  # min(1000, 480 // 2)
     assert len(explicit.train_idx) == 19  # 4 % of 480: no floor of steps when steps is explicit
-    with_bn = _runner(ImportanceSettings(fraction=0.04, steps=0, bn_batches=8, batch_size=16))
+    with_bn = _runner(ImportanceSettings(method="finetune", fraction=0.04, steps=0, bn_batches=8, batch_size=16))
     assert len(with_bn.train_idx) == 8 * 16  # enough distinct samples for the BN batches
 
 
@@ -93,7 +93,7 @@ def test_settings_are_validated() -> None:
                 {"kd_alpha": -0.1}, {"kd_temperature": 0}, {"score_on": "test"}, {"steps": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ImportanceSettings(**bad)
-    assert ImportanceSettings(steps=0).steps == 0  # BatchNorm re-estimation only
+    assert ImportanceSettings(method="finetune", steps=0).steps == 0  # BatchNorm re-estimation only
 
 
 # ---------------------------------------------------------------------- BatchNorm re-estimation
@@ -187,7 +187,7 @@ def test_bn_reestimation_failure_restores_the_statistics() -> None:
 
 
 def test_subrun_reestimates_bn_only_when_steps_is_zero() -> None:
-    runner = _runner(ImportanceSettings(steps=0, bn_batches=4, batch_size=16, noise_repeats=0))
+    runner = _runner(ImportanceSettings(method="finetune", steps=0, bn_batches=4, batch_size=16, noise_repeats=0))
     original = LitTinyVal().model
     trained = runner.finetune(copy.deepcopy(original))
     for (name, a), b in zip(trained.state_dict().items(), original.state_dict().values()):
@@ -198,7 +198,7 @@ def test_subrun_reestimates_bn_only_when_steps_is_zero() -> None:
 
 
 def test_subrun_distillation_changes_the_fine_tune() -> None:
-    base = dict(steps=3, batch_size=16, lr=0.05, bn_batches=0, noise_repeats=0)
+    base = dict(method="finetune", steps=3, batch_size=16, lr=0.05, bn_batches=0, noise_repeats=0)
     original = LitTinyVal().model
     plain = _runner(ImportanceSettings(**base)).finetune(copy.deepcopy(original))
     kd = _runner(ImportanceSettings(**base, kd_alpha=1.0)).finetune(copy.deepcopy(original))
@@ -257,7 +257,7 @@ def test_noise_entries_are_spread_over_the_changed_entries() -> None:
 
 
 def test_subrunner_null_perfs_vary_with_the_repeat() -> None:
-    runner = _runner(ImportanceSettings(fraction=0.1, steps=2, batch_size=16, lr=0.05, noise_repeats=3,
+    runner = _runner(ImportanceSettings(method="finetune", fraction=0.1, steps=2, batch_size=16, lr=0.05, noise_repeats=3,
                                         min_score_samples=40))
     original = LitTinyVal().model
     runner.resolve_monitor(original, None, "min")
@@ -294,7 +294,7 @@ def test_report_shows_the_noise_level_steps_and_build_time() -> None:
 
 def test_subrun_trains_a_target_given_in_eval_mode() -> None:
     """Lightning keeps module modes at fit start; a sub-run must still train BatchNorm normally."""
-    runner = _runner(ImportanceSettings(steps=3, batch_size=16, lr=0.05, bn_batches=0, noise_repeats=0))
+    runner = _runner(ImportanceSettings(method="finetune", steps=3, batch_size=16, lr=0.05, bn_batches=0, noise_repeats=0))
     original = LitTinyVal().model.eval()
     trained = runner.finetune(copy.deepcopy(original))
     bn = trained.stem[1]

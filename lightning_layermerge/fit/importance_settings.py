@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..planning.objective import OBJECTIVES
 from ..planning.validate import check_count, check_finite, is_int, is_real
 
-__all__ = ["MIN_SCORE_SAMPLES", "MIN_STEPS", "TRAIN_LOSS_KEY", "VAL_LOSS_KEYS", "ImportanceSettings", "Monitor"]
+__all__ = ["METHODS", "MIN_SCORE_SAMPLES", "MIN_STEPS", "TRAIN_LOSS_KEY", "VAL_LOSS_KEYS", "ImportanceSettings", "Monitor"]
 
 #: Metric logged by the training-loss fallback scorer.
 TRAIN_LOSS_KEY = "layermerge/train_loss"
@@ -23,6 +23,11 @@ TRAIN_LOSS_KEY = "layermerge/train_loss"
 #: Metric names taken as "the validation loss" when no ``monitor`` is given (first match wins).
 VAL_LOSS_KEYS = ("val_loss", "val/loss", "valid_loss", "validation_loss", "val_loss_epoch", "loss/val")
 
+
+#: How an entry is brought back to working order before it is scored (``ImportanceSettings.method``).
+METHODS = ("probe", "finetune")
+#: BatchNorm re-estimation batches when ``bn_batches`` is ``None``, per method.
+BN_BATCHES = {"probe": 8, "finetune": 0}
 
 #: Default floor of optimizer steps per importance entry (see ``ImportanceSettings.min_steps``).
 MIN_STEPS = 30
@@ -32,7 +37,21 @@ MIN_SCORE_SAMPLES = 1000
 
 @dataclass(frozen=True)
 class ImportanceSettings:
-    """How each importance entry is estimated (the paper's Appendix C protocol, scaled).
+    """How each importance entry is estimated.
+
+    Two methods, both scored by the module's own validation metric:
+
+    * ``"probe"`` (default): no optimizer step through the network. The pruned network's
+      BatchNorm statistics are re-estimated on ``bn_batches`` training batches, then only its
+      classifier head (the last ``nn.Linear``, whose output is the network's output) is refit
+      on the frozen features of the fine-tuning subset by L-BFGS on the module's training
+      loss with an L2 penalty (``probe_weight_decay``). On the digits nets (1,168 training
+      images) it ranks entries like 3-epoch fine-tunes at Spearman 0.97 / 0.90, against
+      0.99 / 0.93 for 30-step fine-tunes, at about a tenth of the time and no training
+      epochs; on Fashion-MNIST nets see the results in the README. Where the network has no
+      such head (e.g. a diffusion UNet), ``training_step`` calls the network more than once
+      or fails on replayed features, the table falls back to ``"finetune"`` and says why.
+    * ``"finetune"``: the paper's Appendix C protocol, scaled (below).
 
     The paper fine-tunes every candidate on a random 4 % of ImageNet's training set for one
     epoch (1 % of CIFAR-10 for 50 epochs) and scores it on a disjoint subset of the same
@@ -55,6 +74,10 @@ class ImportanceSettings:
     the floors and the other defaults.
 
     Attributes:
+        method: ``"probe"`` or ``"finetune"`` (above).
+        probe_weight_decay: Weight of the head's squared weights in the probe's loss. Without
+            it the refit separates almost any pruned network's training features and ranks
+            near chance; rankings were flat for 0.3-3 on the measured nets.
         fraction: Size of the fine-tuning subset as a fraction of the training set (and of
             the scoring subset when scoring on training data, disjoint from the first, so
             ``fraction <= 0.5``).
@@ -69,11 +92,12 @@ class ImportanceSettings:
             importance is ``exp(-(loss - loss0) / loss0)`` for a loss: the official DDPM table.
             Use it when the metric's scale is far from 1 (a denoising loss of 0.03 would
             otherwise make every entry ~1.0 and the DP favour plans with more segments).
+            Fine-tune only: the probe's entries are already read relative to a floor.
         min_steps: Floor of optimizer steps per entry when ``steps`` is ``None``.
         min_score_samples: Floor of scoring samples per entry.
         score_on: ``"val"``: score on the module's validation set when it has one (else on
             held-out training data); ``"train"``: always on held-out training data.
-        bn_batches: Before each entry's fine-tune, re-estimate the BatchNorm statistics of
+        bn_batches: ``None``: 8 for ``"probe"``, 0 for ``"finetune"``. Before each entry's fine-tune or probe, re-estimate the BatchNorm statistics of
             the pruned network on this many training batches (forward only; 0: off). Pruning
             shifts every later layer's input distribution, and stale statistics start the
             pruned network near chance. Measured: no gain once an entry gets ``min_steps``
@@ -103,6 +127,8 @@ class ImportanceSettings:
             the table is read (one cached table for both).
     """
 
+    method: str = "probe"
+    probe_weight_decay: float = 0.3
     fraction: float = 0.04
     steps: int | None = None
     lr: float | None = None
@@ -112,7 +138,7 @@ class ImportanceSettings:
     min_steps: int = MIN_STEPS
     min_score_samples: int = MIN_SCORE_SAMPLES
     score_on: str = "val"
-    bn_batches: int = 0
+    bn_batches: int | None = None
     kd_alpha: float = 0.0
     kd_temperature: float = 4.0
     noise_repeats: int = 3
@@ -128,14 +154,24 @@ class ImportanceSettings:
             )
         for name, minimum in (("steps", 0), ("batch_size", 1)):
             check_count(f"ImportanceSettings.{name}", getattr(self, name), minimum, optional=True)
-        for name, minimum in (("min_steps", 0), ("min_score_samples", 1), ("bn_batches", 0), ("noise_repeats", 0),
-                               ("noise_entries", 0)):
+        for name, minimum in (("min_steps", 0), ("min_score_samples", 1), ("noise_repeats", 0), ("noise_entries", 0)):
             check_count(f"ImportanceSettings.{name}", getattr(self, name), minimum)
+        check_count("ImportanceSettings.bn_batches", self.bn_batches, 0, optional=True)
+        if self.method not in METHODS:
+            raise ValueError(f"ImportanceSettings.method must be one of {list(METHODS)}, got {self.method!r}")
+        # The probe trains nothing but the head: options of the fine-tune would be silently ignored.
+        given = [f"{n}={getattr(self, n)!r}" for n in ("steps", "lr") if getattr(self, n) is not None]
+        given += [f"kd_alpha={self.kd_alpha!r}"] if self.kd_alpha else []
+        given += ["relative=True"] if self.relative is True else []
+        if self.method == "probe" and given:
+            raise ValueError(
+                f"ImportanceSettings({', '.join(given)}) configures the fine-tune of each entry, but method='probe' "
+                f"(the default) trains only the classifier head; pass method='finetune' with them")
         if self.noise_repeats == 1:
             raise ValueError("ImportanceSettings.noise_repeats must be 0 (off) or >= 2 (a standard deviation)")
         if self.lr is not None and (not is_real(self.lr) or self.lr <= 0):
             raise ValueError(f"ImportanceSettings.lr must be None or a positive number, got {self.lr!r}")
-        for name, positive in (("kd_alpha", False), ("kd_temperature", True)):
+        for name, positive in (("kd_alpha", False), ("kd_temperature", True), ("probe_weight_decay", False)):
             check_finite(f"ImportanceSettings.{name}", getattr(self, name), positive=positive)
         if not is_int(self.seed):
             raise ValueError(f"ImportanceSettings.seed must be an int, got {self.seed!r}")
@@ -146,6 +182,11 @@ class ImportanceSettings:
             raise ValueError(f"ImportanceSettings.objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
         if self.score_on not in ("val", "train"):
             raise ValueError(f"ImportanceSettings.score_on must be 'val' or 'train', got {self.score_on!r}")
+
+    @property
+    def bn_batch_count(self) -> int:
+        """BatchNorm re-estimation batches per entry: ``bn_batches``, or the method's default."""
+        return BN_BATCHES[self.method] if self.bn_batches is None else self.bn_batches
 
 
 @dataclass(frozen=True)

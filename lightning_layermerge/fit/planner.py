@@ -172,10 +172,13 @@ class Planner:
         key = {"weights": weights_fingerprint(target), "module": type(runner.shell).__qualname__,
                "monitor": monitor.key, "mode": monitor.mode, "data": len(runner.loader.dataset),
                "score_samples": runner.score_samples, "score_on_val": runner.subsets.on_val,
+               "method_used": runner.method,
                **{k: v for k, v in vars(self.importance_settings).items()
                   if k not in ("objective", "paired")}}  # how the table is read, not what it holds
         self._importance_key = key
         score, base, scale = runner.score, monitor.perf(base_perf), 1.0
+        if runner.method == "probe":  # entries are read on the probe's scale: the original through it too
+            base = runner.null_perf(target, 0)
         if self.importance_settings.relative:
             if base == 0 or not math.isfinite(base):
                 raise ValueError(f"ImportanceSettings(relative=True) needs a finite, non-zero {monitor.key} for the "

@@ -26,12 +26,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..planning.bn_recalibration import default_forward, recalibrate_batchnorm
 from .distill import Distillation, DistillationPatch, frozen_teacher
+from .head_probe import ProbeUnsupported, headroom, move_batches, probe_head
 from ..surgery.graph import Chain, Segment
 from ..surgery.plan import Plan
 from ..surgery.prune import prune
@@ -159,6 +161,10 @@ class SubRunner:
         self.teacher = frozen_teacher(get_path(module, target_path)) if settings.kd_alpha > 0 else None
         self.monitor: Monitor | None = None
         self.first_error: BaseException | None = None
+        #: The method in use: ``settings.method``, or ``"finetune"`` once the probe proved inapplicable.
+        self.method = settings.method
+        #: Perf of the blind head (the probe's floor, set by ``check_finetune``; see ``head_probe.headroom``).
+        self.blind_perf: float | None = None
 
     def _shell(self, module: pl.LightningModule) -> pl.LightningModule:
         """A copy of ``module`` without its target (so the target is not copied needlessly)."""
@@ -187,7 +193,10 @@ class SubRunner:
 
     @property
     def steps(self) -> int:
-        """Optimizer steps per entry: ``settings.steps``, else one epoch over the subset, at least ``min_steps``."""
+        """Optimizer steps per entry through the network: 0 for the probe; else ``settings.steps``, else one
+        epoch over the subset, at least ``min_steps``."""
+        if self.method == "probe":
+            return 0
         if self.settings.steps is not None:
             return self.settings.steps
         n = len(self.train_idx)
@@ -206,11 +215,12 @@ class SubRunner:
     # ------------------------------------------------------------------ the two callables
 
     def finetune(self, target: nn.Module, seg: Segment | None = None, repeat: int = 0) -> nn.Module:
-        """Fine-tune ``target`` in place inside a copy of the module; returns it.
+        """Fine-tune (or probe) ``target`` in place inside a copy of the module; returns it.
 
         Matches ``tables.importance.FineTune``. BatchNorm statistics are re-estimated first
-        (``settings.bn_batches``), then ``settings.steps`` optimizer steps run (with
-        distillation from the original target if ``settings.kd_alpha > 0``). ``repeat``
+        (``settings.bn_batch_count``), then the head probe runs (:mod:`.head_probe`), or
+        ``settings.steps`` optimizer steps (with distillation from the original target if
+        ``settings.kd_alpha > 0``). ``repeat``
         changes the seed (noise-level repeats of the unmodified network). The first
         exception is remembered (the importance builder turns failures into ``-inf``
         entries with a warning).
@@ -222,44 +232,78 @@ class SubRunner:
             raise
 
     def _finetune(self, target: nn.Module, steps: int, seed: int) -> nn.Module:
-        """BatchNorm re-estimation (``settings.bn_batches``), then ``steps`` optimizer steps on the
-        fine-tuning subset, inside a fresh copy of the module; returns the fine-tuned target."""
+        """BatchNorm re-estimation (``settings.bn_batch_count``), then the head probe or ``steps``
+        optimizer steps on the fine-tuning subset, inside a fresh copy of the module; returns the target."""
         module = self.with_target(target)
         if self.settings.lr is not None:
             module.configure_optimizers = lambda: _sgd_cosine(module, self.settings.lr, steps)
         loader = self._subset_loader(self.train_idx, shuffle=True, seed=seed)
         with quiet(), isolate_rng():
             torch.manual_seed(seed)
-            if self.settings.bn_batches:
-                recalibrate_batchnorm(module, loader, self.settings.bn_batches, forward=_training_forward)
-            if steps > 0:
+            if self.settings.bn_batch_count:
+                recalibrate_batchnorm(module, loader, self.settings.bn_batch_count, forward=_training_forward)
+            if self.method == "probe":
+                probe_head(module, self.target_path, move_batches(module, loader), self.settings.probe_weight_decay)
+            elif steps > 0:
                 self._fit(module, loader, steps)
         return get_path(module, self.target_path)
 
     def check_finetune(self, target: nn.Module) -> None:
-        """One optimizer step of the module's own training setup on a copy of ``target``.
+        """The head probe, or one optimizer step of the module's own training setup, on a copy of ``target``.
 
         Run before the importance table, so an error in the module's ``configure_optimizers``
         or ``training_step`` under a sub-run stops the fit at once, with the cause and the
-        fix, instead of failing every entry.
+        fix, instead of failing every entry. If the probe does not apply to this module
+        (:class:`~lightning_layermerge.fit.head_probe.ProbeUnsupported`), it warns with the
+        reason and switches to fine-tuning (``method == "finetune"``) before checking that.
 
         Raises:
             ValueError: The sub-run failed; the message names the first error and where in
                 the user's code it was raised.
         """
+        if self.method == "probe":
+            if self.monitor is None:  # the blind head is scored with it
+                raise RuntimeError("call resolve_monitor() before check_finetune()")
+            try:
+                self._finetune(copy.deepcopy(target), 0, _entry_seed(self.settings.seed, None))
+                self.blind_perf = self._blind_perf(target)
+                return
+            except ProbeUnsupported as err:
+                self.method = "finetune"
+                rank_zero_warn(
+                    f"LayerMergeCallback: ImportanceSettings(method='probe') does not apply to "
+                    f"{type(self.shell).__name__}: {err}. Each importance entry is fine-tuned instead ({self.steps} "
+                    "steps); pass ImportanceSettings(method='finetune') to choose that and silence this warning")
+            except Exception as err:
+                raise ValueError(self.failure_message(err)) from err
         try:
             self._finetune(copy.deepcopy(target), 1, _entry_seed(self.settings.seed, None))
         except Exception as err:
             raise ValueError(self.failure_message(err)) from err
 
+    def _blind_perf(self, target: nn.Module) -> float:
+        """Perf of ``target`` with its head's weight at zero and its bias refit: the probe's floor."""
+        module = self.with_target(copy.deepcopy(target))
+        loader = self._subset_loader(self.train_idx, shuffle=True, seed=self.settings.seed)
+        with quiet(), isolate_rng():
+            probe_head(module, self.target_path, move_batches(module, loader), 0.0, blind=True)
+        return self._raw_score(get_path(module, self.target_path), 0)
+
     def failure_message(self, err: BaseException) -> str:
         """What failed in a sub-run, where in the user's code, and what to pass instead."""
         where = _user_frame(err)
-        fix = ("the failure is in training_step (the optimizer is already ImportanceSettings(lr=...)'s SGD); make "
-               "it run on a subset batch" if self.settings.lr is not None else
+        if self.method == "probe":
+            return (f"LayerMergeCallback: the importance head probe failed in the module's own code: "
+                    f"{type(err).__name__}: {err}{where}. Each importance entry re-estimates BatchNorm statistics and "
+                    f"refits the classifier head through a copy of the module's training_step (no Trainer, "
+                    f"{len(self.train_idx)} training samples, batch size {self.batch_size}); make training_step run "
+                    "on such a copy, or pass ImportanceSettings(method='finetune') to fine-tune each entry in a "
+                    "Trainer instead")
+        fix = ("the failure is in training_step (the optimizer is already ImportanceSettings(method='finetune', "
+               "lr=...)'s SGD); make it run on a subset batch" if self.settings.lr is not None else
                "if configure_optimizers needs something a short run cannot give, pass "
-               "LayerMergeCallback(importance=ImportanceSettings(lr=...)) to fine-tune each entry with SGD + "
-               "cosine decay at that learning rate instead (e.g. lr=0.01)")
+               "LayerMergeCallback(importance=ImportanceSettings(method='finetune', lr=...)) to fine-tune each entry "
+               "with SGD + cosine decay at that learning rate instead (e.g. lr=0.01)")
         return (f"LayerMergeCallback: a short importance fine-tuning run failed in the module's own code: "
                 f"{type(err).__name__}: {err}{where}. Each importance entry fine-tunes a copy of the module in a "
                 f"separate Trainer (max_steps={self.steps}, max_epochs="
@@ -275,7 +319,7 @@ class SubRunner:
         loader = self._subset_loader(self.train_idx, shuffle=True, seed=self.settings.seed)
         with quiet(), isolate_rng(), torch.no_grad():
             torch.manual_seed(self.settings.seed)
-            return recalibrate_batchnorm(module, loader, batches or self.settings.bn_batches or 8,
+            return recalibrate_batchnorm(module, loader, batches or self.settings.bn_batch_count or 8,
                                          forward=_training_forward)
 
     def _fit(self, module: pl.LightningModule, loader: DataLoader, steps: int) -> None:
@@ -321,7 +365,19 @@ class SubRunner:
                 if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
 
     def score(self, target: nn.Module, repeat: int = 0) -> float:
-        """Perf of ``target`` (higher is better; NaN if the metric is missing). Matches ``Score``."""
+        """Perf of ``target`` (higher is better; NaN if the metric is missing). Matches ``Score``.
+
+        For the probe, the log of its distance above the blind head's Perf
+        (:func:`~lightning_layermerge.fit.head_probe.headroom`)."""
+        perf = self._raw_score(target, repeat)
+        if self.method != "probe" or math.isnan(perf):
+            return perf
+        if self.blind_perf is None:
+            raise RuntimeError("call check_finetune() before scoring probe entries (it measures the blind head)")
+        return headroom(perf, self.blind_perf)
+
+    def _raw_score(self, target: nn.Module, repeat: int) -> float:
+        """The monitored metric of ``target`` as Perf (higher is better; NaN if missing)."""
         if self.monitor is None:
             raise RuntimeError("call resolve_monitor() before score()")
         value = self.metrics(target, training_loss=self.monitor.training_loss, repeat=repeat).get(self.monitor.key)

@@ -59,7 +59,8 @@ def draw_subsets(train_size: int, val_size: int | None, settings: ImportanceSett
     subset is raised to ``min_score_samples`` (capped by the validation set, or by half of
     the training set when scoring on held-out training samples); the fine-tuning
     subset to ``min_steps * batch_size`` samples (capped likewise), so the floor of steps
-    sees distinct samples when the data has them, and to ``bn_batches * batch_size`` samples
+    sees distinct samples when the data has them (the head probe's features too), and to
+    ``bn_batch_count * batch_size`` samples
     for the BatchNorm re-estimation.
 
     Args:
@@ -75,7 +76,7 @@ def draw_subsets(train_size: int, val_size: int | None, settings: ImportanceSett
     g = torch.Generator().manual_seed(settings.seed)
     n = max(1, round(settings.fraction * train_size))
     want_train = max(n, settings.min_steps * batch_size if settings.steps is None else 0,
-                     settings.bn_batches * batch_size)
+                     settings.bn_batch_count * batch_size)
     if val_size:
         score_n = min(val_size, max(n, settings.min_score_samples))
         pool = list(range(val_size))

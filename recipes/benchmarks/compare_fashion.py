@@ -42,7 +42,7 @@ Run (``pip install -e ".[bench]"`` for Torch-Pruning; Fashion-MNIST from
     python recipes/benchmarks/compare_fashion.py            # budgets 0.3-0.8, seeds 0 1 2 (~2 h on 2 cores)
     python recipes/benchmarks/compare_fashion.py --remeasure # re-time every saved network (quiet machine)
     python recipes/benchmarks/compare_fashion.py --report-only
-    # LayerMerge with importance tables that train nothing (ImportanceSettings(steps=0, bn_batches=8)):
+    # LayerMerge with importance tables that train nothing (ImportanceSettings(method="finetune", steps=0, bn_batches=8)):
     python recipes/benchmarks/compare_fashion.py --zero-training --methods layermerge --no-control \
         --work runs/fashion_zt --csv runs/fashion_zt/compare_fashion_zt.csv
 
@@ -174,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Setup, argparse.Namespace
                    help="drop these methods' rows (and width-ratio searches) of the selected nets and budgets, then run")
     p.add_argument("--train-only", action="store_true", help="only train (or load) the networks")
     p.add_argument("--zero-training", action="store_true",
-                   help="importance without sub-run training: ImportanceSettings(steps=0, bn_batches=8) "
+                   help="importance without sub-run training: ImportanceSettings(method='finetune', steps=0, bn_batches=8) "
                         "(each entry scored right after BatchNorm re-estimation); use its own --work and --csv")
     p.add_argument("--timing-scale", type=float, default=1.0,
                    help="scale the timed passes (tests: 0.05); 1 = 40 at batch 64, 300 at batch 1")
@@ -193,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Setup, argparse.Namespace
         control=not a.no_control, quick=quick, work=Path(a.work),
         csv=Path(a.csv) if a.csv else RESULTS / f"{stem}.csv", val_size=a.val_size,
         batch_size=a.batch_size, timing_scale=a.timing_scale,
-        importance=ImportanceSettings(steps=0, bn_batches=8) if a.zero_training else ImportanceSettings(),
+        importance=ImportanceSettings(method="finetune", steps=0, bn_batches=8) if a.zero_training else ImportanceSettings(),
     ), a
 
 

@@ -50,7 +50,7 @@ def worker(devices: int, out: Path) -> None:
     Planner.build_importance_table = timed
     callback = LayerMergeCallback(
         budget=0.6, cache_dir=False, verbose=False, calibrate=False,
-        importance=ImportanceSettings(fraction=0.15, steps=20, batch_size=32, lr=0.02),
+        importance=ImportanceSettings(method="finetune", fraction=0.15, steps=20, batch_size=32, lr=0.02),
         latency=LatencySettings(batch_size=16, threads=1, warmup=2, repeats=5))
     trainer = L.Trainer(strategy="ddp" if devices > 1 else "auto", accelerator="cpu", devices=devices, max_steps=1,
                         logger=False, callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,

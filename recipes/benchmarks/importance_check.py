@@ -61,18 +61,22 @@ SETTINGS: dict[str, ImportanceSettings] = {
     "old_default": ImportanceSettings(min_steps=0, min_score_samples=1, score_on="train", bn_batches=0,
                                       noise_repeats=3),
     # compare.py's settings before issue 13: 20 SGD steps on 15 %, scored on another 15 %.
-    "old_compare": ImportanceSettings(fraction=0.15, steps=20, batch_size=32, lr=0.02, min_score_samples=1,
+    "old_compare": ImportanceSettings(method="finetune", fraction=0.15, steps=20, batch_size=32, lr=0.02, min_score_samples=1,
                                       score_on="train", bn_batches=0, noise_repeats=3),
     # old_compare's fine-tune scored on the validation set: the scoring set's effect alone.
-    "old_compare_val": ImportanceSettings(fraction=0.15, steps=20, batch_size=32, lr=0.02, bn_batches=0),
-    # The default chosen from this study: floors of 30 steps and 1000 (here: all 270 val) samples.
+    "old_compare_val": ImportanceSettings(method="finetune", fraction=0.15, steps=20, batch_size=32, lr=0.02, bn_batches=0),
+    # The library default: the head probe (BatchNorm re-estimation, the classifier head refit on
+    # frozen features; no optimizer step through the network).
     "default": ImportanceSettings(),
+    # The fine-tune chosen from this study: floors of 30 steps and 1000 (here: all 270 val) samples
+    # (the default before the probe; ``default`` in results written before 2026-12-01).
+    "finetune": ImportanceSettings(method="finetune"),
     # The same + BatchNorm re-estimation (8 batches) before each fine-tune, and variants of it.
-    "floors_bn8": ImportanceSettings(bn_batches=8),
-    "bn8_only": ImportanceSettings(steps=0, bn_batches=8),
-    "bn8_10_steps": ImportanceSettings(steps=10, bn_batches=8),
-    "floors_bn8_60_steps": ImportanceSettings(min_steps=60, bn_batches=8),
-    "floors_bn8_kd": ImportanceSettings(bn_batches=8, kd_alpha=1.0),
+    "floors_bn8": ImportanceSettings(method="finetune", bn_batches=8),
+    "bn8_only": ImportanceSettings(method="finetune", steps=0, bn_batches=8),
+    "bn8_10_steps": ImportanceSettings(method="finetune", steps=10, bn_batches=8),
+    "floors_bn8_60_steps": ImportanceSettings(method="finetune", min_steps=60, bn_batches=8),
+    "floors_bn8_kd": ImportanceSettings(method="finetune", bn_batches=8, kd_alpha=1.0),
 }
 
 #: Entries (positions in the sorted sample) re-run with 2 more seeds to measure the noise of
@@ -90,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="runs/importance_check")
     p.add_argument("--budget-s", type=float, default=None, help="stop (resumably) after this many seconds")
     p.add_argument("--plans", type=int, default=0,
-                   help="random plans per network whose summed table importance (default setting, whole "
+                   help="random plans per network whose summed table importance (finetune setting, whole "
                         "table) is compared with their accuracy after the oracle's fine-tuning")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--out", default=str(RESULTS),
@@ -157,12 +161,14 @@ def oracle(model: nn.Module, chain: Any, key: tuple[int, int, int], epochs: int)
     return finetuned_plan(model, chain, Plan.replacing(chain, chain.segment(*key)), epochs)
 
 
-def runner_for(model: nn.Module, settings: ImportanceSettings) -> SubRunner:
-    """The callback's sub-run machinery on the recipe's module and loaders."""
-    dm = datamodule()
+def runner_for(model: nn.Module, settings: ImportanceSettings, dm: Any = None) -> SubRunner:
+    """The callback's sub-run machinery on the recipe's module and ``dm``'s loaders (default: the digits),
+    checked as the callback checks it (which also measures the probe's blind head)."""
+    dm = dm if dm is not None else datamodule()
     runner = SubRunner(Classifier(copy.deepcopy(model), lr=0.02), "model", dm.train_dataloader(), settings,
                        val_loader=dm.val_dataloader())
     runner.monitor = Monitor("val_loss", "min", False)
+    runner.check_finetune(model)
     return runner
 
 
@@ -269,14 +275,15 @@ def run(args: argparse.Namespace) -> None:
             return
 
 
-def default_entry(runner: SubRunner, net: str, model: nn.Module, chain: Any, seg: Any) -> dict:
-    """One entry of the ``default`` table as the callback computes it (a store row)."""
+def default_entry(runner: SubRunner, net: str, model: nn.Module, chain: Any, seg: Any,
+                  setting: str = "default") -> dict:
+    """One entry of the ``setting`` table as the callback computes it with ``runner`` (a store row)."""
     t = time.perf_counter()
     trained_net = runner.finetune(prune(model, chain, Plan.replacing(chain, seg)), seg)
     metrics = runner.metrics(trained_net, training_loss=False)
-    return {"id": f"{net}/default/{seg.key}", "net": net, "kind": "entry", "setting": "default",
+    return {"id": f"{net}/{setting}/{seg.key}", "net": net, "kind": "entry", "setting": setting,
             "key": list(seg.key), "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
-            "seconds": time.perf_counter() - t}
+            "perf": runner.score(trained_net), "seconds": time.perf_counter() - t}
 
 
 def finetuned_plan(model: nn.Module, chain: Any, plan: Plan, epochs: int, dm: Any = None) -> dict[str, float]:
@@ -299,15 +306,15 @@ def random_plan(chain: Any, rng: random.Random) -> Plan:
 
 def plans_stage(store: Store, net: str, model: nn.Module, chain: Any, args: argparse.Namespace,
                 out_of_time: Any) -> bool:
-    """The whole ``default`` table, then random plans fine-tuned like the oracle; False if out of time."""
-    runner = runner_for(model, SETTINGS["default"])
+    """The whole ``finetune`` table, then random plans fine-tuned like the oracle; False if out of time."""
+    runner = runner_for(model, SETTINGS["finetune"])
     for seg in chain.segments:
-        rid = f"{net}/default/{seg.key}"
+        rid = f"{net}/finetune/{seg.key}"
         if rid in store:
             continue
         if out_of_time():
             return False
-        store.add(default_entry(runner, net, model, chain, seg))
+        store.add(default_entry(runner, net, model, chain, seg, "finetune"))
     rng = random.Random(1)
     for index in range(args.plans):
         plan = random_plan(chain, rng)
@@ -322,13 +329,14 @@ def plans_stage(store: Store, net: str, model: nn.Module, chain: Any, args: argp
 
 
 def plan_rows(store: Store) -> list[dict]:
-    """Spearman of the plans' summed log-importance (default table) with their accuracy."""
+    """Spearman of the plans' summed log-importance (``finetune`` table) with their accuracy (the probe's
+    plan sums: ``importance_zero_training.py``)."""
     out = []
     for net in NETS:
-        null = store.rows.get(f"{net}/default/null")
+        null = store.rows.get(f"{net}/finetune/null")
         plans = [r for r in store.rows.values() if r["net"] == net and r["kind"] == "plan"]
         table = {tuple(r["key"]): r for r in store.rows.values()
-                 if r["net"] == net and r.get("setting") == "default" and r["kind"] == "entry"}
+                 if r["net"] == net and r.get("setting") == "finetune" and r["kind"] == "entry"}
         if null is None or len(plans) < 3:
             continue
         base = -null["base"]["val_loss"]
@@ -455,7 +463,7 @@ def write_report(store: Store, args: argparse.Namespace) -> None:
         lines += ["## Plans: summed importance vs accuracy after fine-tuning", "",
                   "Random plans (uniform walks over legal segments, seed 1); each pruned, BatchNorm re-estimated and "
                   f"fine-tuned like the oracle ({args.oracle_epochs} epochs); summed importance = sum of ln I over the "
-                  "plan's segments from the whole `default` table.", "",
+                  "plan's segments from the whole `finetune` table.", "",
                   "| network | plans | Spearman vs -val_loss | Spearman vs val_acc | val acc range |",
                   "|---|---:|---:|---:|---|"]
         for r in prow:

@@ -1,12 +1,14 @@
 """Can an importance table be built with no training at all? (issue 13, "at most one epoch per table")
 
-On a small training set the default table (30 optimizer steps per entry) costs far more than
-one epoch of training in total: 66 entries x 30 steps x 64 images is 108 epochs of the
-1,168 digits training images. One epoch for the whole table leaves under one step per entry,
-so only a zero-training estimate can meet it. This recipe scores every entry with no
-training, after BatchNorm re-estimation on 8 training batches (the ``bn8_only`` setting of
-``importance_check.py``), by the distance of the pruned network's outputs to the original's on
-the validation set:
+On a small training set a fine-tuned table (``ImportanceSettings(method="finetune")``, 30
+optimizer steps per entry) costs far more than one epoch of training in total: 66 entries x 30
+steps x 64 images is 108 epochs of the 1,168 digits training images. One epoch for the whole
+table leaves under one step per entry, so only a zero-training estimate can meet it. This
+recipe compares the library's two tables, ``default`` (the head probe: BatchNorm re-estimation,
+then only the classifier head refit on frozen features; no optimizer step through the network)
+and ``finetune``, with scores that train nothing at all, after BatchNorm re-estimation on 8
+training batches (the ``bn8_only`` setting of ``importance_check.py``): the distance of the
+pruned network's outputs to the original's on the validation set:
 
 * ``ce``: the pruned network's own validation loss (that is ``bn8_only``);
 * ``kl{T}``: ``KL(softmax(original / T) || softmax(pruned / T))`` (the distillation loss at
@@ -14,7 +16,7 @@ the validation set:
 * ``mse``: the squared output difference over the original outputs' variance (the
   distillation loss for non-classification outputs);
 
-and compares them, and the ``default`` table (the callback's sub-runs), with the oracle of
+and compares them, and the two tables (the callback's sub-runs), with the oracle of
 ``importance_check.py`` (the entry fine-tuned 3 epochs on all training images). To guard
 against choosing an estimator on the entries it is judged on, it reports the first
 ``importance_check.py`` sample (20 entries) and 20 more entries separately (held out), and
@@ -22,7 +24,7 @@ ranks ``--plans`` random whole plans (the same seeded walks as ``importance_chec
 each estimator's sum over their segments and, for the zero-training ones, by the score of the
 whole plan at once.
 
-Every oracle, default entry and plan is appended to ``<work>/results.jsonl`` (the store of
+Every oracle, table entry and plan is appended to ``<work>/results.jsonl`` (the store of
 ``importance_check.py``, same rows), so a rerun resumes; zero-training scores take a second
 and are recomputed. Writes ``importance_zero_training.md`` / ``.json`` to ``--out``.
 
@@ -51,6 +53,10 @@ from lightning_layermerge import Plan, prune, trace
 from lightning_layermerge.planning.bn_recalibration import recalibrate_batchnorm
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+#: The library's tables compared (``importance_check.SETTINGS``): ``default`` is the head probe,
+#: ``finetune`` the 30-step fine-tune of each entry.
+TABLES = ("default", "finetune")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,17 +107,21 @@ def net_study(store: ic.Store, net: str, a: argparse.Namespace) -> dict:
     dm = ic.datamodule()
     chain = trace(model, dm.train_set[:2][0])
     reference = outputs(model, dm.val_dataloader())
-    runner = ic.runner_for(model, ic.SETTINGS["default"])
+    runners = {name: ic.runner_for(model, ic.SETTINGS[name]) for name in TABLES}
     first = ic.sample_entries(chain, 20)
     held = [k for k in ic.sample_entries(chain, a.entries) if k not in first]
     rows: dict[tuple, dict] = {}
+    perfs: dict[tuple, float] = {}  # (key, table) -> the entry's Perf as the callback reads it
 
     def entry(key: tuple) -> dict:
         if key not in rows:
             seg = chain.segment(*key)
-            if f"{net}/default/{key}" not in store:
-                store.add(ic.default_entry(runner, net, model, chain, seg))
-            rows[key] = {"default": store.rows[f"{net}/default/{key}"]["val_loss"],
+            for name, runner in runners.items():
+                rid = f"{net}/{name}/{key}"
+                if rid not in store or "perf" not in store.rows[rid]:  # rows stored before "perf" was
+                    store.add(ic.default_entry(runner, net, model, chain, seg, name))
+                perfs[key, name] = store.rows[rid]["perf"]
+            rows[key] = {**{name: store.rows[f"{net}/{name}/{key}"]["val_loss"] for name in TABLES},
                          **zero_training_scores(model, chain, Plan.replacing(chain, seg), reference, a.temperatures)}
         return rows[key]
 
@@ -131,7 +141,8 @@ def net_study(store: ic.Store, net: str, a: argparse.Namespace) -> dict:
                           for part, keys in (("first", first), ("held_out", held), ("all", first + held))},
               "counts": {"first": len(first), "held_out": len(held)}}
     base_loss = ic.evaluate(model, dm.val_dataloader())["val_loss"]
-    offset = {"default": base_loss, "ce": base_loss}
+    offset = {"ce": base_loss}
+    nulls = {n: runners[n].null_perf(model, 0) for n in TABLES}  # the table's paired reading
     rng = random.Random(1)  # importance_check.py's plans
     plans = []
     for index in range(a.plans):
@@ -142,8 +153,11 @@ def net_study(store: ic.Store, net: str, a: argparse.Namespace) -> dict:
                        **ic.finetuned_plan(model, chain, plan, a.oracle_epochs)})
         keys = [tuple(k) for k in store.rows[rid]["segments"]]
         # What the DP adds up: ln I = Perf(entry) - Perf(original) per segment. The distances
-        # are 0 for the original; the two losses are offset by the original's loss.
-        summed = {n: sum(entry(k)[n] - offset.get(n, 0.0) for k in keys) for n in names}
+        # are 0 for the original; the loss is offset by the original's loss. The tables as the
+        # callback reads them (paired): Perf of the unmodified network through the same protocol
+        # subtracted; negated, so that lower is better as for the distances.
+        summed = {n: sum(entry(k)[n] - offset.get(n, 0.0) for k in keys) for n in names if n not in TABLES}
+        summed.update({n: -sum(perfs[k, n] - nulls[n] for k in keys) for n in TABLES})
         whole = zero_training_scores(model, chain, plan, reference, a.temperatures)
         plans.append({"val_loss": store.rows[rid]["val_loss"], "val_acc": store.rows[rid]["val_acc"],
                       "sum": summed, "whole": whole})
@@ -153,18 +167,23 @@ def net_study(store: ic.Store, net: str, a: argparse.Namespace) -> dict:
                         "acc": ic.spearman([-p[kind][n] for p in plans], [p["val_acc"] for p in plans])}
         for kind in ("sum", "whole") for n in names if n in plans[0][kind]}
     result["rows"] = {str(k): v for k, v in rows.items()}
+    result["seconds"] = {n: sum(store.rows[f"{net}/{n}/{k}"]["seconds"] for k in rows) / len(rows) for n in TABLES}
     return result
 
 
 def report(results: dict, a: argparse.Namespace) -> str:
+    seconds = "; ".join(f"{net} " + ", ".join(f"{n} {r['seconds'][n]:.2f}" for n in TABLES)
+                        for net, r in results.items())
     lines = ["# Zero-training importance estimates vs long fine-tunes (digits, CPU)", "",
              f"Command: `python recipes/benchmarks/importance_zero_training.py --work {a.work} --entries {a.entries} "
              f"--plans {a.plans}`. Spearman with the oracle (-val_loss after {a.oracle_epochs} epochs of fine-tuning), "
              "over importance_check.py's 20 sampled entries (*first*), 20 more (*held out*) and all; for plans, of "
              "the estimate summed over the plan's segments (*sum*, what the DP adds up) or of the whole plan "
              "scored at once (*whole*) with the plan's fine-tuned -val_loss / val_acc. `default` is the "
-             "library's table (30 steps per entry, 1.64 epochs of this training set per entry); every other "
-             "row trains nothing.", ""]
+             "library's default table (the head probe: BatchNorm re-estimation on 8 batches, then the classifier "
+             "head refit on frozen features; no optimizer step through the network), `finetune` the "
+             "fine-tuned table (30 steps per entry, 1.64 epochs of this training set per entry); every other "
+             "row trains nothing. Seconds per entry (one CPU thread): " + seconds + ".", ""]
     for net, r in results.items():
         lines += [f"## {net}", "", "| estimate | first 20 | held out 20 | all 40 | plans: sum (loss / acc) | "
                   "plans: whole (loss / acc) |", "|---|---:|---:|---:|---:|---:|"]
