@@ -210,7 +210,7 @@ class Planner:
         perfs, entry_perfs = runs
         runner = self.result.runner
         level = noise_level(table, perfs, entry_perfs=entry_perfs, steps_per_entry=runner.steps,
-                            score_samples=runner.score_samples, build_seconds=build_seconds)
+                            score_samples=runner.score_samples, build_seconds=build_seconds, method=runner.method)
         if trainer.is_global_zero:
             warn_if_noisy(level)
         return level

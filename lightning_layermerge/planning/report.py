@@ -215,8 +215,9 @@ class LayerMergeReport:
         imp = self.importance
         if not imp:
             return "not built here (plan given or restored)"
-        text = (f"{imp.get('entries')} entries, {imp.get('steps_per_entry')} steps each, scored on "
-                f"{imp.get('score_samples')} samples")
+        how = ("head probe (no training step)" if imp.get("method") == "probe" else
+               f"{imp.get('steps_per_entry')} steps each")
+        text = f"{imp.get('entries')} entries, {how}, scored on {imp.get('score_samples')} samples"
         if imp.get("build_seconds") is not None:
             text += f", built in {imp['build_seconds']:.0f} s"
         if imp.get("perfs"):

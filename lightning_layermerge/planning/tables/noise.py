@@ -62,6 +62,8 @@ class NoiseLevel:
         steps_per_entry: Optimizer steps of each entry's fine-tune (``None``: unknown).
         score_samples: Samples each entry is scored on (``None``: unknown).
         build_seconds: Wall time of the table build on this process (``None``: unknown).
+        method: How each entry was brought back before scoring: ``"probe"`` (head refit, no
+            training step) or ``"finetune"`` (``None``: unknown).
     """
 
     sigma: float
@@ -71,6 +73,7 @@ class NoiseLevel:
     steps_per_entry: int | None = None
     score_samples: int | None = None
     build_seconds: float | None = None
+    method: str | None = None
     sigma_original: float = 0.0
     sigma_entries: float | None = None
     entry_perfs: dict[str, list[float]] = field(default_factory=dict)
@@ -141,7 +144,7 @@ def noise_level(table: Mapping[Any, float], perfs: Sequence[float], *, sigmas: f
             on the same scale as the table (divided by ``|Perf(original)|`` for a relative table).
         sigmas: Entries with ``|ln I| > sigmas * sigma`` are distinguishable.
         entry_perfs: ``{key: [Perf per repeat]}`` of re-run entries (same scale), if any.
-        **known: ``steps_per_entry``, ``score_samples``, ``build_seconds``, ``extra`` to record.
+        **known: ``steps_per_entry``, ``score_samples``, ``build_seconds``, ``method``, ``extra`` to record.
 
     Returns:
         The :class:`NoiseLevel`.
