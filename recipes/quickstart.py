@@ -6,9 +6,10 @@
    (images upsampled to 16x16) and measure its test accuracy.
 2. A second ``trainer.fit`` with ``LayerMergeCallback(budget=0.6, distill=Distillation(...))``:
    latency table (CPU, batch 64 at 16x16, float32, the library's defaults: 1 thread, thread CPU
-   clock, allocator keeping freed memory, entries priced in context), importance table from 66
-   short quiet sub-runs (the default floors: at least 30 SGD steps of batch 32 per entry, scored
-   by ``val_loss`` on the validation set), DP, a side-by-side check of the chosen network,
+   clock, allocator keeping freed memory, entries priced in context), importance table of 66
+   entries by the default head probe (BatchNorm re-estimation and a refit of the classifier head
+   on frozen features, no training step through the network, scored by ``val_loss`` on the
+   validation set), DP, a side-by-side check of the chosen network,
    pruning, 10 epochs of fine-tuning with distillation, merging, and a side-by-side latency
    measurement of the original (BatchNorm folded) and the merged network.
 3. Print the report and the merged network's test accuracy.
@@ -72,7 +73,7 @@ def main() -> None:
         budget=args.budget,
         target="model",
         monitor="val_loss",
-        importance=ImportanceSettings(method="finetune", batch_size=32, lr=0.02),  # default floors: >= 30 steps, val-set scoring
+        importance=ImportanceSettings(),  # the head probe: no training per entry, scored on the val set
         latency=LatencySettings(batch_size=64),  # defaults: 1 thread, thread CPU clock, in-context prices
         distill=Distillation(alpha=1.0, temperature=4.0),
         cache_dir=str(Path(args.out) / "cache"),

@@ -281,7 +281,7 @@ def test_report_shows_the_noise_level_steps_and_build_time() -> None:
             "1 entries beyond 2 sigma") in text
     assert "read relative to" not in text  # no paired_offset recorded
     paired = dataclasses.replace(report, importance={**level.as_dict(), "paired_offset": -0.0054})
-    assert ("1 entries beyond 2 sigma; read relative to the unmodified network's own short fine-tune "
+    assert ("1 entries beyond 2 sigma; read relative to the unmodified network through the same protocol "
             "(ln I offset -0.0054)") in str(paired)
     metrics = report.metrics()
     assert metrics["layermerge/importance_sigma"] == pytest.approx(0.01)

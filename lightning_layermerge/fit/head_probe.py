@@ -18,10 +18,11 @@ linear probe measures the same thing with no optimizer step through the network:
    head refit with its weight at zero: the class prior), so a plan's summed values compare
    plans correctly although every probe's loss is capped by the prior's.
 
-The L2 penalty matters: an unregularised refit separates the training features of almost any
-segment and ranks entries near chance (Spearman 0.0-0.6 with 3-epoch fine-tunes on the digits
-nets); with a penalty the probe ranks like the long fine-tunes (0.97 / 0.90 over 40 entries,
-flat for penalties 0.3-3). See ``recipes/benchmarks/results/importance_check.md``.
+The L2 penalty matters: a nearly unpenalised refit separates the training features of almost
+any segment and ranks entries poorly (Spearman 0.62-0.76 with 3-epoch fine-tunes on the digits
+nets at a penalty of 1e-4); penalties of 0.1-3 rank alike (0.97 / 0.88-0.90 over 40 entries).
+Measurements: ``importance_zero_training.md``, ``importance_probe_variants.md`` and
+``importance_fashion.md`` in the repository's ``recipes/benchmarks/results/``.
 
 The probe applies when the target ends in an ``nn.Linear`` whose output is the target's output,
 ``training_step`` calls the target once per batch and returns a loss; :func:`probe_head`

@@ -227,7 +227,7 @@ class LayerMergeReport:
                          f"{len(imp['entry_perfs'])} entries {imp['sigma_entries']:.3g}")
             text += f"), {imp.get('distinguishable')} entries beyond 2 sigma"
         if imp.get("paired_offset") is not None:
-            text += (f"; read relative to the unmodified network's own short fine-tune (ln I offset "
+            text += (f"; read relative to the unmodified network through the same protocol (ln I offset "
                      f"{imp['paired_offset']:+.4f})")
         return text
 

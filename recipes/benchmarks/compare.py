@@ -397,7 +397,8 @@ def _importance_text(runs: list[dict]) -> str:
             built[key] = imp  # the run that built it (the others read the cache)
     if not built:
         return "no table built yet"
-    parts = [f"{net} seed {iseed}: {imp.get('entries')} entries x {imp.get('steps_per_entry')} steps, scored on "
+    parts = [f"{net} seed {iseed}: {imp.get('entries')} entries x "
+             f"{'head probe' if imp.get('method') == 'probe' else str(imp.get('steps_per_entry')) + ' steps'}, scored on "
              f"{imp.get('score_samples')} samples, sigma {imp.get('sigma', math.nan):.3g}, "
              f"{imp.get('distinguishable')} beyond 2 sigma, {imp['build_seconds']:.0f} s"
              for (net, iseed), imp in sorted(built.items())]
