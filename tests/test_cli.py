@@ -28,7 +28,8 @@ def test_recipe_yaml_builds_the_callback() -> None:
     cli = main(["--config", str(RECIPES / "cli" / "compress.yaml"), "--model.weights=null"], run=False)
     cb = the_callback(cli)
     assert (cb.budget, cb.target, cb.method, cb.monitor, cb.mode) == (0.6, "model", "layermerge", "val_loss", "min")
-    assert cb.importance_settings == ImportanceSettings(method="finetune", fraction=0.15, steps=20, batch_size=32, lr=0.02)
+    assert cb.importance_settings == ImportanceSettings(method="finetune",
+                                                        fraction=0.15, steps=20, batch_size=32, lr=0.02)
     assert cb.latency_settings == LatencySettings(device="cpu", batch_size=64, threads=1, warmup=10, repeats=30,
                                                  reference=True)
     assert cb.distill == Distillation(alpha=1.0, temperature=4.0)

@@ -138,6 +138,24 @@ def test_runner_probe_trains_no_step_and_falls_back_where_it_does_not_apply() ->
     assert conv.method == "finetune" and conv.steps == 30
 
 
+class LitReadsTrainer(LitTinyVal):
+    """training_step reads the trainer (fine in a fit, not on the probe's bare copy)."""
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) * (1.0 + 0.0 * self.trainer.global_step)
+
+
+def test_a_training_step_that_needs_the_trainer_falls_back_to_the_fine_tune() -> None:
+    module = LitReadsTrainer()
+    runner = _runner(module, ImportanceSettings(noise_repeats=0))
+    runner.resolve_monitor(module.model, None, "min")
+    with pytest.warns(UserWarning, match=r"training_step failed outside a Trainer: RuntimeError"):
+        runner.check_finetune(module.model)
+    assert runner.method == "finetune"
+    trained = runner.finetune(copy.deepcopy(module.model))  # the fine-tune runs in a Trainer
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), module.model.parameters()))
+
+
 def test_probe_settings_refuse_fine_tune_options() -> None:
     with pytest.raises(ValueError, match=r"ImportanceSettings\(steps=5, lr=0.1\) configures the fine-tune.*"
                                          r"method='finetune'"):

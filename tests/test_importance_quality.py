@@ -257,7 +257,8 @@ def test_noise_entries_are_spread_over_the_changed_entries() -> None:
 
 
 def test_subrunner_null_perfs_vary_with_the_repeat() -> None:
-    runner = _runner(ImportanceSettings(method="finetune", fraction=0.1, steps=2, batch_size=16, lr=0.05, noise_repeats=3,
+    runner = _runner(ImportanceSettings(method="finetune",
+                                        fraction=0.1, steps=2, batch_size=16, lr=0.05, noise_repeats=3,
                                         min_score_samples=40))
     original = LitTinyVal().model
     runner.resolve_monitor(original, None, "min")
@@ -294,7 +295,8 @@ def test_report_shows_the_noise_level_steps_and_build_time() -> None:
 
 def test_subrun_trains_a_target_given_in_eval_mode() -> None:
     """Lightning keeps module modes at fit start; a sub-run must still train BatchNorm normally."""
-    runner = _runner(ImportanceSettings(method="finetune", steps=3, batch_size=16, lr=0.05, bn_batches=0, noise_repeats=0))
+    runner = _runner(ImportanceSettings(method="finetune",
+                                        steps=3, batch_size=16, lr=0.05, bn_batches=0, noise_repeats=0))
     original = LitTinyVal().model.eval()
     trained = runner.finetune(copy.deepcopy(original))
     bn = trained.stem[1]

@@ -128,15 +128,12 @@ def _probe(module: pl.LightningModule, target_path: str, batches: list[Any], wei
     target = get_path(module, target_path)
     step = type(module).training_step
     target.eval()  # features as the scored network computes them
-    head = find_head(target, lambda: step(module, batches[0], 0))
-    features: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda mod, args, out: features.append(args[0].detach()))
     try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                step(module, batch, i)
-    finally:
-        hook.remove()
+        head, features = _record(module, target, step, batches)
+    except ProbeUnsupported:
+        raise
+    except Exception as err:  # e.g. a training_step that reads self.trainer: the fine-tune has one
+        raise ProbeUnsupported(f"training_step failed outside a Trainer: {type(err).__name__}: {err}") from err
     params = [head.weight] + ([head.bias] if head.bias is not None else [])
     saved = [p.detach().clone() for p in params]
     if blind:
@@ -162,6 +159,21 @@ def _probe(module: pl.LightningModule, target_path: str, batches: list[Any], wei
         set_path(module, target_path, target)
         for p, g in zip(params, grads):
             p.requires_grad_(g)
+
+
+def _record(module: pl.LightningModule, target: nn.Module, step: Callable,
+            batches: list[Any]) -> tuple[nn.Linear, list[torch.Tensor]]:
+    """The head, and its input on every batch (no gradient)."""
+    head = find_head(target, lambda: step(module, batches[0], 0))
+    features: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda mod, args, out: features.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                step(module, batch, i)
+    finally:
+        hook.remove()
+    return head, features
 
 
 def _refit(module: pl.LightningModule, step: Callable, batches: list[Any], replay: _Replay,

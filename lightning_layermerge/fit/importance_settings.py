@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from ..planning.objective import OBJECTIVES
 from ..planning.validate import check_count, check_finite, is_int, is_real
 
-__all__ = ["METHODS", "MIN_SCORE_SAMPLES", "MIN_STEPS", "TRAIN_LOSS_KEY", "VAL_LOSS_KEYS", "ImportanceSettings", "Monitor"]
+__all__ = ["METHODS", "MIN_SCORE_SAMPLES", "MIN_STEPS", "TRAIN_LOSS_KEY", "VAL_LOSS_KEYS", "ImportanceSettings",
+           "Monitor"]
 
 #: Metric logged by the training-loss fallback scorer.
 TRAIN_LOSS_KEY = "layermerge/train_loss"
@@ -99,12 +100,12 @@ class ImportanceSettings:
         min_score_samples: Floor of scoring samples per entry.
         score_on: ``"val"``: score on the module's validation set when it has one (else on
             held-out training data); ``"train"``: always on held-out training data.
-        bn_batches: ``None``: 8 for ``"probe"``, 0 for ``"finetune"``. Before each entry's fine-tune or probe, re-estimate the BatchNorm statistics of
-            the pruned network on this many training batches (forward only; 0: off). Pruning
-            shifts every later layer's input distribution, and stale statistics start the
-            pruned network near chance. Measured: no gain once an entry gets ``min_steps``
-            (30) steps, which re-estimate the statistics anyway; with ``steps=0`` it is the
-            cheap mode (no training at all), ranking far better than one step.
+        bn_batches: ``None``: 8 for ``"probe"``, 0 for ``"finetune"``. Before each entry's
+            fine-tune or probe, re-estimate the BatchNorm statistics of the pruned network on
+            this many training batches (forward only; 0: off). Pruning shifts every later
+            layer's input distribution, and stale statistics start the pruned network near
+            chance. Measured: no gain once an entry gets ``min_steps`` (30) steps, which
+            re-estimate the statistics anyway; the probe needs it (it trains nothing else).
         kd_alpha: Weight of knowledge distillation from the original target inside each
             entry's fine-tune (``loss + kd_alpha * KD``, :func:`~lightning_layermerge.fit.distill.kd_loss`);
             0: off.

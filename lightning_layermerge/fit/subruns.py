@@ -39,8 +39,8 @@ from ..surgery.plan import Plan
 from ..surgery.prune import prune
 from ..planning.tables.noise import measure_null_perfs
 
-from .importance_settings import (MIN_SCORE_SAMPLES, MIN_STEPS, TRAIN_LOSS_KEY, VAL_LOSS_KEYS, ImportanceSettings,
-                                  Monitor)
+from .importance_settings import (BN_BATCHES, MIN_SCORE_SAMPLES, MIN_STEPS, TRAIN_LOSS_KEY, VAL_LOSS_KEYS,
+                                  ImportanceSettings, Monitor)
 from .paths import get_path, set_path
 from .subsets import Subsets, check_loader, draw_subsets, indexable
 
@@ -203,6 +203,11 @@ class SubRunner:
         return max(1, self.settings.min_steps, n // self.batch_size if n >= self.batch_size else 1)
 
     @property
+    def bn_batches(self) -> int:
+        """BatchNorm re-estimation batches per entry: ``settings.bn_batches``, or the method in use's default."""
+        return BN_BATCHES[self.method] if self.settings.bn_batches is None else self.settings.bn_batches
+
+    @property
     def score_samples(self) -> int:
         """Samples each entry is scored on."""
         return len(self.score_idx)
@@ -218,7 +223,7 @@ class SubRunner:
         """Fine-tune (or probe) ``target`` in place inside a copy of the module; returns it.
 
         Matches ``tables.importance.FineTune``. BatchNorm statistics are re-estimated first
-        (``settings.bn_batch_count``), then the head probe runs (:mod:`.head_probe`), or
+        (``bn_batches``), then the head probe runs (:mod:`.head_probe`), or
         ``settings.steps`` optimizer steps (with distillation from the original target if
         ``settings.kd_alpha > 0``). ``repeat``
         changes the seed (noise-level repeats of the unmodified network). The first
@@ -232,7 +237,7 @@ class SubRunner:
             raise
 
     def _finetune(self, target: nn.Module, steps: int, seed: int) -> nn.Module:
-        """BatchNorm re-estimation (``settings.bn_batch_count``), then the head probe or ``steps``
+        """BatchNorm re-estimation (``bn_batches``), then the head probe or ``steps``
         optimizer steps on the fine-tuning subset, inside a fresh copy of the module; returns the target."""
         module = self.with_target(target)
         if self.settings.lr is not None:
@@ -240,8 +245,8 @@ class SubRunner:
         loader = self._subset_loader(self.train_idx, shuffle=True, seed=seed)
         with quiet(), isolate_rng():
             torch.manual_seed(seed)
-            if self.settings.bn_batch_count:
-                recalibrate_batchnorm(module, loader, self.settings.bn_batch_count, forward=_training_forward)
+            if self.bn_batches:
+                recalibrate_batchnorm(module, loader, self.bn_batches, forward=_training_forward)
             if self.method == "probe":
                 probe_head(module, self.target_path, move_batches(module, loader), self.settings.probe_weight_decay)
             elif steps > 0:
@@ -268,14 +273,15 @@ class SubRunner:
                 self._finetune(copy.deepcopy(target), 0, _entry_seed(self.settings.seed, None))
                 self.blind_perf = self._blind_perf(target)
                 return
-            except ProbeUnsupported as err:
+            except Exception as err:  # the fine-tune's own check below reports real errors
                 self.method = "finetune"
+                reason = err if isinstance(err, ProbeUnsupported) else (
+                    f"training_step failed outside a Trainer: {type(err).__name__}: {err}{_user_frame(err)}")
                 rank_zero_warn(
                     f"LayerMergeCallback: ImportanceSettings(method='probe') does not apply to "
-                    f"{type(self.shell).__name__}: {err}. Each importance entry is fine-tuned instead ({self.steps} "
-                    "steps); pass ImportanceSettings(method='finetune') to choose that and silence this warning")
-            except Exception as err:
-                raise ValueError(self.failure_message(err)) from err
+                    f"{type(self.shell).__name__}: {reason}. Each importance entry is fine-tuned instead "
+                    f"({self.steps} steps); pass ImportanceSettings(method='finetune') to choose that and silence "
+                    "this warning")
         try:
             self._finetune(copy.deepcopy(target), 1, _entry_seed(self.settings.seed, None))
         except Exception as err:
@@ -319,7 +325,7 @@ class SubRunner:
         loader = self._subset_loader(self.train_idx, shuffle=True, seed=self.settings.seed)
         with quiet(), isolate_rng(), torch.no_grad():
             torch.manual_seed(self.settings.seed)
-            return recalibrate_batchnorm(module, loader, batches or self.settings.bn_batch_count or 8,
+            return recalibrate_batchnorm(module, loader, batches or self.bn_batches or 8,
                                          forward=_training_forward)
 
     def _fit(self, module: pl.LightningModule, loader: DataLoader, steps: int) -> None:

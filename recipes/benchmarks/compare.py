@@ -398,7 +398,8 @@ def _importance_text(runs: list[dict]) -> str:
     if not built:
         return "no table built yet"
     parts = [f"{net} seed {iseed}: {imp.get('entries')} entries x "
-             f"{'head probe' if imp.get('method') == 'probe' else str(imp.get('steps_per_entry')) + ' steps'}, scored on "
+             f"{'head probe' if imp.get('method') == 'probe' else str(imp.get('steps_per_entry')) + ' steps'}, "
+             f"scored on "
              f"{imp.get('score_samples')} samples, sigma {imp.get('sigma', math.nan):.3g}, "
              f"{imp.get('distinguishable')} beyond 2 sigma, {imp['build_seconds']:.0f} s"
              for (net, iseed), imp in sorted(built.items())]

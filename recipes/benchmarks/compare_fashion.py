@@ -193,7 +193,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Setup, argparse.Namespace
         control=not a.no_control, quick=quick, work=Path(a.work),
         csv=Path(a.csv) if a.csv else RESULTS / f"{stem}.csv", val_size=a.val_size,
         batch_size=a.batch_size, timing_scale=a.timing_scale,
-        importance=ImportanceSettings(method="finetune", steps=0, bn_batches=8) if a.zero_training else ImportanceSettings(),
+        importance=ImportanceSettings(method="finetune",
+                                      steps=0, bn_batches=8) if a.zero_training else ImportanceSettings(),
     ), a
 
 

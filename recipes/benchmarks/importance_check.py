@@ -58,13 +58,14 @@ NETS = ("resnet", "mobilenetv2")
 #: held-out training samples, no BatchNorm re-estimation).
 SETTINGS: dict[str, ImportanceSettings] = {
     # The library default before issue 13: fraction 0.04 = 47 images, 1 step, scored on 47.
-    "old_default": ImportanceSettings(min_steps=0, min_score_samples=1, score_on="train", bn_batches=0,
-                                      noise_repeats=3),
+    "old_default": ImportanceSettings(method="finetune", min_steps=0, min_score_samples=1, score_on="train",
+                                      bn_batches=0, noise_repeats=3),
     # compare.py's settings before issue 13: 20 SGD steps on 15 %, scored on another 15 %.
-    "old_compare": ImportanceSettings(method="finetune", fraction=0.15, steps=20, batch_size=32, lr=0.02, min_score_samples=1,
-                                      score_on="train", bn_batches=0, noise_repeats=3),
+    "old_compare": ImportanceSettings(method="finetune", fraction=0.15, steps=20, batch_size=32, lr=0.02,
+                                      min_score_samples=1, score_on="train", bn_batches=0, noise_repeats=3),
     # old_compare's fine-tune scored on the validation set: the scoring set's effect alone.
-    "old_compare_val": ImportanceSettings(method="finetune", fraction=0.15, steps=20, batch_size=32, lr=0.02, bn_batches=0),
+    "old_compare_val": ImportanceSettings(method="finetune", fraction=0.15, steps=20, batch_size=32, lr=0.02,
+                                          bn_batches=0),
     # The library default: the head probe (BatchNorm re-estimation, the classifier head refit on
     # frozen features; no optimizer step through the network).
     "default": ImportanceSettings(),

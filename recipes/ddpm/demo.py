@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
         budget=args.budget,
         target="unet",
         monitor="val_loss",
-        importance=ImportanceSettings(method="finetune", fraction=0.1, steps=args.importance_steps, batch_size=32, relative=True),
+        importance=ImportanceSettings(method="finetune",
+                                      fraction=0.1, steps=args.importance_steps, batch_size=32, relative=True),
         latency=LatencySettings(device="cpu", batch_size=16, threads=1, warmup=5, repeats=20, reference=True),
         distill=Distillation(alpha=1.0),  # MSE between the student's and the teacher's predicted noise
         cache_dir=str(out / "cache"),

@@ -322,7 +322,8 @@ def compressed_run(args: argparse.Namespace, dm: FashionImages, work: Path, meth
     module = trained_module(args, dm, work)
     callback = LayerMergeCallback(
         budget=budget, method=method, target="unet", monitor="val_loss",
-        importance=ImportanceSettings(method="finetune", fraction=0.02, steps=args.importance_steps, batch_size=32, relative=True,
+        importance=ImportanceSettings(method="finetune",
+                                      fraction=0.02, steps=args.importance_steps, batch_size=32, relative=True,
                                       objective=args.objective, paired=args.paired),
         latency=LatencySettings(device="cpu", batch_size=16, threads=1, warmup=5, repeats=20, reference=True),
         distill=Distillation(alpha=1.0), cache_dir=str(work / "cache"), verbose=False,
