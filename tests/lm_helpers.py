@@ -205,8 +205,7 @@ def tiny_diffusion_fit(diffusion, tmp_path, lr: float) -> tuple:
     train = DataLoader(TensorDataset(images[:64]), batch_size=16, shuffle=True)
     val = DataLoader(TensorDataset(images[64:]), batch_size=16)
     module = diffusion.DiffusionModule(TINY_UNET, num_train_timesteps=50, lr=lr, example_batch=4)
-    cb = LayerMergeCallback(budget=0.95, target="unet", importance=ImportanceSettings(method="finetune",
-                                                                                      fraction=0.25, steps=2,
-                            batch_size=8, relative=True), latency=FAST_LATENCY, distill=Distillation(alpha=1.0),
-                            cache_dir=str(tmp_path / "cache"), verbose=False)
+    importance = ImportanceSettings(method="finetune", fraction=0.25, steps=2, batch_size=8, relative=True)
+    cb = LayerMergeCallback(budget=0.95, target="unet", importance=importance, latency=FAST_LATENCY,
+                            distill=Distillation(alpha=1.0), cache_dir=str(tmp_path / "cache"), verbose=False)
     return train, val, module, cb

@@ -53,3 +53,19 @@ def test_callback_compresses_a_unet_in_a_diffusion_loop(tmp_path: Path) -> None:
     # A DDPMPipeline-style sampling loop runs on the merged UNet.
     out = sample(merged, 50, (2, 1, 8, 8), steps=5)
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_default_importance_falls_back_to_the_fine_tune_on_a_unet(tmp_path: Path) -> None:
+    """A UNet has no classifier head: the default head probe warns, then each entry is fine-tuned."""
+    import dataclasses
+
+    from lightning_layermerge import ImportanceSettings
+
+    train, val, module, cb = tiny_diffusion_fit(diffusion, tmp_path, lr=1e-3)
+    cb.importance_settings = dataclasses.replace(ImportanceSettings(), fraction=0.25, batch_size=8, min_steps=2)
+    with pytest.warns(UserWarning, match=r"method='probe'\) does not apply to DiffusionModule: the network's "
+                                         r"output does not come straight from an nn.Linear.*fine-tuned instead "
+                                         r"\(\d+ steps\)"):
+        quiet_trainer(max_steps=1, callbacks=[cb], limit_val_batches=1).fit(module, train_dataloaders=train,
+                                                                           val_dataloaders=val)
+    assert cb.report.merged and cb.state_dict()["importance"]["method"] == "finetune"
