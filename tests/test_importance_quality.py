@@ -232,6 +232,10 @@ def test_noise_level_on_a_synthetic_noisy_metric() -> None:
     assert level.as_dict()["steps_per_entry"] == 30 and level.as_dict()["perfs"] == perfs
     with pytest.warns(ImportanceNoiseWarning, match=r"only 2 of 10 entries.*min_score_samples.*min_steps"):
         assert warn_if_noisy(level)
+    probe = dataclasses.replace(level, method="probe")  # the head probe: nothing to lengthen but the data
+    with pytest.warns(ImportanceNoiseWarning, match=r"only 2 of 10 entries.*min_score_samples.*bn_batches, or pass "
+                                                    r"ImportanceSettings\(method='finetune'\)"):
+        assert warn_if_noisy(probe)
     # Damaged networks are noisier than the intact one: the entries' pooled spread decides.
     noisy_entries = {(1, 2, 1): [-2.00, -0.60, -1.30], (1, 3, 1): [-1.80, -1.20, -1.50]}
     level = noise_level(table, perfs, entry_perfs=noisy_entries)

@@ -174,6 +174,7 @@ def warn_if_noisy(level: NoiseLevel, *, below: float = WARN_BELOW, settings: str
         f"unmodified network and {len(level.entry_perfs)} entries with other seeds), so the solver cannot tell "
         f"most segments apart. "
         f"Reduce the noise: raise {settings}.min_score_samples (score on more, e.g. validation, samples) and "
-        f"{settings}.min_steps or steps (longer fine-tunes), or fraction",
+        + (f"bn_batches, or pass {settings}(method='finetune') (entries fine-tuned)" if level.method == "probe" else
+           f"{settings}.min_steps or steps (longer fine-tunes), or fraction"),
         ImportanceNoiseWarning, stacklevel=2)
     return True
