@@ -169,3 +169,17 @@ def test_probe_settings_refuse_fine_tune_options() -> None:
     assert ImportanceSettings().bn_batch_count == 8
     assert ImportanceSettings(method="finetune").bn_batch_count == 0
     assert ImportanceSettings(bn_batches=2).bn_batch_count == 2
+
+
+def test_the_refit_keeps_features_and_labels_not_images() -> None:
+    from lightning_layermerge.fit.head_probe import _record
+
+    module = LitTinyVal().eval()
+    train, _ = loaders(batch_size=32, n=300)
+    train = torch.utils.data.DataLoader(train.dataset, batch_size=32)  # the same batches twice
+    head, features, kept = _record(module, module.model, type(module).training_step, train)
+    originals = list(train)
+    assert len(kept) == len(features) == len(originals)
+    for (x, y), (x0, y0), f in zip(kept, originals, features):
+        assert x.shape == x0.shape and x.stride() == (0,) * x.dim() and not x.any()  # a zero-stride placeholder
+        assert torch.equal(y, y0) and f.shape == (x0.shape[0], head.in_features)

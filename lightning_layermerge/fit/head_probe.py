@@ -32,17 +32,18 @@ raises :class:`ProbeUnsupported` otherwise, and the caller fine-tunes instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from .paths import get_path, set_path
 
-__all__ = ["ProbeUnsupported", "find_head", "headroom", "move_batches", "probe_head"]
+__all__ = ["ProbeUnsupported", "find_head", "headroom", "probe_head"]
 
 #: L-BFGS iterations of the head refit (the loss is flat well before this on the measured nets).
 ITERATIONS = 50
@@ -98,14 +99,17 @@ def _loss(out: Any) -> torch.Tensor:
     return loss
 
 
-def probe_head(module: pl.LightningModule, target_path: str, batches: list[Any], weight_decay: float, *,
+def probe_head(module: pl.LightningModule, target_path: str, batches: Iterable[Any], weight_decay: float, *,
                blind: bool = False) -> None:
     """Refit the head of ``module``'s target (in place) on ``batches`` with the rest of the target frozen.
 
     Args:
         module: A copy of the user's LightningModule holding the pruned target.
         target_path: Attribute path of the target inside ``module``.
-        batches: Training batches (already on the module's device).
+        batches: Training batches, e.g. a DataLoader (each is moved to the module's device in turn;
+            what is kept for the refit is the head's input and the batch with the network's
+            input replaced by a zero-stride placeholder, so memory is the features', not the
+            images').
         weight_decay: Weight of ``sum(head.weight ** 2)`` added to the mean training loss.
         blind: Set the head's weight to zero and fit only its bias: the best the head can do
             without any feature (the prior), the floor :func:`headroom` measures from.
@@ -123,13 +127,13 @@ def probe_head(module: pl.LightningModule, target_path: str, batches: list[Any],
         del module.log, module.log_dict
 
 
-def _probe(module: pl.LightningModule, target_path: str, batches: list[Any], weight_decay: float,
+def _probe(module: pl.LightningModule, target_path: str, batches: Iterable[Any], weight_decay: float,
            blind: bool) -> None:
     target = get_path(module, target_path)
     step = type(module).training_step
     target.eval()  # features as the scored network computes them
     try:
-        head, features = _record(module, target, step, batches)
+        head, features, batches = _record(module, target, step, batches)
     except ProbeUnsupported:
         raise
     except Exception as err:  # e.g. a training_step that reads self.trainer: the fine-tune has one
@@ -162,18 +166,40 @@ def _probe(module: pl.LightningModule, target_path: str, batches: list[Any], wei
 
 
 def _record(module: pl.LightningModule, target: nn.Module, step: Callable,
-            batches: list[Any]) -> tuple[nn.Linear, list[torch.Tensor]]:
-    """The head, and its input on every batch (no gradient)."""
-    head = find_head(target, lambda: step(module, batches[0], 0))
+            batches: Iterable[Any]) -> tuple[nn.Linear, list[torch.Tensor], list[Any]]:
+    """The head, its input on every batch (no gradient), and the batches to replay the loss on."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    head: nn.Linear | None = None
     features: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda mod, args, out: features.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
+    kept: list[Any] = []
+    for i, batch in enumerate(batches):
+        batch = move_data_to_device(batch, device)
+        if head is None:
+            head = find_head(target, lambda: step(module, batch, i))
+        inputs: set[int] = set()
+        hooks = [head.register_forward_hook(lambda mod, args, out: features.append(args[0].detach())),
+                 target.register_forward_pre_hook(
+                     lambda mod, args, kwargs: inputs.update(id(t) for t in (*args, *kwargs.values())),
+                     with_kwargs=True)]
+        try:
+            with torch.no_grad():
                 step(module, batch, i)
-    finally:
-        hook.remove()
-    return head, features
+        finally:
+            for h in hooks:
+                h.remove()
+        kept.append(_without(batch, inputs))
+    if head is None:
+        raise ProbeUnsupported("the training subset yielded no batch")
+    return head, features, kept
+
+
+def _without(batch: Any, inputs: set[int]) -> Any:
+    """``batch`` with the tensors the network was called on replaced by zero-stride zeros of the same shape.
+
+    The replay ignores the network's input, so the refit need not keep the images; shape, dtype
+    and device stay, for a ``training_step`` that reads them."""
+    return apply_to_collection(batch, torch.Tensor, lambda t: torch.zeros((), dtype=t.dtype, device=t.device)
+                               .expand(t.shape) if id(t) in inputs else t)
 
 
 def _refit(module: pl.LightningModule, step: Callable, batches: list[Any], replay: _Replay,
@@ -212,9 +238,3 @@ def _restore(params: list[nn.Parameter], saved: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
-
-
-def move_batches(module: pl.LightningModule, loader: Any) -> list[Any]:
-    """Every batch of ``loader`` on ``module``'s device (the probe replays them many times)."""
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    return [move_data_to_device(b, device) for b in loader]

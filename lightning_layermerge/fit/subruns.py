@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..planning.bn_recalibration import default_forward, recalibrate_batchnorm
 from .distill import Distillation, DistillationPatch, frozen_teacher
-from .head_probe import ProbeUnsupported, headroom, move_batches, probe_head
+from .head_probe import ProbeUnsupported, headroom, probe_head
 from ..surgery.graph import Chain, Segment
 from ..surgery.plan import Plan
 from ..surgery.prune import prune
@@ -248,7 +248,7 @@ class SubRunner:
             if self.bn_batches:
                 recalibrate_batchnorm(module, loader, self.bn_batches, forward=_training_forward)
             if self.method == "probe":
-                probe_head(module, self.target_path, move_batches(module, loader), self.settings.probe_weight_decay)
+                probe_head(module, self.target_path, loader, self.settings.probe_weight_decay)
             elif steps > 0:
                 self._fit(module, loader, steps)
         return get_path(module, self.target_path)
@@ -292,7 +292,7 @@ class SubRunner:
         module = self.with_target(copy.deepcopy(target))
         loader = self._subset_loader(self.train_idx, shuffle=True, seed=self.settings.seed)
         with quiet(), isolate_rng():
-            probe_head(module, self.target_path, move_batches(module, loader), 0.0, blind=True)
+            probe_head(module, self.target_path, loader, 0.0, blind=True)
         return self._raw_score(get_path(module, self.target_path), 0)
 
     def failure_message(self, err: BaseException) -> str:
