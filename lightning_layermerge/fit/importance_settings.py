@@ -188,8 +188,13 @@ class ImportanceSettings:
 
     @property
     def bn_batch_count(self) -> int:
-        """BatchNorm re-estimation batches per entry: ``bn_batches``, or the method's default."""
-        return BN_BATCHES[self.method] if self.bn_batches is None else self.bn_batches
+        """BatchNorm re-estimation batches per entry: ``bn_batches``, or ``method``'s default."""
+        return self.bn_batches_for(self.method)
+
+    def bn_batches_for(self, method: str) -> int:
+        """BatchNorm re-estimation batches per entry with ``method``: ``bn_batches``, or that method's
+        default (the runner asks for the method in use, which is ``"finetune"`` after a fallback)."""
+        return BN_BATCHES[method] if self.bn_batches is None else self.bn_batches
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ from ..surgery.plan import Plan
 from ..surgery.prune import prune
 from ..planning.tables.noise import measure_null_perfs
 
-from .importance_settings import (BN_BATCHES, MIN_SCORE_SAMPLES, MIN_STEPS, TRAIN_LOSS_KEY, VAL_LOSS_KEYS,
-                                  ImportanceSettings, Monitor)
+from .importance_settings import (MIN_SCORE_SAMPLES, MIN_STEPS, TRAIN_LOSS_KEY, VAL_LOSS_KEYS, ImportanceSettings,
+                                  Monitor)
 from .paths import get_path, set_path
 from .subsets import Subsets, check_loader, draw_subsets, indexable
 
@@ -205,7 +205,7 @@ class SubRunner:
     @property
     def bn_batches(self) -> int:
         """BatchNorm re-estimation batches per entry: ``settings.bn_batches``, or the method in use's default."""
-        return BN_BATCHES[self.method] if self.settings.bn_batches is None else self.settings.bn_batches
+        return self.settings.bn_batches_for(self.method)
 
     @property
     def score_samples(self) -> int:
