@@ -23,7 +23,7 @@ from .load import LoadProbe, probe_load
 from .parallel_gate import gate_for
 from .runtime import prepare_call
 
-__all__ = ["Timing", "interleaved_samples", "spread", "time_interleaved", "time_module", "time_nodes",
+__all__ = ["PreparedRun", "Timing", "interleaved_samples", "spread", "time_interleaved", "time_module", "time_nodes",
            "time_samples", "timing_environment"]
 
 
@@ -112,6 +112,21 @@ def time_interleaved(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]], set
     return [statistics.median(samples) for samples in interleaved_samples(runs, settings)]
 
 
+@dataclass(frozen=True)
+class PreparedRun:
+    """A module already prepared in the settings' runtime and warmed up: a zero-argument call.
+
+    Put ``(PreparedRun(call), ())`` among the runs of :func:`interleaved_samples` to time a module
+    next to many others without exporting it (ONNX Runtime, TorchScript) and warming it up again
+    each time, e.g. the whole network that every table entry is timed against.
+
+    Attributes:
+        call: Runs one forward pass (from :func:`~lightning_layermerge.tables.runtime.prepare_call`).
+    """
+
+    call: Callable[[], Any]
+
+
 def interleaved_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]],
                          settings: LatencySettings) -> list[list[float]]:
     """Per-pass times (ms) of each run, the passes alternating between the runs.
@@ -123,7 +138,8 @@ def interleaved_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]],
     clock (:attr:`LatencySettings.clock_used`).
 
     Args:
-        runs: ``(module, inputs)`` pairs; modules are moved to the device/dtype in place.
+        runs: ``(module, inputs)`` pairs; modules are moved to the device/dtype in place. A
+            :class:`PreparedRun` is called as it is (no preparation, no warm-up).
         settings: Device, dtype, warm-up, repeats, threads, runtime and clock.
 
     Returns:
@@ -132,9 +148,10 @@ def interleaved_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]],
     device = settings.torch_device
     _check_device(device)
     with timing_environment(settings), torch.no_grad():
-        calls = [_prepare(module, inputs, settings) for module, inputs in runs]
-        for call in calls:
-            for _ in range(settings.warmup):
+        calls = [module.call if isinstance(module, PreparedRun) else _prepare(module, inputs, settings)
+                 for module, inputs in runs]
+        for (module, _), call in zip(runs, calls):
+            for _ in range(0 if isinstance(module, PreparedRun) else settings.warmup):  # prepared: warm already
                 call()
         clock = _clock(settings)
         gate = gate_for(settings)
