@@ -182,3 +182,17 @@ def test_gated_entries_are_shares_of_the_whole_network_timed_with_them(monkeypat
     calls.clear()
     plain = build_latency_table(model, chain, ORT2, progress=False, timers=Timers(samples=samples))
     assert len({round(plain.entries[k], 6) for k in timed}) > 1
+
+
+def test_unrepeatable_gated_timings_name_the_drift_and_the_way_out(monkeypatch) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+    chain = trace(model, torch.randn(2, 3, 8, 8))
+    gate, _ = scripted_gate([0.75])  # the threads run in parallel throughout, yet the passes disagree
+    monkeypatch.setattr(latency_module, "gate_for", lambda settings: gate)
+    noisy = Timers(samples=lambda runs, s: [[1.0, 1.0, 3.0, 3.0, 1.0, 1.0] for _ in runs],
+                   probe=lambda: latency_module.LoadProbe(cores=2, others=0.05, preempted=0.0, seconds=0.3))
+    settings = LatencySettings(runtime="onnxruntime", threads=2, warmup=0, repeats=6, retries=0, context=False)
+    with pytest.warns(latency_module.LatencyLoadWarning,
+                      match=r"unrepeatable.*speed drifts on this machine.*LatencySettings\(threads=1\)"):
+        table = build_latency_table(model, chain, settings, progress=False, timers=noisy)
+    assert TOTAL_KEY in table.unreliable and gate.slow_timings == 0

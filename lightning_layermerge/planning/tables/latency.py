@@ -457,6 +457,11 @@ def _report_unreliable(table: LatencyTable) -> None:
         message += (f"; the {settings.threads or 'default'} timing threads got no parallel speed-up for long stretches "
                     f"({gate.describe()}): on a virtual machine the host decides this; pass "
                     "LatencySettings(threads=1) (per-thread CPU time) for prices that do not depend on it")
+    elif gate is not None:
+        message += (f"; another process may be using the CPU, or the {settings.threads or 'default'} timing threads' "
+                    f"speed drifts on this machine ({gate.describe()}; on a virtual machine the host decides where "
+                    "they run): stop other processes, or pass LatencySettings(threads=1) (per-thread CPU time) for "
+                    "prices that do not depend on it")
     elif settings.clock_used == "wall" and settings.torch_device.type == "cpu":
         message += ("; another process is probably using the CPU: pass LatencySettings(threads=1) (per-thread "
                     "CPU time) or stop it")
