@@ -102,6 +102,7 @@ def test_a_build_retimes_what_it_timed_before_the_parallel_state_was_seen(monkey
     # The first two timings run without a speed-up (sentinel 1.4, and slow: 5 ms); then 0.75 and 2 ms.
     gate, _ = scripted_gate([1.4, 1.4, 0.75])
     monkeypatch.setattr(latency_module, "gate_for", lambda settings: gate)
+    monkeypatch.setattr(latency_module, "GROUP", 1)  # one entry per timing: the script counts timings
     timed: list[float] = []
 
     def samples(runs, settings):
@@ -161,6 +162,7 @@ def test_gated_entries_are_shares_of_the_whole_network_timed_with_them(monkeypat
     chain = trace(model, torch.randn(2, 3, 8, 8))
     gate, _ = scripted_gate([0.75])  # always parallel
     monkeypatch.setattr(latency_module, "gate_for", lambda settings: gate)
+    monkeypatch.setattr(latency_module, "GROUP", 3)  # several timings, each at another speed
     calls: list[list] = []
 
     def samples(runs, settings):  # each timing 10 % slower than the one before; the whole network takes 10 units
@@ -177,6 +179,7 @@ def test_gated_entries_are_shares_of_the_whole_network_timed_with_them(monkeypat
     assert all(table.entries[k] == pytest.approx(0.2 * table.total_ms) for k in timed)
     wholes = {id(runs[0]) for runs in calls[1:]}
     assert len(calls) > 2 and len(wholes) == 1 and all(isinstance(runs[0], PreparedRun) for runs in calls[1:])
+    assert all(1 < len(runs) <= 4 for runs in calls[1:])  # the whole network and up to GROUP entries per timing
     # Ungated (eager, 1 thread), the same drifting machine moves the entries: the test above can fail.
     monkeypatch.setattr(latency_module, "gate_for", lambda settings: None)
     calls.clear()

@@ -313,22 +313,32 @@ def build_latency_table(
     with bar, timing_environment(settings):
         if timer.relative and store.get(TOTAL_KEY) is None:
             time_total()  # the entries are measured relative to it
+        pending: dict[tuple, Segment] = {}  # one segment per geometry still to be timed
         for seg in chain.segments:
-            if store.get(seg.key) is None:
-                geometry = _geometry(seg)
-                if geometry in by_geometry:
-                    source = by_geometry[geometry]
-                    store.put_timing(seg.key, store.values[source], store.spread(source))
-                elif seg.identity and seg.activation is None:
-                    store.put_timing(seg.key, 0.0, 0.0)
-                    by_geometry[geometry] = seg.key
-                else:
-                    timing = _watched(gate, states, seg.key, lambda: timer(*_segment_run(chain, seg, settings)))
-                    store.put_timing(seg.key, timing.ms, timing.spread)
-                    by_geometry[geometry] = seg.key
-                    measured += 1
-            bar.update(1)
+            geometry = _geometry(seg)
+            if store.get(seg.key) is not None or geometry in by_geometry or geometry in pending:
+                continue
+            if seg.identity and seg.activation is None:
+                store.put_timing(seg.key, 0.0, 0.0)
+                by_geometry[geometry] = seg.key
+            else:
+                pending[geometry] = seg
+        todo = list(pending.values())
+        for at in range(0, len(todo), timer.group_size):
+            group = todo[at:at + timer.group_size]
+            runs = [_segment_run(chain, seg, settings) for seg in group]
+            timings = _watched(gate, states, [seg.key for seg in group], lambda: timer.group(runs))
+            for seg, timing in zip(group, timings):
+                store.put_timing(seg.key, timing.ms, timing.spread)
+                by_geometry[_geometry(seg)] = seg.key
+            measured += len(group)
+            bar.update(len(group))
             bar.set_postfix(measured=measured)
+        for seg in chain.segments:  # every other segment has the time of its geometry
+            if store.get(seg.key) is None:
+                source = by_geometry[_geometry(seg)]
+                store.put_timing(seg.key, store.values[source], store.spread(source))
+        bar.update(len(chain.segments) - measured)
         if store.get(TOTAL_KEY) is None:
             time_total()
         bar.update(1)
@@ -383,21 +393,24 @@ def _in_place_nodes(timer: _Timer, gm: fx.GraphModule, inputs: tuple) -> dict[st
     return timer.nodes(gm, inputs)
 
 
-def _watched(gate: ParallelGate | None, states: dict[Key, float], key: Key, take: Any) -> Timing:
-    """``take()``, noting the gate's state after it; a timing the gate gave up on counts as unrepeatable.
+def _watched(gate: ParallelGate | None, states: dict[Key, float], keys: Key | list[Key], take: Any) -> Any:
+    """``take()`` (one :class:`Timing`, or a list for a list of ``keys``), noting the gate's state after it.
 
-    Its spread becomes at least how much slower the sentinel ran than in the best state, so the
-    table lists it in :attr:`LatencyTable.unreliable` and warns, as for any unrepeatable timing.
+    A timing the gate gave up on counts as unrepeatable: its spread becomes at least how much
+    slower the sentinel ran than in the best state, so the table lists it in
+    :attr:`LatencyTable.unreliable` and warns, as for any unrepeatable timing.
     """
     if gate is None:
         return take()
     before = gate.slow_timings
-    timing = take()
-    states[key] = gate.last
-    if gate.slow_timings > before and math.isfinite(gate.last / gate.best):
-        excess = gate.last / gate.best - 1
-        timing = Timing(timing.ms, excess if math.isnan(timing.spread) else max(timing.spread, excess), timing.attempts)
-    return timing
+    result = take()
+    for key in keys if isinstance(keys, list) else [keys]:
+        states[key] = gate.last
+    if gate.slow_timings == before or not math.isfinite(gate.last / gate.best):
+        return result
+    excess = gate.last / gate.best - 1
+    slow = lambda t: Timing(t.ms, excess if math.isnan(t.spread) else max(t.spread, excess), t.attempts)  # noqa: E731
+    return [slow(t) for t in result] if isinstance(result, list) else slow(result)
 
 
 def _with_gate_note(note: str, gate: ParallelGate | None, before: tuple[float, int]) -> str:
@@ -435,7 +448,7 @@ def _retime_stale(model: nn.Module, chain: Chain, settings: LatencySettings, sto
                         store.put_timing(seg.key, store.values[seg.key] * timing.ms / before, store.spread(seg.key))
             continue
         seg = next(s for s in chain.segments if s.key == key)
-        timing = _watched(gate, states, key, lambda: timer(*_segment_run(chain, seg, settings)))
+        (timing,) = _watched(gate, states, [key], lambda: timer.group([_segment_run(chain, seg, settings)]))
         for other in chain.segments:
             if _geometry(other) == _geometry(seg):
                 store.put_timing(other.key, timing.ms, timing.spread)
@@ -476,6 +489,10 @@ def _flops(seg: Segment) -> int:
     """Multiply-adds of a segment's merged conv (to pick a typical reference layer)."""
     n, c_out, h, w = seg.out_shape
     return n * c_out * h * w * (seg.in_shape[1] // seg.groups) * seg.kernel * seg.kernel
+
+
+#: Table entries timed together against one whole-network pass in a relative build (:meth:`_Timer.group`).
+GROUP = 8
 
 
 class _Timer:
@@ -547,7 +564,7 @@ class _Timer:
     def __call__(self, module: nn.Module, inputs: tuple) -> Timing:
         self.used = True
         if self.relative:
-            return self._relative(module, inputs)
+            return self.group([(module, inputs)])[0]
         if not self.settings.reference:
             return self._alone(module, inputs)
         reference, ref_ms = self._reference()
@@ -556,17 +573,31 @@ class _Timer:
         # processes that lasts longer than one pass cancels out; the median drops outliers.
         return Timing(statistics.median(_pass_ratios([refs, ours])) * ref_ms, s)
 
-    def _relative(self, module: nn.Module, inputs: tuple) -> Timing:
-        """``module``'s share of the whole network, timed pass by pass with it, times ``total_ms``.
+    @property
+    def group_size(self) -> int:
+        """Entries timed together: :data:`GROUP` against the whole network (relative), else one at a time."""
+        return GROUP if self.relative else 1
 
-        Interleaving pass by pass matters: timing the whole network for a few passes just
-        before and after the module instead (a third of the cost) priced resnet18 plans at 16 px
-        4-6 % low in three builds out of three, as each session's first passes after the other's
-        run slower, while pass-by-pass interleaving put them within 1.6 % in four builds.
+    def group(self, runs: list[tuple[nn.Module, tuple]]) -> list[Timing]:
+        """Each run timed: alone (as :meth:`__call__`), or relative to the whole network.
+
+        Relative (:attr:`relative`): the whole network and the runs are timed pass by pass in
+        turn (whole, first, second, ..., whole, first, ...), and each run is priced
+        ``median(its pass / the whole-network pass of its round) * total_ms``. Interleaving
+        pass by pass matters: the whole network timed for a few passes just before and after a
+        module instead priced resnet18 plans at 16 px 4-6 % low in three builds of three (each
+        session's first passes after another's run slower), and so did re-timing the whole
+        network every 3 s; interleaved, they were within 1.6 % in four builds. Several runs
+        share one whole-network pass, which keeps the cost of a large network bounded.
         """
-        runs = [(self._prepared_whole(), ()), (module, inputs)]
-        (wholes, ours), s = _timed_with_retries(runs, self.settings, self.timers, _pass_ratios)
-        return Timing(statistics.median(_pass_ratios([wholes, ours])) * self.store.values[TOTAL_KEY], s)
+        if not self.relative:
+            return [self(*run) for run in runs]
+        self.used = True
+        total_ms = self.store.values[TOTAL_KEY]
+        ratios = lambda samples: [_pass_ratios([samples[0], own]) for own in samples[1:]]  # noqa: E731
+        worst = lambda samples: max(ratios(samples), key=lambda r: -1.0 if math.isnan(spread(r)) else spread(r))  # noqa: E731
+        samples, _ = _timed_with_retries([(self._prepared_whole(), ()), *runs], self.settings, self.timers, worst)
+        return [Timing(statistics.median(r) * total_ms, spread(r)) for r in ratios(samples)]
 
     def _alone(self, module: nn.Module, inputs: tuple) -> Timing:
         """``module`` timed on its own: median pass time and spread."""
