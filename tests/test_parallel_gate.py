@@ -102,7 +102,6 @@ def test_a_build_retimes_what_it_timed_before_the_parallel_state_was_seen(monkey
     # The first two timings run without a speed-up (sentinel 1.4, and slow: 5 ms); then 0.75 and 2 ms.
     gate, _ = scripted_gate([1.4, 1.4, 0.75])
     monkeypatch.setattr(latency_module, "gate_for", lambda settings: gate)
-    monkeypatch.setattr(latency_module, "GROUP", 1)  # one entry per timing: the script counts timings
     timed: list[float] = []
 
     def samples(runs, settings):
@@ -162,7 +161,6 @@ def test_gated_entries_are_shares_of_the_whole_network_timed_with_them(monkeypat
     chain = trace(model, torch.randn(2, 3, 8, 8))
     gate, _ = scripted_gate([0.75])  # always parallel
     monkeypatch.setattr(latency_module, "gate_for", lambda settings: gate)
-    monkeypatch.setattr(latency_module, "GROUP", 3)  # several timings, each at another speed
     calls: list[list] = []
 
     def samples(runs, settings):  # each timing 10 % slower than the one before; the whole network takes 10 units
@@ -179,7 +177,7 @@ def test_gated_entries_are_shares_of_the_whole_network_timed_with_them(monkeypat
     assert all(table.entries[k] == pytest.approx(0.2 * table.total_ms) for k in timed)
     wholes = {id(runs[0]) for runs in calls[1:]}
     assert len(calls) > 2 and len(wholes) == 1 and all(isinstance(runs[0], PreparedRun) for runs in calls[1:])
-    assert all(1 < len(runs) <= 4 for runs in calls[1:])  # the whole network and up to GROUP entries per timing
+    assert all(len(runs) == 2 for runs in calls[1:])  # a short network: one entry per whole-network pass
     # Ungated (eager, 1 thread), the same drifting machine moves the entries: the test above can fail.
     monkeypatch.setattr(latency_module, "gate_for", lambda settings: None)
     calls.clear()
@@ -199,3 +197,22 @@ def test_unrepeatable_gated_timings_name_the_drift_and_the_way_out(monkeypatch) 
                       match=r"unrepeatable.*speed drifts on this machine.*LatencySettings\(threads=1\)"):
         table = build_latency_table(model, chain, settings, progress=False, timers=noisy)
     assert TOTAL_KEY in table.unreliable and gate.slow_timings == 0
+
+
+def test_entries_share_whole_network_passes_only_on_a_slow_network(monkeypatch) -> None:
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())]).eval()
+    chain = trace(model, torch.randn(2, 4, 8, 8))
+    gate, _ = scripted_gate([0.75])
+    monkeypatch.setattr(latency_module, "gate_for", lambda settings: gate)
+    for whole_ms, per_timing in [(5.0, 1), (40.0, 2), (1000.0, latency_module.GROUP)]:
+        calls: list[int] = []
+
+        def samples(runs, settings):
+            calls.append(len(runs))
+            return [[whole_ms if isinstance(m, PreparedRun) or len(calls) == 1 else 1.0] for m, _ in runs]
+
+        table = build_latency_table(model, chain, ORT2, progress=False, timers=Timers(samples=samples))
+        distinct = len({latency_module._geometry(s) for s in chain.segments if not (s.identity and s.activation is None)})
+        assert distinct > 2 and max(calls[1:]) == 1 + min(per_timing, distinct), whole_ms
+        assert sum(n - 1 for n in calls[1:]) == distinct  # every geometry once
+        assert table.entries[(0, 1, 3)] == pytest.approx(1.0)  # 1/whole of the whole's own time

@@ -491,8 +491,10 @@ def _flops(seg: Segment) -> int:
     return n * c_out * h * w * (seg.in_shape[1] // seg.groups) * seg.kernel * seg.kernel
 
 
-#: Table entries timed together against one whole-network pass in a relative build (:meth:`_Timer.group`).
+#: Most table entries timed together against one whole-network pass in a relative build (:meth:`_Timer.group`).
 GROUP = 8
+#: Whole-network milliseconds per entry above which entries share its passes (:attr:`_Timer.group_size`).
+GROUP_MS = 16.0
 
 
 class _Timer:
@@ -575,8 +577,19 @@ class _Timer:
 
     @property
     def group_size(self) -> int:
-        """Entries timed together: :data:`GROUP` against the whole network (relative), else one at a time."""
-        return GROUP if self.relative else 1
+        """Entries timed together against one pass of the whole network (relative builds; else 1).
+
+        One per pass where a pass of the whole network is short (``total_ms`` up to
+        ``2 * GROUP_MS``): an entry timed right after another small one runs warmer than in the
+        network, and groups of 8 priced MobileNetV2 plans at 224 px up to 15 % low (one at a
+        time: within 6 %). Above that, up to :data:`GROUP` entries share a pass, one per
+        :data:`GROUP_MS` of it, so that the whole network does not dominate the build: the
+        DDPM UNet (135 ms a pass at batch 8) took 413 s one at a time and 107 s in groups of 8,
+        its random plans priced within 0.3 % either way.
+        """
+        if not self.relative:
+            return 1
+        return max(1, min(GROUP, int(self.store.values[TOTAL_KEY] // GROUP_MS)))
 
     def group(self, runs: list[tuple[nn.Module, tuple]]) -> list[Timing]:
         """Each run timed: alone (as :meth:`__call__`), or relative to the whole network.
@@ -587,8 +600,8 @@ class _Timer:
         pass by pass matters: the whole network timed for a few passes just before and after a
         module instead priced resnet18 plans at 16 px 4-6 % low in three builds of three (each
         session's first passes after another's run slower), and so did re-timing the whole
-        network every 3 s; interleaved, they were within 1.6 % in four builds. Several runs
-        share one whole-network pass, which keeps the cost of a large network bounded.
+        network every 3 s; interleaved, they were within 1.6 % in four builds. On a large
+        network several runs share one whole-network pass (:attr:`group_size`).
         """
         if not self.relative:
             return [self(*run) for run in runs]
