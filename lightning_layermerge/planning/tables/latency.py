@@ -52,7 +52,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,9 +93,9 @@ from .segment_modules import _segment_run, _whole_run, batched_example, segment_
 from .timing import (
     PreparedRun,
     Timers,
-    _prepare,
     Timing,
     _check_device,
+    _prepare,
     interleaved_samples,
     spread,
     time_interleaved,
@@ -307,7 +307,7 @@ def build_latency_table(
     gate_before = (gate.waited_s, gate.slow_timings) if gate is not None else (0.0, 0)
 
     def time_total() -> None:
-        timing = _watched(gate, states, TOTAL_KEY, lambda: timer.whole(*_whole_run(model, chain, settings)))
+        (timing,) = _watched(gate, states, [TOTAL_KEY], lambda: [timer.whole(*_whole_run(model, chain, settings))])
         store.put_timing(TOTAL_KEY, timing.ms, timing.spread)
 
     with bar, timing_environment(settings):
@@ -343,7 +343,7 @@ def build_latency_table(
             time_total()
         bar.update(1)
         if gate is not None:
-            _retime_stale(model, chain, settings, store, timer, gate, states)
+            _retime_stale(chain, settings, store, timer, gate, states, time_total)
         if _uses_context(settings) and store.get((IN_PLACE, 0, 0)) is None:
             nodes = _scaled_to(_in_place_nodes(timer, *_whole_run(model, chain, settings)), store.values[TOTAL_KEY])
             for layer, ms in _in_place_layers(chain, nodes).items():
@@ -393,8 +393,8 @@ def _in_place_nodes(timer: _Timer, gm: fx.GraphModule, inputs: tuple) -> dict[st
     return timer.nodes(gm, inputs)
 
 
-def _watched(gate: ParallelGate | None, states: dict[Key, float], keys: Key | list[Key], take: Any) -> Any:
-    """``take()`` (one :class:`Timing`, or a list for a list of ``keys``), noting the gate's state after it.
+def _watched(gate: ParallelGate | None, states: dict[Key, float], keys: list[Key], take: Any) -> list[Timing]:
+    """``take()`` (one :class:`Timing` per key), noting the gate's state after it for every key.
 
     A timing the gate gave up on counts as unrepeatable: its spread becomes at least how much
     slower the sentinel ran than in the best state, so the table lists it in
@@ -403,14 +403,13 @@ def _watched(gate: ParallelGate | None, states: dict[Key, float], keys: Key | li
     if gate is None:
         return take()
     before = gate.slow_timings
-    result = take()
-    for key in keys if isinstance(keys, list) else [keys]:
+    timings = take()
+    for key in keys:
         states[key] = gate.last
     if gate.slow_timings == before or not math.isfinite(gate.last / gate.best):
-        return result
+        return timings
     excess = gate.last / gate.best - 1
-    slow = lambda t: Timing(t.ms, excess if math.isnan(t.spread) else max(t.spread, excess), t.attempts)  # noqa: E731
-    return [slow(t) for t in result] if isinstance(result, list) else slow(result)
+    return [Timing(t.ms, excess if math.isnan(t.spread) else max(t.spread, excess), t.attempts) for t in timings]
 
 
 def _with_gate_note(note: str, gate: ParallelGate | None, before: tuple[float, int]) -> str:
@@ -426,8 +425,8 @@ def _with_gate_note(note: str, gate: ParallelGate | None, before: tuple[float, i
     return f"{note}; {said}" if note else said
 
 
-def _retime_stale(model: nn.Module, chain: Chain, settings: LatencySettings, store: _Store, timer: _Timer,
-                  gate: ParallelGate, states: dict[Key, float]) -> None:
+def _retime_stale(chain: Chain, settings: LatencySettings, store: _Store, timer: _Timer,
+                  gate: ParallelGate, states: dict[Key, float], time_total: Callable[[], None]) -> None:
     """Time again what this build timed before the gate had seen the machine's parallel speed-up.
 
     The gate accepts a timing when the sentinel is within tolerance of the best ratio seen *so
@@ -440,12 +439,12 @@ def _retime_stale(model: nn.Module, chain: Chain, settings: LatencySettings, sto
     for key in stale:
         if key == TOTAL_KEY:
             before = store.values[TOTAL_KEY]
-            timing = _watched(gate, states, key, lambda: timer.whole(*_whole_run(model, chain, settings)))
-            store.put_timing(TOTAL_KEY, timing.ms, timing.spread)
+            time_total()
             if timer.relative and before > 0:  # entries are fractions of the total: keep them so
+                scale = store.values[TOTAL_KEY] / before
                 for seg in chain.segments:
                     if store.get(seg.key) is not None:
-                        store.put_timing(seg.key, store.values[seg.key] * timing.ms / before, store.spread(seg.key))
+                        store.put_timing(seg.key, store.values[seg.key] * scale, store.spread(seg.key))
             continue
         seg = next(s for s in chain.segments if s.key == key)
         (timing,) = _watched(gate, states, [key], lambda: timer.group([_segment_run(chain, seg, settings)]))
@@ -498,7 +497,8 @@ GROUP_MS = 16.0
 
 
 class _Timer:
-    """Times modules for one build: directly, or relative to a reference (``settings.reference``)."""
+    """Times modules for one build: directly, relative to a reference (``settings.reference``), or, for
+    table entries through :meth:`group`, relative to the whole network (:attr:`relative`)."""
 
     def __init__(self, chain: Chain, settings: LatencySettings, store: _Store, timers: Timers,
                  whole: Any = None) -> None:
@@ -565,8 +565,6 @@ class _Timer:
 
     def __call__(self, module: nn.Module, inputs: tuple) -> Timing:
         self.used = True
-        if self.relative:
-            return self.group([(module, inputs)])[0]
         if not self.settings.reference:
             return self._alone(module, inputs)
         reference, ref_ms = self._reference()
