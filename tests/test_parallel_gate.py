@@ -16,7 +16,6 @@ from lightning_layermerge.planning.tables import latency as latency_module
 from lightning_layermerge.planning.tables import parallel_gate
 from lightning_layermerge.planning.tables.latency import TOTAL_KEY, LatencySettings, build_latency_table
 from lightning_layermerge.planning.tables.parallel_gate import MAX_WAIT_S, ParallelGate, gate_for, sentinel
-from lightning_layermerge.planning.tables.timing import PreparedRun
 
 ORT2 = LatencySettings(runtime="onnxruntime", threads=2, warmup=0, repeats=1, on_load="ignore", context=False)
 
@@ -153,38 +152,6 @@ def test_a_build_that_waited_says_so_in_its_load_note(monkeypatch) -> None:
     assert plain.load_note == ""
 
 
-def test_gated_entries_are_shares_of_the_whole_network_timed_with_them(monkeypatch) -> None:
-    """The machine speeds up and slows down between timings; an entry's price must not follow it."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(8, 8, 1)).eval()
-    chain = trace(model, torch.randn(2, 3, 8, 8))
-    gate, _ = scripted_gate([0.75])  # always parallel
-    monkeypatch.setattr(latency_module, "gate_for", lambda settings: gate)
-    calls: list[list] = []
-
-    def samples(runs, settings):  # each timing 10 % slower than the one before; the whole network takes 10 units
-        calls.append([module for module, _ in runs])
-        speed = 1.1 ** len(calls)
-        whole = lambda module: isinstance(module, PreparedRun) or len(calls) == 1  # noqa: E731  (the total: first)
-        return [[(10.0 if whole(module) else 2.0) * speed] for module, _ in runs]
-
-    table = build_latency_table(model, chain, ORT2, progress=False, timers=Timers(samples=samples))
-    assert len(calls[0]) == 1  # the whole network first: entries are measured against it
-    assert table.total_ms == pytest.approx(10.0 * 1.1)
-    timed = [s.key for s in chain.segments if not (s.identity and s.activation is None)]
-    # 2 units against 10 in the same passes: 0.2 of the total, however fast the machine was meanwhile.
-    assert all(table.entries[k] == pytest.approx(0.2 * table.total_ms) for k in timed)
-    wholes = {id(runs[0]) for runs in calls[1:]}
-    assert len(calls) > 2 and len(wholes) == 1 and all(isinstance(runs[0], PreparedRun) for runs in calls[1:])
-    assert all(len(runs) == 2 for runs in calls[1:])  # a short network: one entry per whole-network pass
-    # Ungated (eager, 1 thread), the same drifting machine moves the entries: the test above can fail.
-    monkeypatch.setattr(latency_module, "gate_for", lambda settings: None)
-    calls.clear()
-    plain = build_latency_table(model, chain, ORT2, progress=False, timers=Timers(samples=samples))
-    assert len({round(plain.entries[k], 6) for k in timed}) > 1
-
-
 def test_unrepeatable_gated_timings_name_the_drift_and_the_way_out(monkeypatch) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
     chain = trace(model, torch.randn(2, 3, 8, 8))
@@ -197,22 +164,3 @@ def test_unrepeatable_gated_timings_name_the_drift_and_the_way_out(monkeypatch) 
                       match=r"unrepeatable.*speed drifts on this machine.*LatencySettings\(threads=1\)"):
         table = build_latency_table(model, chain, settings, progress=False, timers=noisy)
     assert TOTAL_KEY in table.unreliable and gate.slow_timings == 0
-
-
-def test_entries_share_whole_network_passes_only_on_a_slow_network(monkeypatch) -> None:
-    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())]).eval()
-    chain = trace(model, torch.randn(2, 4, 8, 8))
-    gate, _ = scripted_gate([0.75])
-    monkeypatch.setattr(latency_module, "gate_for", lambda settings: gate)
-    for whole_ms, per_timing in [(5.0, 1), (40.0, 2), (1000.0, latency_module.GROUP)]:
-        calls: list[int] = []
-
-        def samples(runs, settings):
-            calls.append(len(runs))
-            return [[whole_ms if isinstance(m, PreparedRun) or len(calls) == 1 else 1.0] for m, _ in runs]
-
-        table = build_latency_table(model, chain, ORT2, progress=False, timers=Timers(samples=samples))
-        distinct = len({latency_module._geometry(s) for s in chain.segments if not (s.identity and s.activation is None)})
-        assert distinct > 2 and max(calls[1:]) == 1 + min(per_timing, distinct), whole_ms
-        assert sum(n - 1 for n in calls[1:]) == distinct  # every geometry once
-        assert table.entries[(0, 1, 3)] == pytest.approx(1.0)  # 1/whole of the whole's own time

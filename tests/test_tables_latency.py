@@ -323,7 +323,7 @@ def test_corrupted_cache_is_rebuilt_with_a_warning(tiny, tmp_path: Path) -> None
 # ---------------------------------------------------------------------- reference mode
 
 
-def test_time_interleaved_alternates_passes() -> None:
+def test_time_interleaved_alternates_settled_passes() -> None:
     order: list[str] = []
 
     class Tag(nn.Module):
@@ -337,8 +337,12 @@ def test_time_interleaved_alternates_passes() -> None:
 
     ms = latency_module.time_interleaved([(Tag("a"), (torch.ones(3),)), (Tag("b"), torch.ones(3))],
                                          LatencySettings(warmup=2, repeats=3))
-    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-up each, then alternate
+    # warm-up each, then alternate, every timed pass after an untimed one of the same module
+    assert order == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
     assert len(ms) == 2 and all(v >= 0 for v in ms)
+    order.clear()
+    latency_module.time_interleaved([(Tag("c"), (torch.ones(3),))], LatencySettings(warmup=2, repeats=3))
+    assert order == ["c"] * 5  # one module never switches: no settling pass
 
 
 def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, tmp_path: Path) -> None:

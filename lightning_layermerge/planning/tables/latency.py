@@ -22,11 +22,7 @@ Modules run in the settings' runtime (eager, TorchScript or ONNX Runtime,
 :mod:`~lightning_layermerge.tables.runtime`). ONNX Runtime timings at more than one thread
 are taken when the threads get their parallel speed-up (on a virtual machine it comes and
 goes; :mod:`~lightning_layermerge.planning.tables.parallel_gate`), and entries timed before
-that state was first seen are re-timed at the end of the build. There the machine's speed also
-drifts within that state (the BN-folded resnet18 at 16 px: 4.6-5.4 ms over one minute at a steady
-sentinel), so every entry is timed pass by pass against the whole network and priced as its
-share of the total (:attr:`_Timer.relative`): a plan's predicted ratio then rests on ratios taken
-at the same moments, like the side-by-side measurement it is checked against. With ``settings.context`` (default) the original
+that state was first seen are re-timed at the end of the build. With ``settings.context`` (default) the original
 network is also timed operation by operation in place, and every entry is scaled by the
 in-place / alone time of the original layers it replaces (:func:`in_context`), and the
 residual additions with their shortcut projections, timed in place too, are priced with the
@@ -56,7 +52,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
@@ -91,11 +86,9 @@ from .pricing import (
 )
 from .segment_modules import _segment_run, _whole_run, batched_example, segment_module
 from .timing import (
-    PreparedRun,
     Timers,
     Timing,
     _check_device,
-    _prepare,
     interleaved_samples,
     spread,
     time_interleaved,
@@ -294,11 +287,7 @@ def build_latency_table(
     else:
         note = ""
     gate = gate_for(settings)
-    # Where the gate is needed, the machine's speed also drifts within the parallel state (the
-    # BN-folded resnet18 at 16 px: 4.6-5.4 ms over a minute at a steady sentinel), so entries
-    # are timed against the whole network (see _Timer.relative).
-    timer = _Timer(chain, settings, store, timers,
-                   whole=(lambda: _whole_run(model, chain, settings)) if gate is not None else None)
+    timer = _Timer(chain, settings, store, timers)
     # Geometries already measured (also in an earlier, interrupted build) are not re-timed.
     by_geometry = {_geometry(s): s.key for s in chain.segments if store.get(s.key) is not None}
     bar = tqdm(total=len(chain.segments) + 1, desc="latency table", unit="entry", disable=not progress)
@@ -311,8 +300,6 @@ def build_latency_table(
         store.put_timing(TOTAL_KEY, timing.ms, timing.spread)
 
     with bar, timing_environment(settings):
-        if timer.relative and store.get(TOTAL_KEY) is None:
-            time_total()  # the entries are measured relative to it
         pending: dict[tuple, Segment] = {}  # one segment per geometry still to be timed
         for seg in chain.segments:
             geometry = _geometry(seg)
@@ -323,16 +310,12 @@ def build_latency_table(
                 by_geometry[geometry] = seg.key
             else:
                 pending[geometry] = seg
-        todo = list(pending.values())
-        for at in range(0, len(todo), timer.group_size):
-            group = todo[at:at + timer.group_size]
-            runs = [_segment_run(chain, seg, settings) for seg in group]
-            timings = _watched(gate, states, [seg.key for seg in group], lambda: timer.group(runs))
-            for seg, timing in zip(group, timings):
-                store.put_timing(seg.key, timing.ms, timing.spread)
-                by_geometry[_geometry(seg)] = seg.key
-            measured += len(group)
-            bar.update(len(group))
+        for seg in pending.values():
+            (timing,) = _watched(gate, states, [seg.key], lambda: [timer(*_segment_run(chain, seg, settings))])
+            store.put_timing(seg.key, timing.ms, timing.spread)
+            by_geometry[_geometry(seg)] = seg.key
+            measured += 1
+            bar.update(1)
             bar.set_postfix(measured=measured)
         for seg in chain.segments:  # every other segment has the time of its geometry
             if store.get(seg.key) is None:
@@ -432,22 +415,14 @@ def _retime_stale(chain: Chain, settings: LatencySettings, store: _Store, timer:
     The gate accepts a timing when the sentinel is within tolerance of the best ratio seen *so
     far*; a build that started while the threads got no speed-up took its first timings in
     that state. Once a better state has been seen, those are re-taken (in it), and every
-    segment of the same geometry gets the new value. The whole network goes first: entries timed
-    relative to it (:attr:`_Timer.relative`) are rescaled with it.
+    segment of the same geometry gets the new value.
     """
-    stale = sorted((key for key, ratio in states.items() if gate.stale(ratio)), key=lambda k: k != TOTAL_KEY)
-    for key in stale:
+    for key in [key for key, ratio in states.items() if gate.stale(ratio)]:
         if key == TOTAL_KEY:
-            before = store.values[TOTAL_KEY]
             time_total()
-            if timer.relative and before > 0:  # entries are fractions of the total: keep them so
-                scale = store.values[TOTAL_KEY] / before
-                for seg in chain.segments:
-                    if store.get(seg.key) is not None:
-                        store.put_timing(seg.key, store.values[seg.key] * scale, store.spread(seg.key))
             continue
         seg = next(s for s in chain.segments if s.key == key)
-        (timing,) = _watched(gate, states, [key], lambda: timer.group([_segment_run(chain, seg, settings)]))
+        (timing,) = _watched(gate, states, [key], lambda: [timer(*_segment_run(chain, seg, settings))])
         for other in chain.segments:
             if _geometry(other) == _geometry(seg):
                 store.put_timing(other.key, timing.ms, timing.spread)
@@ -490,45 +465,13 @@ def _flops(seg: Segment) -> int:
     return n * c_out * h * w * (seg.in_shape[1] // seg.groups) * seg.kernel * seg.kernel
 
 
-#: Most table entries timed together against one whole-network pass in a relative build (:meth:`_Timer.group`).
-GROUP = 8
-#: Whole-network milliseconds per entry above which entries share its passes (:attr:`_Timer.group_size`).
-GROUP_MS = 16.0
-
-
 class _Timer:
-    """Times modules for one build: directly, relative to a reference (``settings.reference``), or, for
-    table entries through :meth:`group`, relative to the whole network (:attr:`relative`)."""
+    """Times modules for one build: directly, or relative to a reference (``settings.reference``)."""
 
-    def __init__(self, chain: Chain, settings: LatencySettings, store: _Store, timers: Timers,
-                 whole: Any = None) -> None:
+    def __init__(self, chain: Chain, settings: LatencySettings, store: _Store, timers: Timers) -> None:
         self.chain, self.settings, self.store, self.timers = chain, settings, store, timers
         self.reference: tuple[nn.Module, tuple] | None = None
         self.used = False
-        self._whole = whole
-        self._whole_call: PreparedRun | None = None
-
-    @property
-    def relative(self) -> bool:
-        """Whether entries are timed against the whole network, pass by pass (``whole`` given).
-
-        Each entry is then ``median(entry pass / whole-network pass) * total_ms``: the machine's
-        speed at the moment cancels out, and a plan's predicted ratio (its entries over the
-        total) depends only on ratios taken at the same moments, as the side-by-side
-        measurement of the merged network against the original does. Needs the total first.
-        """
-        return self._whole is not None and not self.settings.reference
-
-    def _prepared_whole(self) -> PreparedRun:
-        """The whole network prepared once in the settings' runtime and warmed up (lazily)."""
-        if self._whole_call is None:
-            gm, inputs = self._whole()
-            call = _prepare(gm, inputs, self.settings)
-            with timing_environment(self.settings), torch.no_grad():
-                for _ in range(self.settings.warmup):
-                    call()
-            self._whole_call = PreparedRun(call)
-        return self._whole_call
 
     def _reference(self) -> tuple[tuple[nn.Module, tuple], float]:
         """The reference run and its latency, created (and measured, once per table) lazily."""
@@ -572,43 +515,6 @@ class _Timer:
         # Ratio of each pass to the reference pass just before it: a slow-down from other
         # processes that lasts longer than one pass cancels out; the median drops outliers.
         return Timing(statistics.median(_pass_ratios([refs, ours])) * ref_ms, s)
-
-    @property
-    def group_size(self) -> int:
-        """Entries timed together against one pass of the whole network (relative builds; else 1).
-
-        One per pass where a pass of the whole network is short (``total_ms`` up to
-        ``2 * GROUP_MS``): an entry timed right after another small one runs warmer than in the
-        network, and groups of 8 priced MobileNetV2 plans at 224 px up to 15 % low (one at a
-        time: within 6 %). Above that, up to :data:`GROUP` entries share a pass, one per
-        :data:`GROUP_MS` of it, so that the whole network does not dominate the build: the
-        DDPM UNet (135 ms a pass at batch 8) took 413 s one at a time and 107 s in groups of 8,
-        its random plans priced within 0.3 % either way.
-        """
-        if not self.relative:
-            return 1
-        return max(1, min(GROUP, int(self.store.values[TOTAL_KEY] // GROUP_MS)))
-
-    def group(self, runs: list[tuple[nn.Module, tuple]]) -> list[Timing]:
-        """Each run timed: alone (as :meth:`__call__`), or relative to the whole network.
-
-        Relative (:attr:`relative`): the whole network and the runs are timed pass by pass in
-        turn (whole, first, second, ..., whole, first, ...), and each run is priced
-        ``median(its pass / the whole-network pass of its round) * total_ms``. Interleaving
-        pass by pass matters: the whole network timed for a few passes just before and after a
-        module instead priced resnet18 plans at 16 px 4-6 % low in three builds of three (each
-        session's first passes after another's run slower), and so did re-timing the whole
-        network every 3 s; interleaved, they were within 1.6 % in four builds. On a large
-        network several runs share one whole-network pass (:attr:`group_size`).
-        """
-        if not self.relative:
-            return [self(*run) for run in runs]
-        self.used = True
-        total_ms = self.store.values[TOTAL_KEY]
-        ratios = lambda samples: [_pass_ratios([samples[0], own]) for own in samples[1:]]  # noqa: E731
-        worst = lambda samples: max(ratios(samples), key=lambda r: -1.0 if math.isnan(spread(r)) else spread(r))  # noqa: E731
-        samples, _ = _timed_with_retries([(self._prepared_whole(), ()), *runs], self.settings, self.timers, worst)
-        return [Timing(statistics.median(r) * total_ms, spread(r)) for r in ratios(samples)]
 
     def _alone(self, module: nn.Module, inputs: tuple) -> Timing:
         """``module`` timed on its own: median pass time and spread."""

@@ -32,7 +32,7 @@ IN_PLACE = -3
 IN_PLACE_SKIP = -4
 
 #: Bumped whenever the measurement method changes, so old cache files are not reused.
-_METHOD_VERSION = 6
+_METHOD_VERSION = 7
 
 Key = tuple[int, int, int]
 

@@ -23,7 +23,7 @@ from .load import LoadProbe, probe_load
 from .parallel_gate import gate_for
 from .runtime import prepare_call
 
-__all__ = ["PreparedRun", "Timing", "interleaved_samples", "spread", "time_interleaved", "time_module", "time_nodes",
+__all__ = ["Timing", "interleaved_samples", "spread", "time_interleaved", "time_module", "time_nodes",
            "time_samples", "timing_environment"]
 
 
@@ -112,34 +112,23 @@ def time_interleaved(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]], set
     return [statistics.median(samples) for samples in interleaved_samples(runs, settings)]
 
 
-@dataclass(frozen=True)
-class PreparedRun:
-    """A module already prepared in the settings' runtime and warmed up: a zero-argument call.
-
-    Put ``(PreparedRun(call), ())`` among the runs of :func:`interleaved_samples` to time a module
-    next to many others without exporting it (ONNX Runtime, TorchScript) and warming it up again
-    each time, e.g. the whole network that every table entry is timed against.
-
-    Attributes:
-        call: Runs one forward pass (from :func:`~lightning_layermerge.tables.runtime.prepare_call`).
-    """
-
-    call: Callable[[], Any]
-
-
 def interleaved_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]],
                          settings: LatencySettings) -> list[list[float]]:
     """Per-pass times (ms) of each run, the passes alternating between the runs.
 
     The raw material of :func:`time_interleaved`: pass ``r`` of every run is timed right
     after pass ``r`` of the previous run, so ratios of same-index passes compare modules
-    under the same load. Each run is prepared in the settings' runtime and memory format
+    under the same load. With more than one run, every timed pass follows one untimed pass of
+    the same module (A, A*, B, B*, ...; * timed): the first pass after a switch runs on caches
+    and worker threads the other module just used, a cost that a network deployed on its own
+    never pays (measured, ONNX Runtime at 2 threads on 2 cores, torchvision MobileNetV2 at
+    224 px: a merged plan at 0.60 of the original timed pass by pass, 0.53-0.54 with the settle
+    pass, 0.50-0.53 run back to back; eager at 1 thread, another plan 0.27 / 0.25 / 0.24). Each run is prepared in the settings' runtime and memory format
     (:func:`~lightning_layermerge.tables.runtime.prepare_call`) and timed with the settings'
     clock (:attr:`LatencySettings.clock_used`).
 
     Args:
-        runs: ``(module, inputs)`` pairs; modules are moved to the device/dtype in place. A
-            :class:`PreparedRun` is called as it is (no preparation, no warm-up).
+        runs: ``(module, inputs)`` pairs; modules are moved to the device/dtype in place.
         settings: Device, dtype, warm-up, repeats, threads, runtime and clock.
 
     Returns:
@@ -148,29 +137,32 @@ def interleaved_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]],
     device = settings.torch_device
     _check_device(device)
     with timing_environment(settings), torch.no_grad():
-        calls = [module.call if isinstance(module, PreparedRun) else _prepare(module, inputs, settings)
-                 for module, inputs in runs]
-        for (module, _), call in zip(runs, calls):
-            for _ in range(0 if isinstance(module, PreparedRun) else settings.warmup):  # prepared: warm already
+        calls = [_prepare(module, inputs, settings) for module, inputs in runs]
+        for call in calls:
+            for _ in range(settings.warmup):
                 call()
         clock = _clock(settings)
         gate = gate_for(settings)
         if gate is None:
-            return _passes(calls, settings.repeats, device, clock)
+            return _passes(calls, settings.repeats, device, clock, settle=len(calls) > 1)
         # Multi-thread ONNX Runtime: passes taken while the threads get their parallel speed-up
         # (:mod:`~lightning_layermerge.planning.tables.parallel_gate`); one untimed pass first,
         # since the wait may have let the workers fall asleep.
-        return gate.gated(lambda: _passes(calls, settings.repeats, device, clock, untimed=1))
+        return gate.gated(lambda: _passes(calls, settings.repeats, device, clock, untimed=1, settle=len(calls) > 1))
 
 
-def _passes(calls: Sequence[Any], repeats: int, device: torch.device, clock: Any, untimed: int = 0) -> list[list[float]]:
-    """``repeats`` rounds of one timed pass of every call, in turn (after ``untimed`` untimed rounds)."""
+def _passes(calls: Sequence[Any], repeats: int, device: torch.device, clock: Any, untimed: int = 0,
+            settle: bool = False) -> list[list[float]]:
+    """``repeats`` rounds of one timed pass of every call, in turn (after ``untimed`` untimed rounds);
+    with ``settle``, each timed pass right after an untimed one of the same call."""
     for _ in range(untimed):
         for call in calls:
             call()
     times: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
         for samples, call in zip(times, calls):
+            if settle:
+                call()
             samples.append(_timed_call(call, device, clock)[1])
     return times
 
