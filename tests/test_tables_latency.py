@@ -323,7 +323,7 @@ def test_corrupted_cache_is_rebuilt_with_a_warning(tiny, tmp_path: Path) -> None
 # ---------------------------------------------------------------------- reference mode
 
 
-def test_time_interleaved_alternates_settled_passes() -> None:
+def test_time_interleaved_alternates_passes() -> None:
     order: list[str] = []
 
     class Tag(nn.Module):
@@ -337,12 +337,37 @@ def test_time_interleaved_alternates_settled_passes() -> None:
 
     ms = latency_module.time_interleaved([(Tag("a"), (torch.ones(3),)), (Tag("b"), torch.ones(3))],
                                          LatencySettings(warmup=2, repeats=3))
-    # warm-up each, then alternate, every timed pass after an untimed one of the same module
-    assert order == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-up each, then alternate
     assert len(ms) == 2 and all(v >= 0 for v in ms)
+
+
+def test_gated_interleaved_passes_are_settled(monkeypatch) -> None:
+    """Under the parallel-state gate every timed pass of two modules follows an untimed one of the same module."""
+    from lightning_layermerge.planning.tables import timing
+
+    order: list[str] = []
+
+    class Tag(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            order.append(self.name)
+            return x + 1
+
+    class Gate:
+        def gated(self, take):
+            return take()
+
+    monkeypatch.setattr(timing, "gate_for", lambda settings: Gate())
+    settings = LatencySettings(warmup=1, repeats=2)
+    latency_module.time_interleaved([(Tag("a"), (torch.ones(3),)), (Tag("b"), (torch.ones(3),))], settings)
+    # warm-up each, one untimed round after the gate's wait, then (untimed, timed) pairs in turn
+    assert order == ["a", "b"] + ["a", "b"] + ["a", "a", "b", "b"] * 2
     order.clear()
-    latency_module.time_interleaved([(Tag("c"), (torch.ones(3),))], LatencySettings(warmup=2, repeats=3))
-    assert order == ["c"] * 5  # one module never switches: no settling pass
+    latency_module.time_interleaved([(Tag("c"), (torch.ones(3),))], settings)
+    assert order == ["c"] * 4  # one module never switches: no settling pass
 
 
 def test_reference_mode_stores_the_median_pass_ratio_times_the_reference(tiny, tmp_path: Path) -> None:

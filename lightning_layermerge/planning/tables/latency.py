@@ -45,12 +45,9 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import fx, nn
 from tqdm.auto import tqdm
@@ -72,9 +69,10 @@ from .latency_store import (
     spread_key,
 )
 from .latency_settings import CLOCKS, ON_LOAD, SPREAD_BLOCKS, LatencySettings
+from .latency_timer import _Timer
 from .load import LatencyLoadError, LatencyLoadWarning, LoadProbe, check_load, probe_load
 from .ort_profile import ort_node_times
-from .parallel_gate import ParallelGate, gate_for, ort_threads
+from .parallel_gate import gate_for, ort_threads
 from .pricing import (
     _in_place_layers,
     _scaled_to,
@@ -84,7 +82,7 @@ from .pricing import (
     skip_costs,
     with_skip_costs,
 )
-from .segment_modules import _segment_run, _whole_run, batched_example, segment_module
+from .segment_modules import _geometry, _segment_run, _whole_run, batched_example, segment_module
 from .timing import (
     Timers,
     Timing,
@@ -97,6 +95,7 @@ from .timing import (
     time_samples,
     timing_environment,
 )
+from .unreliable import _report_unreliable, _retime_stale, _watched, _with_gate_note
 
 __all__ = [
     "CLOCKS",
@@ -227,13 +226,6 @@ class LatencyTable:
 
 
 
-def _geometry(seg: Segment) -> tuple:
-    """What a segment's timed module depends on: equal geometries are timed once."""
-    return (tuple(seg.in_shape[1:]), seg.out_shape[1], seg.kernel, seg.stride, seg.padding, seg.groups,
-            seg.activation, seg.identity)
-
-
-
 def build_latency_table(
     model: nn.Module,
     chain: Chain,
@@ -360,7 +352,7 @@ def build_latency_table(
     table.unreliable = [k for k, v in table.spreads.items() if v > settings.max_spread]
     if table.total_spread > settings.max_spread:
         table.unreliable.append(TOTAL_KEY)
-    _report_unreliable(table)
+    _report_unreliable(table, gate)
     return table
 
 
@@ -374,163 +366,3 @@ def _in_place_nodes(timer: _Timer, gm: fx.GraphModule, inputs: tuple) -> dict[st
             return ort_node_times(gm, inputs, timer.settings)
         return gate.gated(lambda: ort_node_times(gm, inputs, timer.settings))
     return timer.nodes(gm, inputs)
-
-
-def _watched(gate: ParallelGate | None, states: dict[Key, float], keys: list[Key], take: Any) -> list[Timing]:
-    """``take()`` (one :class:`Timing` per key), noting the gate's state after it for every key.
-
-    A timing the gate gave up on counts as unrepeatable: its spread becomes at least how much
-    slower the sentinel ran than in the best state, so the table lists it in
-    :attr:`LatencyTable.unreliable` and warns, as for any unrepeatable timing.
-    """
-    if gate is None:
-        return take()
-    before = gate.slow_timings
-    timings = take()
-    for key in keys:
-        states[key] = gate.last
-    if gate.slow_timings == before or not math.isfinite(gate.last / gate.best):
-        return timings
-    excess = gate.last / gate.best - 1
-    return [Timing(t.ms, excess if math.isnan(t.spread) else max(t.spread, excess), t.attempts) for t in timings]
-
-
-def _with_gate_note(note: str, gate: ParallelGate | None, before: tuple[float, int]) -> str:
-    """``note`` plus what the parallel-state gate did in this build, when it waited a second or more or gave up."""
-    if gate is None:
-        return note
-    waited, slow = gate.waited_s - before[0], gate.slow_timings - before[1]
-    if waited < 1.0 and not slow:
-        return note
-    threads = gate.settings.threads or "default"
-    said = (f"waited {waited:.1f} s for the {threads} timing threads' parallel speed-up "
-            f"(it comes and goes on this machine); {slow} timing(s) taken without it")
-    return f"{note}; {said}" if note else said
-
-
-def _retime_stale(chain: Chain, settings: LatencySettings, store: _Store, timer: _Timer,
-                  gate: ParallelGate, states: dict[Key, float], time_total: Callable[[], None]) -> None:
-    """Time again what this build timed before the gate had seen the machine's parallel speed-up.
-
-    The gate accepts a timing when the sentinel is within tolerance of the best ratio seen *so
-    far*; a build that started while the threads got no speed-up took its first timings in
-    that state. Once a better state has been seen, those are re-taken (in it), and every
-    segment of the same geometry gets the new value.
-    """
-    for key in [key for key, ratio in states.items() if gate.stale(ratio)]:
-        if key == TOTAL_KEY:
-            time_total()
-            continue
-        seg = next(s for s in chain.segments if s.key == key)
-        (timing,) = _watched(gate, states, [key], lambda: [timer(*_segment_run(chain, seg, settings))])
-        for other in chain.segments:
-            if _geometry(other) == _geometry(seg):
-                store.put_timing(other.key, timing.ms, timing.spread)
-
-
-
-def _report_unreliable(table: LatencyTable) -> None:
-    """Warn about (or, with ``on_load="raise"``, refuse) entries that stayed unrepeatable."""
-    settings = table.settings
-    if not table.unreliable or settings.on_load == "ignore":
-        return
-    worst = max(table.unreliable, key=lambda k: table.spreads.get(k, table.total_spread))
-    worst_spread = table.spreads.get(worst, table.total_spread)
-    what = "the whole model" if worst == TOTAL_KEY else f"segment {worst}"
-    message = (f"{len(table.unreliable)} latency table timing(s) stayed unrepeatable after {settings.retries} "
-               f"re-measurement(s): spread up to {worst_spread:.1%} ({what}) > max_spread={settings.max_spread:g}")
-    gate = gate_for(settings)
-    if gate is not None and gate.slow_timings:
-        message += (f"; the {settings.threads or 'default'} timing threads got no parallel speed-up for long stretches "
-                    f"({gate.describe()}): on a virtual machine the host decides this; pass "
-                    "LatencySettings(threads=1) (per-thread CPU time) for prices that do not depend on it")
-    elif gate is not None:
-        message += (f"; another process may be using the CPU, or the {settings.threads or 'default'} timing threads' "
-                    f"speed drifts on this machine ({gate.describe()}; on a virtual machine the host decides where "
-                    "they run): stop other processes, or pass LatencySettings(threads=1) (per-thread CPU time) for "
-                    "prices that do not depend on it")
-    elif settings.clock_used == "wall" and settings.torch_device.type == "cpu":
-        message += ("; another process is probably using the CPU: pass LatencySettings(threads=1) (per-thread "
-                    "CPU time) or stop it")
-    else:
-        message += "; raise repeats, or stop other processes using the CPU"
-    if settings.on_load == "raise":
-        raise LatencyLoadError(message)
-    warnings.warn(message, LatencyLoadWarning, stacklevel=3)
-
-
-def _flops(seg: Segment) -> int:
-    """Multiply-adds of a segment's merged conv (to pick a typical reference layer)."""
-    n, c_out, h, w = seg.out_shape
-    return n * c_out * h * w * (seg.in_shape[1] // seg.groups) * seg.kernel * seg.kernel
-
-
-class _Timer:
-    """Times modules for one build: directly, or relative to a reference (``settings.reference``)."""
-
-    def __init__(self, chain: Chain, settings: LatencySettings, store: _Store, timers: Timers) -> None:
-        self.chain, self.settings, self.store, self.timers = chain, settings, store, timers
-        self.reference: tuple[nn.Module, tuple] | None = None
-        self.used = False
-
-    def _reference(self) -> tuple[tuple[nn.Module, tuple], float]:
-        """The reference run and its latency, created (and measured, once per table) lazily."""
-        if self.reference is None:
-            # The keep-all layer of median cost: a typical layer, neither noise-dominated nor slow.
-            layers = sorted((s for s in Plan.keep_all(self.chain).segments if not s.identity), key=_flops)
-            self.reference = _segment_run(self.chain, layers[len(layers) // 2], self.settings)
-        ref_ms = self.store.get(REFERENCE_KEY)
-        if ref_ms is None:
-            ref_ms = self.timers.module(*self.reference, self.settings)
-            self.store.put(REFERENCE_KEY, ref_ms)
-        return self.reference, ref_ms
-
-    def whole(self, gm: fx.GraphModule, inputs: tuple) -> Timing:
-        """The network's latency.
-
-        Without a reference: whole forward passes in the settings' runtime (what the final
-        side-by-side measurement times). With a reference (eager only): the sum of its
-        operations' latencies, each timed in place relative to the reference pass before it.
-        """
-        self.used = True
-        if not self.settings.reference:
-            return self._alone(gm, inputs)
-        reference, ref_ms = self._reference()
-        return Timing(sum(self.timers.nodes(gm, inputs, self.settings, reference=reference).values()) * ref_ms, math.nan)
-
-    def nodes(self, gm: fx.GraphModule, inputs: tuple) -> dict[str, float]:
-        """Every operation of ``gm`` timed in place (ms; relative to the reference, rescaled, in reference mode)."""
-        self.used = True
-        if not self.settings.reference:
-            return self.timers.nodes(gm, inputs, self.settings)
-        reference, ref_ms = self._reference()
-        return {n: v * ref_ms for n, v in self.timers.nodes(gm, inputs, self.settings, reference=reference).items()}
-
-    def __call__(self, module: nn.Module, inputs: tuple) -> Timing:
-        self.used = True
-        if not self.settings.reference:
-            return self._alone(module, inputs)
-        reference, ref_ms = self._reference()
-        (refs, ours), s = _timed_with_retries([reference, (module, inputs)], self.settings, self.timers, _pass_ratios)
-        # Ratio of each pass to the reference pass just before it: a slow-down from other
-        # processes that lasts longer than one pass cancels out; the median drops outliers.
-        return Timing(statistics.median(_pass_ratios([refs, ours])) * ref_ms, s)
-
-    def _alone(self, module: nn.Module, inputs: tuple) -> Timing:
-        """``module`` timed on its own: median pass time and spread."""
-        (samples,), s = _timed_with_retries([(module, inputs)], self.settings, self.timers)
-        return Timing(statistics.median(samples), s)
-
-
-def _pass_ratios(samples: list[list[float]]) -> list[float]:
-    """Per-pass ratio of the last run to the first (pass-by-pass interleaved)."""
-    return [o / r if r > 0 else math.inf for o, r in zip(samples[-1], samples[0])]
-
-
-def _timed_with_retries(runs: list, settings: LatencySettings, timers: Timers,
-                        statistic: Any = None) -> tuple[list[list[float]], float]:
-    """:func:`time_samples` when checks are on, one plain attempt with ``on_load="ignore"``."""
-    if settings.on_load == "ignore":
-        samples = timers.samples(runs, settings)
-        return samples, spread((statistic or (lambda x: x[-1]))(samples))
-    return time_samples(runs, settings, statistic, timers.samples)

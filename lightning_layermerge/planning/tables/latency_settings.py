@@ -45,9 +45,7 @@ class LatencySettings:
             measurement, restored after; ``None``: all cores (the current torch setting).
             Default 1: the only setting whose timings stay repeatable while other processes
             use the CPU. ONNX Runtime on CPU at more than one thread: timings wait for the
-            threads' parallel speed-up (``parallel_gate``), and table entries are timed pass by
-            pass against the whole network and priced as shares of it, because the machine's
-            speed drifts between timings (the build takes about 2-4x as long).
+            threads' parallel speed-up (``parallel_gate``).
         reference: Time every module interleaved pass by pass with one fixed reference
             module (a typical layer of the chain) and store ``median(module pass /
             reference pass) * reference_ms`` over pairs of adjacent passes, with

@@ -116,3 +116,9 @@ def _segment_run(chain: Chain, seg: Segment, settings: LatencySettings) -> tuple
 def _whole_run(model: nn.Module, chain: Chain, settings: LatencySettings) -> tuple[nn.Module, tuple]:
     """The original model with BatchNorm folded (the keep-all plan, merged) and its input."""
     return fold_batchnorm(model, chain), batched_example(chain, settings.batch_size)
+
+
+def _geometry(seg: Segment) -> tuple:
+    """What a segment's timed module depends on: equal geometries are timed once."""
+    return (tuple(seg.in_shape[1:]), seg.out_shape[1], seg.kernel, seg.stride, seg.padding, seg.groups,
+            seg.activation, seg.identity)

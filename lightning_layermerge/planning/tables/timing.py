@@ -118,12 +118,14 @@ def interleaved_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]],
 
     The raw material of :func:`time_interleaved`: pass ``r`` of every run is timed right
     after pass ``r`` of the previous run, so ratios of same-index passes compare modules
-    under the same load. With more than one run, every timed pass follows one untimed pass of
-    the same module (A, A*, B, B*, ...; * timed): the first pass after a switch runs on caches
-    and worker threads the other module just used, a cost that a network deployed on its own
-    never pays (measured, ONNX Runtime at 2 threads on 2 cores, torchvision MobileNetV2 at
-    224 px: a merged plan at 0.60 of the original timed pass by pass, 0.53-0.54 with the settle
-    pass, 0.50-0.53 run back to back; eager at 1 thread, another plan 0.27 / 0.25 / 0.24). Each run is prepared in the settings' runtime and memory format
+    under the same load. Under the parallel-state gate (ONNX Runtime at more than one thread on
+    CPU) every timed pass of more than one run follows one untimed pass of the same module (A,
+    A*, B, B*, ...; * timed): there the first pass after a switch runs on worker threads and
+    caches the other session just used, a cost that a network deployed on its own never pays
+    (measured on 2 cores, torchvision MobileNetV2 at 224 px: a merged plan at 0.59-0.61 of the
+    original timed pass by pass, 0.54-0.55 settled, 0.50-0.53 run back to back). Elsewhere the
+    passes simply alternate (eager at 1 thread, the digits MobileNetV2: pass by pass within 1-3 %
+    of settled and back to back). Each run is prepared in the settings' runtime and memory format
     (:func:`~lightning_layermerge.tables.runtime.prepare_call`) and timed with the settings'
     clock (:attr:`LatencySettings.clock_used`).
 
@@ -144,7 +146,7 @@ def interleaved_samples(runs: Sequence[tuple[nn.Module, tuple | torch.Tensor]],
         clock = _clock(settings)
         gate = gate_for(settings)
         if gate is None:
-            return _passes(calls, settings.repeats, device, clock, settle=len(calls) > 1)
+            return _passes(calls, settings.repeats, device, clock)
         # Multi-thread ONNX Runtime: passes taken while the threads get their parallel speed-up
         # (:mod:`~lightning_layermerge.planning.tables.parallel_gate`); one untimed pass first,
         # since the wait may have let the workers fall asleep.
