@@ -323,17 +323,21 @@ def test_corrupted_cache_is_rebuilt_with_a_warning(tiny, tmp_path: Path) -> None
 # ---------------------------------------------------------------------- reference mode
 
 
+class _Tag(nn.Module):
+    """Appends its name to ``order`` on every forward pass."""
+
+    def __init__(self, name: str, order: list[str]) -> None:
+        super().__init__()
+        self.name, self.order = name, order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.order.append(self.name)
+        return x + 1
+
+
 def test_time_interleaved_alternates_passes() -> None:
     order: list[str] = []
-
-    class Tag(nn.Module):
-        def __init__(self, name: str) -> None:
-            super().__init__()
-            self.name = name
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            order.append(self.name)
-            return x + 1
+    Tag = lambda name: _Tag(name, order)  # noqa: E731
 
     ms = latency_module.time_interleaved([(Tag("a"), (torch.ones(3),)), (Tag("b"), torch.ones(3))],
                                          LatencySettings(warmup=2, repeats=3))
@@ -346,15 +350,7 @@ def test_gated_interleaved_passes_are_settled(monkeypatch) -> None:
     from lightning_layermerge.planning.tables import timing
 
     order: list[str] = []
-
-    class Tag(nn.Module):
-        def __init__(self, name: str) -> None:
-            super().__init__()
-            self.name = name
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            order.append(self.name)
-            return x + 1
+    Tag = lambda name: _Tag(name, order)  # noqa: E731
 
     class Gate:
         def gated(self, take):

@@ -28,7 +28,7 @@ __all__ = ["ROUNDS", "SideBySide", "measure_side_by_side", "side_by_side"]
 @dataclass(frozen=True)
 class SideBySide:
     """Networks timed interleaved, pass by pass (under the parallel-state gate, each timed pass right
-    after an untimed one of the same network: :func:`~lightning_layermerge.tables.timing.interleaved_samples`).
+    after an untimed one of the same network: :func:`~lightning_layermerge.planning.tables.timing.interleaved_samples`).
 
     Attributes:
         ms: Name -> median milliseconds of its passes.
