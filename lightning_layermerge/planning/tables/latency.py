@@ -288,7 +288,7 @@ def build_latency_table(
     gate_before = (gate.waited_s, gate.slow_timings) if gate is not None else (0.0, 0)
 
     def time_total() -> None:
-        (timing,) = _watched(gate, states, [TOTAL_KEY], lambda: [timer.whole(*_whole_run(model, chain, settings))])
+        timing = _watched(gate, states, TOTAL_KEY, lambda: timer.whole(*_whole_run(model, chain, settings)))
         store.put_timing(TOTAL_KEY, timing.ms, timing.spread)
 
     with bar, timing_environment(settings):
@@ -303,7 +303,7 @@ def build_latency_table(
             else:
                 pending[geometry] = seg
         for seg in pending.values():
-            (timing,) = _watched(gate, states, [seg.key], lambda: [timer(*_segment_run(chain, seg, settings))])
+            timing = _watched(gate, states, seg.key, lambda: timer(*_segment_run(chain, seg, settings)))
             store.put_timing(seg.key, timing.ms, timing.spread)
             by_geometry[_geometry(seg)] = seg.key
             measured += 1

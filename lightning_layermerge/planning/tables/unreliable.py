@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ...surgery.graph import Chain
 from .latency_settings import LatencySettings
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from .latency import LatencyTable
 
 
-def _watched(gate: ParallelGate | None, states: dict[Key, float], keys: list[Key], take: Any) -> list[Timing]:
-    """``take()`` (one :class:`Timing` per key), noting the gate's state after it for every key.
+def _watched(gate: ParallelGate | None, states: dict[Key, float], key: Key, take: Callable[[], Timing]) -> Timing:
+    """``take()``, noting the gate's state after it as ``key``'s.
 
     A timing the gate gave up on counts as unrepeatable: its spread becomes at least how much
     slower the sentinel ran than in the best state, so the table lists it in
@@ -36,13 +36,12 @@ def _watched(gate: ParallelGate | None, states: dict[Key, float], keys: list[Key
     if gate is None:
         return take()
     before = gate.slow_timings
-    timings = take()
-    for key in keys:
-        states[key] = gate.last
+    timing = take()
+    states[key] = gate.last
     if gate.slow_timings == before or not math.isfinite(gate.last / gate.best):
-        return timings
+        return timing
     excess = gate.last / gate.best - 1
-    return [Timing(t.ms, excess if math.isnan(t.spread) else max(t.spread, excess), t.attempts) for t in timings]
+    return Timing(timing.ms, excess if math.isnan(timing.spread) else max(timing.spread, excess), timing.attempts)
 
 
 def _with_gate_note(note: str, gate: ParallelGate | None, before: tuple[float, int]) -> str:
@@ -72,7 +71,7 @@ def _retime_stale(chain: Chain, settings: LatencySettings, store: _Store, timer:
             time_total()
             continue
         seg = next(s for s in chain.segments if s.key == key)
-        (timing,) = _watched(gate, states, [key], lambda: [timer(*_segment_run(chain, seg, settings))])
+        timing = _watched(gate, states, key, lambda: timer(*_segment_run(chain, seg, settings)))
         for other in chain.segments:
             if _geometry(other) == _geometry(seg):
                 store.put_timing(other.key, timing.ms, timing.spread)
