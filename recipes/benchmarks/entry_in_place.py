@@ -7,7 +7,8 @@ of 5 node-by-node passes, rescaled to the median whole pass, as the table's buil
 original). For every segment of a plan that replaces more than one layer, one JSON line: its key and
 geometry (multiply-adds, weight elements, input and output elements), its time alone, its price
 under the eager default (``factor``: :func:`in_context`) and the additive correction
-(:func:`in_context_additive`), and its time in place (merged conv + the activation after it).
+(:func:`in_context_additive`), and its time in place (merged conv + the activation after it); also the
+network's keep-all in-place / alone ratio and the alone and in-place sums of the layers the entry replaces.
 Residual additions are left out on both sides (they are priced separately).
 
 The lines let any pricing model be scored per entry, offline, without the whole-network noise:
@@ -39,7 +40,7 @@ def measure(name: str, random_plans: int) -> list[dict]:
 
     from latency_check import default_table, dp_plans, median_node_times, random_merge_plan
 
-    from lightning_layermerge import merge, prune
+    from lightning_layermerge import Plan, merge, prune
     from lightning_layermerge.planning.tables.pricing import in_context, in_context_additive
     from lightning_layermerge.planning.tables.segment_modules import batched_example
     from lightning_layermerge.planning.tables.timing import time_module, timing_environment
@@ -47,6 +48,10 @@ def measure(name: str, random_plans: int) -> list[dict]:
     base = default_table(name)
     model, chain, table = base.model, base.chain, base.table
     alone = dict(table.alone)
+    keep = {s.j: s for s in Plan.keep_all(chain).segments if not s.identity}
+    layer_alone = {l: alone[s.key] for l, s in keep.items()}
+    layer_in_place = {l: base.in_place.get(l, layer_alone[l]) for l in keep}
+    network_ratio = sum(layer_in_place.values()) / sum(layer_alone.values())
     factor = in_context(chain, alone, base.in_place)
     additive = in_context_additive(chain, alone, base.in_place)
     rng = random.Random(0)
@@ -75,7 +80,9 @@ def measure(name: str, random_plans: int) -> list[dict]:
             row = {"model": name, "plan": label, "key": list(seg.key), "layers": seg.j - seg.i,
                    "macs": n * h * w * weights, "weights": weights, "in_elements": math.prod(seg.in_shape),
                    "out_elements": math.prod(seg.out_shape), "in_place": in_place, "alone": alone[seg.key],
-                   "factor": factor[seg.key], "additive": additive[seg.key]}
+                   "factor": factor[seg.key], "additive": additive[seg.key], "network_ratio": network_ratio,
+                   "replaced_alone": sum(layer_alone.get(l, 0.0) for l in range(seg.i + 1, seg.j + 1)),
+                   "replaced_in_place": sum(layer_in_place.get(l, 0.0) for l in range(seg.i + 1, seg.j + 1))}
             rows.append(row)
             print(f"{name} {label} {seg.key}: in place {in_place:.4f} alone {row['alone']:.4f} "
                   f"factor {row['factor']:.4f} additive {row['additive']:.4f}", flush=True)
