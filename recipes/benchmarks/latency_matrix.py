@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-procs", type=int, default=2, help="busy processes in the loaded half")
     g.add_argument("--load-seconds", type=float, default=900.0, help="upper bound on a load process's life")
     g.add_argument("--csv", type=Path, default=RESULTS / "latency_matrix.csv")
+    g.add_argument("--matrix-reference", action="store_true",
+                   help="build the tables with LatencySettings(reference=True) (eager only): every timing relative to "
+                        "one fixed layer of the chain, so that the machine's drift between timings cancels")
     g.add_argument("--matrix-cache", type=Path, default=None,
                    help="latency-table cache directory (default: none, every cell measures its table)")
     g.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: run one cell in this process
@@ -148,7 +151,7 @@ def run_cell(args: argparse.Namespace) -> None:
     done = done_rows(args.csv)
     model, example = build(model_name, args.seed)
     chain = trace(model, example)
-    settings = LatencySettings(threads=1 if threads == "1" else None, runtime=runtime)
+    settings = LatencySettings(threads=1 if threads == "1" else None, runtime=runtime, reference=args.matrix_reference)
     caught: list[str] = []
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as seen:
@@ -238,6 +241,8 @@ def run_matrix(args: argparse.Namespace) -> int:
                                "--matrix-repeats", str(args.matrix_repeats), "--seed", str(args.seed)]
                         if args.matrix_cache:
                             cmd += ["--matrix-cache", str(args.matrix_cache)]
+                        if args.matrix_reference:
+                            cmd += ["--matrix-reference"]
                         code = subprocess.call(cmd)
                     finally:
                         stop(procs)
