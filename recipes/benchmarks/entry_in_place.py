@@ -41,7 +41,8 @@ def measure(name: str, random_plans: int) -> list[dict]:
     from latency_check import default_table, dp_plans, median_node_times, random_merge_plan
 
     from lightning_layermerge import Plan, merge, prune
-    from lightning_layermerge.planning.tables.pricing import in_context, in_context_additive
+    from lightning_layermerge.planning.tables.latency_timer import _flops
+    from lightning_layermerge.planning.tables.pricing import _scaled_to, in_context, in_context_additive
     from lightning_layermerge.planning.tables.segment_modules import batched_example
     from lightning_layermerge.planning.tables.timing import time_module, timing_environment
 
@@ -63,9 +64,8 @@ def measure(name: str, random_plans: int) -> list[dict]:
     for label, plan in plans:
         merged = merge(prune(model, chain, plan))
         with timing_environment(settings):
-            nodes = median_node_times(merged, x, settings, 5)
-            whole = statistics.median(time_module(merged, x, settings) for _ in range(5))
-        scale = whole / sum(nodes.values())
+            nodes = _scaled_to(median_node_times(merged, x, settings, 5),
+                               statistics.median(time_module(merged, x, settings) for _ in range(5)))
         for seg in plan.segments:
             if seg.j - seg.i < 2 or seg.identity or seg.key in seen:
                 continue
@@ -74,11 +74,10 @@ def measure(name: str, random_plans: int) -> list[dict]:
                 continue
             seen.add(seg.key)
             act = chain.positions[seg.j].activation
-            in_place = (conv + (nodes.get(act, 0.0) if act is not None else 0.0)) * scale
-            n, c_out, h, w = seg.out_shape
-            weights = c_out * (seg.in_shape[1] // seg.groups) * seg.kernel * seg.kernel
+            in_place = conv + (nodes.get(act, 0.0) if act is not None else 0.0)
+            weights = seg.out_shape[1] * (seg.in_shape[1] // seg.groups) * seg.kernel * seg.kernel
             row = {"model": name, "plan": label, "key": list(seg.key), "layers": seg.j - seg.i,
-                   "macs": n * h * w * weights, "weights": weights, "in_elements": math.prod(seg.in_shape),
+                   "macs": _flops(seg), "weights": weights, "in_elements": math.prod(seg.in_shape),
                    "out_elements": math.prod(seg.out_shape), "in_place": in_place, "alone": alone[seg.key],
                    "factor": factor[seg.key], "additive": additive[seg.key], "network_ratio": network_ratio,
                    "replaced_alone": sum(layer_alone.get(l, 0.0) for l in range(seg.i + 1, seg.j + 1)),

@@ -20,12 +20,10 @@ import random
 import statistics
 import warnings
 
-import torch
+from latency_check import default_table, median_node_times, random_merge_plan
+from latency_models import MODELS
 
-from latency_check import median_node_times, random_merge_plan
-from latency_models import MODELS, build
-
-from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune, trace
+from lightning_layermerge import Plan, fold_batchnorm, merge, prune
 from lightning_layermerge.planning.tables.segment_modules import batched_example
 from lightning_layermerge.planning.tables.timing import time_module, timing_environment
 
@@ -36,11 +34,8 @@ def main() -> None:
     p.add_argument("--plan", type=int, default=0, help="which of the first random plans (seed 0)")
     args = p.parse_args()
     warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    model, example = build(args.model, 0)
-    chain = trace(model, example)
-    settings = LatencySettings()
-    table = build_latency_table(model, chain, settings, progress=False)
+    base = default_table(args.model)  # 1 thread, LatencySettings(), a fresh cache
+    model, chain, table, settings = base.model, base.chain, base.table, base.table.settings
     rng = random.Random(0)
     plan = [random_merge_plan(chain, rng) for _ in range(args.plan + 1)][-1]
     print(f"table: total {table.total_ms:.4f} ms, chain {table.chain_ms:.4f}, outside {table.outside_ms:.4f}")

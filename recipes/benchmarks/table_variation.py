@@ -20,10 +20,10 @@ import random
 import time
 import warnings
 
-from latency_check import l1_importance, random_merge_plan
+from latency_check import dp_plans, random_merge_plan
 from latency_models import MODELS, build
 
-from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune, solve, trace
+from lightning_layermerge import LatencySettings, build_latency_table, fold_batchnorm, merge, prune, trace
 from lightning_layermerge.planning.report import side_by_side
 
 
@@ -46,8 +46,7 @@ def main() -> None:
         table = build_latency_table(model, chain, settings, progress=False)
         tables.append(table)
         if not plans:
-            sol = solve(table.entries, l1_importance(chain), chain.num_layers, table.budget_for(0.5))
-            plans = [Plan.from_segments(chain, sol.segments), *randoms]
+            plans = [dp_plans(table, chain, budgets=(0.5,))[0][1], *randoms]
         prices = " ".join(f"{table.predicted_ms(plan.keys) / table.total_ms:.3f}" for plan in plans)
         print(f"build {b}: {time.perf_counter() - start:5.1f} s, whole network {table.total_ms:.3f} ms, "
               f"{len(table.unreliable)} unrepeatable; prices (DP, random 0-2): {prices}", flush=True)
