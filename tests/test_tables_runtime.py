@@ -219,3 +219,23 @@ def test_overhead_fit_never_goes_negative() -> None:
     assert _overhead_fit([(1.0, 0.3), (2.0, 0.2), (3.0, 0.1)]) == pytest.approx((0.2, 0.0))  # falling: constant
     fixed, per = _overhead_fit([(1.0, 0.0), (2.0, 0.5), (3.0, 1.0)])  # through the origin instead of below it
     assert fixed == 0.0 and per > 0
+
+
+def test_a_correction_larger_than_a_merged_segment_never_prices_it_at_zero() -> None:
+    """Two noisy layers can fit an overhead above a small merged segment's alone time: floor, not 0."""
+    from lightning_layermerge.planning.tables.pricing import in_context_additive, in_context_fitted
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+    chain = trace(model, torch.randn(2, 3, 8, 8))
+    keep = {s.j: s for s in Plan.keep_all(chain).segments}
+    alone = {s.key: 0.0 if s.identity else 1.0 for s in chain.segments}
+    merged = [s.key for s in chain.segments if not s.identity and s.j - s.i > 1]
+    assert merged
+    for key in merged:
+        alone[key] = 0.1  # a merged segment much cheaper alone than the layers' session overheads
+    in_place = {l: (0.4 if l == min(keep) else 0.5) for l in keep if not keep[l].identity}
+    for price in (in_context_fitted, in_context_additive):
+        priced = price(chain, alone, in_place)
+        # The corrections exceed 0.1 ms; the merged entries stop at half the smallest ratio (0.4) x 0.1 ms.
+        assert all(priced[key] == pytest.approx(0.5 * 0.4 * 0.1) for key in merged), price
+        assert all(priced[keep[l].key] == pytest.approx(in_place[l]) for l in in_place)

@@ -140,7 +140,7 @@ def in_context_additive(chain: Chain, alone: dict[Key, float], in_place: dict[in
     and its output in proportion to their sizes, and a segment ``(i, j]`` gets the input part of
     layer ``i+1`` and the output part of layer ``j``: the keep-all layers come out at exactly
     their in-place time. Identity segments are scaled as in :func:`in_context`. Entries are
-    floored at 0.
+    floored as in :func:`_with_end_corrections`.
 
     Args:
         chain: The chain.
@@ -184,7 +184,8 @@ def in_context_fitted(chain: Chain, alone: dict[Key, float], in_place: dict[int,
     a merged segment loses the whole fixed cost, not the fraction of two layers' overheads that
     their tensor sizes assign to its ends (measured on the digits MobileNetV2 at 2 threads: the
     additive split left ~0.016 ms per merged block in, and its DP plan was priced 14 % high).
-    Identity segments are scaled as in :func:`in_context`; entries are floored at 0.
+    Identity segments are scaled as in :func:`in_context`; entries are floored as in
+    :func:`_with_end_corrections`.
 
     Args:
         chain: The chain.
@@ -228,10 +229,19 @@ def _with_end_corrections(chain: Chain, alone: dict[Key, float], in_place: dict[
     The common form of the additive corrections: each original layer's correction ``end(l)``
     is split between its input and output in proportion to their sizes, and segment ``(i, j]``
     takes the input part of layer ``i+1`` and the output part of layer ``j``. Identity segments
-    are scaled as in :func:`in_context`; entries are floored at 0.
+    are scaled as in :func:`in_context`.
+
+    A segment that computes is never priced below ``alone`` times half the smallest in-place /
+    alone ratio of the original's own layers (:func:`_floor_ratio`): a correction fitted or split
+    from a few noisy layers can exceed a small merged segment's whole alone time (seen on a
+    2-layer network with ONNX Runtime under load), and a price of 0 would let the DP take that
+    segment for free. Half, because a merged segment may legitimately keep a smaller share of
+    its alone time than any single layer (it can be cheaper than the layers it replaces while
+    its session pays the same fixed overhead); the floor is a guard against noise, not a model.
     """
     keep = {s.j: s for s in Plan.keep_all(chain).segments}
     scaled = in_context(chain, alone, in_place)
+    floor = 0.5 * _floor_ratio(chain, alone, in_place)
 
     def share_in(l: int) -> float:
         seg = keep[l]
@@ -246,5 +256,12 @@ def _with_end_corrections(chain: Chain, alone: dict[Key, float], in_place: dict[
             out[key] = scaled[key]
             continue
         ends = end(seg.i + 1) * share_in(seg.i + 1) + end(seg.j) * (1 - share_in(seg.j))
-        out[key] = max(ms - whole(seg) + ends, 0.0)
+        out[key] = max(ms - whole(seg) + ends, floor * ms)
     return out
+
+
+def _floor_ratio(chain: Chain, alone: dict[Key, float], in_place: dict[int, float]) -> float:
+    """Smallest ``in_place / alone`` over the original's timed layers, capped at 1 (0 if none is timed)."""
+    ratios = [in_place[s.j] / alone[s.key] for s in Plan.keep_all(chain).segments
+              if not s.identity and s.j in in_place and alone.get(s.key, 0.0) > 0]
+    return min(1.0, max(0.0, min(ratios))) if ratios else 0.0
