@@ -3,6 +3,8 @@ budget (observed through an injected ``measure``), the reachable floor and the D
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from lm_helpers import FAST_LATENCY, TinyNet
@@ -61,10 +63,41 @@ def test_calibration_moves_the_table_budget_until_the_measurement_fits(setting, 
         assert chosen_ratio <= budget
     first_ratio = rounds[0]["measured"]
     if first_ratio < (1 - CALIBRATION_SLACK) * budget:
-        assert len(rounds) > 1  # far under budget: a looser plan was tried
         assert chosen_ratio >= first_ratio
     if first_ratio > budget:
         assert len(rounds) > 1 and chosen_ratio < first_ratio  # over budget: a tighter plan was tried
+
+
+@pytest.mark.parametrize("price_error", [1.0, 0.7])
+def test_calibration_times_a_looser_plan_only_if_it_may_fit(setting, price_error: float) -> None:
+    """The DP's plan measures far under the budget. With an exact table (1.0) that is because
+    nothing fits between it and the budget: the looser plan is priced over the budget and is not
+    timed. With a table that prices every plan 1 / 0.7 too high, the looser plan may fit: it is
+    timed and, fitting, chosen."""
+    _, chain, _, importance = setting
+    # A deterministic table (multiply-adds), so the case does not depend on this machine's timings.
+    entries = {s.key: 0.0 if s.identity else math.prod(s.out_shape) * s.in_shape[1] / s.groups * s.k * s.k * 1e-6
+               for s in chain.segments}
+    chain_ms = sum(entries[k] for k in Plan.keep_all(chain).keys)
+    table = LatencyTable(entries, total_ms=chain_ms * 1.05, chain_ms=chain_ms, settings=LatencySettings())
+    ratio = lambda plan: table.predicted_ms(plan.keys) / table.total_ms  # noqa: E731
+    budget = 0.6  # the DP's plans on this table: 0.39, 0.695 and 1.0 of the original
+    start_ms = table.budget_for(budget)
+    first = Plan.from_segments(chain, solve_chain(table, importance, chain, start_ms, "layermerge").segments)
+    looser = Plan.from_segments(chain, solve_chain(table, importance, chain, table.budget_for(0.9), "layermerge").segments)
+    # The case this test is about: far under the budget; the next plan over it as priced, within it 30 % lower.
+    assert ratio(first) < (1 - CALIBRATION_SLACK) * budget
+    assert ratio(looser) > budget >= 0.7 * ratio(looser)
+
+    def measure(plan: Plan) -> float:
+        return price_error * ratio(plan)
+
+    result = calibrate(table, importance, chain, first, start_ms, budget=budget, method="layermerge", measure=measure)
+    if price_error == 1.0:
+        assert len(result.rounds) == 1 and result.plan.keys == first.keys
+    else:
+        assert result.rounds[1]["segments"] == looser.keys and result.fits
+        assert sum(importance[k] for k in result.plan.keys) > sum(importance[k] for k in first.keys)
 
 
 def test_calibration_keeps_the_fastest_plan_when_none_fits(setting) -> None:
@@ -114,3 +147,30 @@ def test_depth_skips_pairs_without_an_all_kept_segment() -> None:
     assert plan.kept_convs == frozenset(range(1, chain.num_layers + 1))
     assert all(k[:2] in kept for k in sol.segments)
     assert reachable_floor_ms(table, chain, "depth") <= sol.latency + 1e-9
+
+
+def test_a_looser_plan_that_may_fit_is_found_between_the_steps(setting) -> None:
+    """The re-plan step lands on the keep-all plan (1.0, over the budget even 20 % cheaper than
+    priced); bisection on the table budget, with no measurement, finds the plan between (0.695
+    priced, 0.556 expected) that may fit 0.6."""
+    from lightning_layermerge.planning.calibrate import _looser_that_may_fit
+    from lightning_layermerge.planning.chain_solve import RESOLUTIONS
+
+    _, chain, _, importance = setting
+    entries = {s.key: 0.0 if s.identity else math.prod(s.out_shape) * s.in_shape[1] / s.groups * s.k * s.k * 1e-6
+               for s in chain.segments}
+    chain_ms = sum(entries[k] for k in Plan.keep_all(chain).keys)
+    table = LatencyTable(entries, total_ms=chain_ms * 1.05, chain_ms=chain_ms, settings=LatencySettings())
+    ratio = lambda keys: table.predicted_ms(list(keys)) / table.total_ms  # noqa: E731
+    plan_at = lambda fraction: solve_chain(table, importance, chain, table.budget_for(fraction), "layermerge")  # noqa: E731
+    first, middle = plan_at(0.4).segments, plan_at(0.7).segments
+    assert round(ratio(first), 2) == 0.39 and round(ratio(middle), 3) == 0.695
+    rounds = [{"segments": list(first), "measured": 0.8 * ratio(first), "predicted": ratio(first)}]
+    tried = {tuple(first): 0.8 * ratio(first)}
+    keep_all = (Plan.keep_all(chain), table.budget_for(1.2))
+    found = _looser_that_may_fit(table, importance, chain, "layermerge", RESOLUTIONS[0], keep_all, tried, rounds,
+                                 budget=0.6, low_ms=table.budget_for(0.4))
+    assert found is not None and found[0].keys == list(middle)
+    # At a budget no looser plan may fit (0.5: 0.695 x 0.8 = 0.556 > 0.5), nothing is timed.
+    assert _looser_that_may_fit(table, importance, chain, "layermerge", RESOLUTIONS[0], keep_all, tried, rounds,
+                                budget=0.5, low_ms=table.budget_for(0.4)) is None

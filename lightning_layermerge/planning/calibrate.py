@@ -4,15 +4,19 @@ The latency table adds up segments timed one by one, possibly minutes apart on a
 so its total can be off either way (load drift, cache effects, an inflated outside-the-chain
 part). :func:`calibrate` measures candidate plans through a caller-given ``measure(plan)`` (the
 Lightning layer times the merged candidate side by side with the BN-folded original) and moves
-the table budget: down when a candidate is over the budget, up when it is more than
-:data:`CALIBRATION_SLACK` under it (a looser plan keeps more of the network), by the
-measured/targeted ratio until the two sides are bracketed, then by bisection. Of the candidates
-that fit, the one the DP rates most important wins.
+the table budget: down when a candidate is over the budget (by the measured / targeted ratio),
+up when it is more than :data:`CALIBRATION_SLACK` under it (a looser plan keeps more of the
+network; to where the table's prices, corrected by the measured / predicted ratio of the
+candidates so far, meet the budget), until the two sides are bracketed, then by bisection. A
+looser candidate is timed only while its corrected prediction fits the budget (otherwise timing it
+would only confirm that it does not). Of the candidates that fit, the one the DP rates most
+important wins.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,15 +102,70 @@ def calibrate(table: LatencyTable, importance: Mapping[Key, float], chain: Chain
         bracketed = bool(fits) and over < math.inf
         if bracketed:
             budget_ms = (fits + over) / 2
+        elif ratio <= budget:  # looser: where the table, corrected by what was measured, meets the aim
+            aim = CALIBRATION_AIM * budget / _correction(rounds)
+            budget_ms = min(max(aim * table.total_ms - table.outside_ms, floor), ceiling)
         else:
             budget_ms = min(max(budget_ms * CALIBRATION_AIM * budget / ratio, floor), ceiling)
         found = _untried_plan(table, importance, chain, method, resolution, budget_ms, tried,
                               grow=ratio <= budget, bracketed=bracketed, bounds=(floor, ceiling))
+        if found is not None and ratio <= budget:
+            found = _looser_that_may_fit(table, importance, chain, method, resolution, found, tried,
+                                         rounds, budget=budget, low_ms=fits)
         if found is None:
             break
         plan, budget_ms = found
     bar.close()
     return _choose(chain, importance, tried, budget, rounds)
+
+
+def _looser_that_may_fit(table: LatencyTable, importance: Mapping[Key, float], chain: Chain, method: str,
+                         resolution: int, found: tuple[Plan, float], tried: dict[tuple, float],
+                         rounds: list[dict[str, Any]], *, budget: float, low_ms: float) -> tuple[Plan, float] | None:
+    """``found`` if it may fit the budget (:func:`_expected`), else the DP's plan at the largest
+    table budget between ``low_ms`` (known to fit) and ``found``'s that may; ``None`` if none.
+
+    The re-plan budget moves in steps, and a step can land past a plan that would fit; bisection
+    on the table budget, with no measurement, finds it. A plan already measured counts as what it
+    measured.
+    """
+    plan, high_ms = found
+    if _expected(table, plan, rounds) <= budget:
+        return found
+    low = low_ms
+    for _ in range(16):
+        mid = (low + high_ms) / 2
+        try:
+            keys = tuple(solve_chain(table, importance, chain, mid, method, resolution=resolution).segments)
+        except ValueError:  # below what the DP can reach
+            low = mid
+            continue
+        candidate = Plan.from_segments(chain, list(keys))
+        if keys in tried:
+            low, high_ms = (mid, high_ms) if tried[keys] <= budget else (low, mid)
+        elif _expected(table, candidate, rounds) > budget:
+            high_ms = mid
+        else:
+            return candidate, mid
+    return None
+
+
+def _expected(table: LatencyTable, plan: Plan, rounds: list[dict[str, Any]]) -> float:
+    """``plan``'s predicted ratio corrected by how the candidates measured so far compared with theirs.
+
+    A looser candidate is only worth timing if it may fit: when the first plan measures far under
+    the budget because the DP had nothing between it and the budget (the table was right), the next
+    plan is priced over the budget and would measure over it too. The correction is the median
+    measured / predicted ratio of the rounds so far, so a table that prices too high still lets
+    calibration try the looser plans it over-prices.
+    """
+    return table.predicted_ms(plan.keys) / table.total_ms * _correction(rounds)
+
+
+def _correction(rounds: list[dict[str, Any]]) -> float:
+    """Median measured / predicted ratio of the candidates measured so far (1 if none is priced)."""
+    corrections = [r["measured"] / r["predicted"] for r in rounds if r["predicted"] > 0 and r["measured"] > 0]
+    return statistics.median(corrections) if corrections else 1.0
 
 
 def _measured(measure: Measure, plan: Plan) -> tuple[float, float | None]:
