@@ -1,0 +1,107 @@
+"""In-context factors from paired rounds: does pairing alone and in-place timings fix the drift? (issue 12)
+
+The table times every segment alone, then the whole network, then the network node by node, and
+scales each entry by its replaced layers' in-place / alone time. On a machine whose speed moves
+within seconds, that factor also carries whatever changed between the phases, and a slow-down
+that hits small layers more than large merged convs is passed on to the merged entries. Here the
+factors come from ``--rounds`` paired rounds instead: in each, one node-by-node pass of the
+BN-folded original and, right after it, one pass of every keep-all layer alone; a layer's factor
+is the median over rounds of its in-place / alone ratio. Entries are then priced as the table
+does (``pricing.in_context`` + ``with_skip_costs``) with ``in_place = alone x paired factor``, and
+both prices of every plan (DP at budgets 0.4-0.9, ``--random-plans`` random plans) are compared
+with its side-by-side measurement.
+
+    python recipes/benchmarks/paired_factor.py --models digits-mbv2 digits-resnet --random-plans 3
+
+Appends one JSON line per plan to ``results/paired_factor.jsonl``. Quiet machine, 1 thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+JSONL = HERE / "results" / "paired_factor.jsonl"
+
+
+def paired_factors(model, chain, settings, rounds: int) -> dict[int, float]:
+    """Chain layer -> median over ``rounds`` of (conv + activation in place) / (its segment alone)."""
+    from lightning_layermerge import Plan
+    from lightning_layermerge.planning.tables.segment_modules import _segment_run, _whole_run
+    from lightning_layermerge.planning.tables.timing import _clock, _node_pass, _timed_call
+
+    clock = _clock(settings)
+    device = settings.torch_device
+    net, inputs = _whole_run(model, chain, settings)
+    net.eval()
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    keep = [s for s in Plan.keep_all(chain).segments if not s.identity]
+    alone_runs = {s.j: _segment_run(chain, s, settings) for s in keep}
+    for module, _ in alone_runs.values():
+        module.eval()
+    ratios: dict[int, list[float]] = {s.j: [] for s in keep}
+    with torch.no_grad():
+        for r in range(rounds + settings.warmup):
+            nodes, _ = _node_pass(net, args, device, None, clock)
+            for seg in keep:
+                module, x = alone_runs[seg.j]
+                alone_ms = _timed_call(lambda m=module, x=x: m(*x), device, clock)[1]
+                conv = nodes.get(f"merged_{seg.i}_{seg.j}")
+                act = chain.positions[seg.j].activation
+                if conv is None or r < settings.warmup or alone_ms <= 0:
+                    continue
+                ratios[seg.j].append((conv + (nodes.get(act, 0.0) if act else 0.0)) / alone_ms)
+    return {l: statistics.median(v) for l, v in ratios.items() if v}
+
+
+def measure(name: str, random_plans: int, rounds: int) -> list[dict]:
+    from latency_check import default_table, measured_plans, predicted_ratio
+
+    from lightning_layermerge import Plan
+    from lightning_layermerge.planning.tables.pricing import in_context, with_skip_costs
+    from lightning_layermerge.planning.tables.timing import timing_environment
+
+    base = default_table(name)
+    model, example, chain, table = base.model, base.example, base.chain, base.table
+    with timing_environment(table.settings):
+        factors = paired_factors(model, chain, table.settings, rounds)
+    keep = {s.j: s for s in Plan.keep_all(chain).segments}
+    in_place = {l: table.alone[keep[l].key] * f for l, f in factors.items()}
+    old = {l: base.in_place[l] / table.alone[keep[l].key] for l in factors if l in base.in_place and table.alone[keep[l].key] > 0}
+    print(f"{name}: table factors " + " ".join(f"{old[l]:.2f}" for l in sorted(old))
+          + " | paired " + " ".join(f"{factors[l]:.2f}" for l in sorted(factors)))
+    prices = {"factor": dict(table.entries),
+              "paired": with_skip_costs(chain, in_context(chain, dict(table.alone), in_place), base.skip_costs)}
+    rows = []
+    for label, plan, measured in measured_plans(model, chain, table, example, random_plans, label=name):
+        row = {"model": name, "plan": label, "measured": measured,
+               **{m: predicted_ratio(table, chain, e, plan) for m, e in prices.items()}}
+        print(f"  {label}: measured {measured:.4f}, "
+              + ", ".join(f"{m} {row[m]:.4f} ({(measured - row[m]) / row[m]:+.1%})" for m in prices), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["digits-mbv2", "digits-resnet"])
+    p.add_argument("--random-plans", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=30)
+    args = p.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    for name in args.models:
+        rows = measure(name, args.random_plans, args.rounds)
+        with JSONL.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
