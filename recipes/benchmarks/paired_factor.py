@@ -60,6 +60,64 @@ def paired_factors(model, chain, settings, rounds: int) -> dict[int, float]:
     return {l: statistics.median(v) for l, v in ratios.items() if v}
 
 
+def round_prices(model, chain, settings, rounds: int) -> tuple[dict, float]:
+    """``rounds`` model: every price from the same interleaved rounds, each module run once per round.
+
+    Per round: one node-by-node pass of the BN-folded original, then every segment geometry once
+    (shuffled), so that alone and in-place times share the machine's state and are both "run once
+    between other work". Entries: alone (median over rounds) x the replaced layers' in-place / alone
+    (``in_context`` with per-layer medians of the per-round ratios) + residual costs as the table
+    adds them; total: the median of the rounds' node-pass sums. Returns ``(entries, total_ms)``.
+    """
+    import random
+
+    from lightning_layermerge import Plan
+    from lightning_layermerge.planning.tables.pricing import in_context, skip_costs, with_skip_costs
+    from lightning_layermerge.planning.tables.segment_modules import _geometry, _segment_run, _whole_run
+    from lightning_layermerge.planning.tables.timing import _clock, _node_pass, _timed_call
+
+    clock, device = _clock(settings), settings.torch_device
+    net, inputs = _whole_run(model, chain, settings)
+    net.eval()
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    runs = {}
+    for seg in chain.segments:
+        g = _geometry(seg)
+        if g not in runs and not (seg.identity and seg.activation is None):
+            module, x = _segment_run(chain, seg, settings)
+            runs[g] = (module.eval(), x)
+    keep = [s for s in Plan.keep_all(chain).segments if not s.identity]
+    alone: dict = {g: [] for g in runs}
+    ratio: dict[int, list[float]] = {s.j: [] for s in keep}
+    node_samples: dict[str, list[float]] = {}
+    totals = []
+    order = list(runs)
+    rng = random.Random(0)
+    with torch.no_grad():
+        for r in range(rounds + settings.warmup):
+            nodes, _ = _node_pass(net, args, device, None, clock)
+            rng.shuffle(order)
+            this = {g: _timed_call(lambda m=runs[g][0], x=runs[g][1]: m(*x), device, clock)[1] for g in order}
+            if r < settings.warmup:
+                continue
+            totals.append(sum(nodes.values()))
+            for n, ms in nodes.items():
+                node_samples.setdefault(n, []).append(ms)
+            for g, ms in this.items():
+                alone[g].append(ms)
+            for seg in keep:
+                conv = nodes.get(f"merged_{seg.i}_{seg.j}")
+                act = chain.positions[seg.j].activation
+                if conv is not None and this[_geometry(seg)] > 0:
+                    ratio[seg.j].append((conv + (nodes.get(act, 0.0) if act else 0.0)) / this[_geometry(seg)])
+    med = {g: statistics.median(v) for g, v in alone.items()}
+    raw = {s.key: med.get(_geometry(s), 0.0) for s in chain.segments}
+    in_place = {s.j: raw[s.key] * statistics.median(ratio[s.j]) for s in keep if ratio[s.j]}
+    nodes_med = {n: statistics.median(v) for n, v in node_samples.items()}
+    entries = with_skip_costs(chain, in_context(chain, raw, in_place), skip_costs(chain, nodes_med))
+    return entries, statistics.median(totals)
+
+
 def measure(name: str, random_plans: int, rounds: int) -> list[dict]:
     from latency_check import default_table, measured_plans, predicted_ratio
 
@@ -71,6 +129,8 @@ def measure(name: str, random_plans: int, rounds: int) -> list[dict]:
     model, example, chain, table = base.model, base.example, base.chain, base.table
     with timing_environment(table.settings):
         factors = paired_factors(model, chain, table.settings, rounds)
+        rounds_entries, rounds_total = round_prices(model, chain, table.settings, rounds)
+    rounds_chain = sum(rounds_entries[k] for k in Plan.keep_all(chain).keys)
     keep = {s.j: s for s in Plan.keep_all(chain).segments}
     in_place = {l: table.alone[keep[l].key] * f for l, f in factors.items()}
     old = {l: base.in_place[l] / table.alone[keep[l].key] for l in factors if l in base.in_place and table.alone[keep[l].key] > 0}
@@ -81,9 +141,11 @@ def measure(name: str, random_plans: int, rounds: int) -> list[dict]:
     rows = []
     for label, plan, measured in measured_plans(model, chain, table, example, random_plans, label=name):
         row = {"model": name, "plan": label, "measured": measured,
-               **{m: predicted_ratio(table, chain, e, plan) for m, e in prices.items()}}
+               **{m: predicted_ratio(table, chain, e, plan) for m, e in prices.items()},
+               "rounds": (rounds_total - rounds_chain + sum(rounds_entries[k] for k in plan.keys)) / rounds_total}
         print(f"  {label}: measured {measured:.4f}, "
-              + ", ".join(f"{m} {row[m]:.4f} ({(measured - row[m]) / row[m]:+.1%})" for m in prices), flush=True)
+              + ", ".join(f"{m} {row[m]:.4f} ({(measured - row[m]) / row[m]:+.1%})" for m in (*prices, "rounds")),
+              flush=True)
         rows.append(row)
     return rows
 
