@@ -8,8 +8,9 @@ factors come from ``--rounds`` paired rounds instead: in each, one node-by-node 
 BN-folded original and, right after it, one pass of every keep-all layer alone; a layer's factor
 is the median over rounds of its in-place / alone ratio. Entries are then priced as the table
 does (``pricing.in_context`` + ``with_skip_costs``) with ``in_place = alone x paired factor``, and
-both prices of every plan (DP at budgets 0.4-0.9, ``--random-plans`` random plans) are compared
-with its side-by-side measurement.
+a third price, ``rounds`` (:func:`round_prices`), takes every number from the same interleaved
+rounds. The prices of every plan (DP at budgets 0.4-0.9, ``--random-plans`` random plans) are
+compared with its side-by-side measurement.
 
     python recipes/benchmarks/paired_factor.py --models digits-mbv2 digits-resnet --random-plans 3
 
