@@ -22,6 +22,15 @@ def conv_cost(module: nn.Module) -> float:
                for m in module.modules() if isinstance(m, nn.Conv2d))
 
 
+def mac_table(chain) -> LatencyTable:
+    """A deterministic table (multiply-adds in millions as ms, 5 % outside the chain): cases that
+    must not depend on this machine's timings."""
+    entries = {s.key: 0.0 if s.identity else math.prod(s.out_shape) * s.in_shape[1] / s.groups * s.k * s.k * 1e-6
+               for s in chain.segments}
+    chain_ms = sum(entries[k] for k in Plan.keep_all(chain).keys)
+    return LatencyTable(entries, total_ms=chain_ms * 1.05, chain_ms=chain_ms, settings=LatencySettings())
+
+
 @pytest.fixture(scope="module")
 def setting():
     torch.manual_seed(0)
@@ -75,11 +84,7 @@ def test_calibration_times_a_looser_plan_only_if_it_may_fit(setting, price_error
     timed. With a table that prices every plan 1 / 0.7 too high, the looser plan may fit: it is
     timed and, fitting, chosen."""
     _, chain, _, importance = setting
-    # A deterministic table (multiply-adds), so the case does not depend on this machine's timings.
-    entries = {s.key: 0.0 if s.identity else math.prod(s.out_shape) * s.in_shape[1] / s.groups * s.k * s.k * 1e-6
-               for s in chain.segments}
-    chain_ms = sum(entries[k] for k in Plan.keep_all(chain).keys)
-    table = LatencyTable(entries, total_ms=chain_ms * 1.05, chain_ms=chain_ms, settings=LatencySettings())
+    table = mac_table(chain)
     ratio = lambda plan: table.predicted_ms(plan.keys) / table.total_ms  # noqa: E731
     budget = 0.6  # the DP's plans on this table: 0.39, 0.695 and 1.0 of the original
     start_ms = table.budget_for(budget)
@@ -157,10 +162,7 @@ def test_a_looser_plan_that_may_fit_is_found_between_the_steps(setting) -> None:
     from lightning_layermerge.planning.chain_solve import RESOLUTIONS
 
     _, chain, _, importance = setting
-    entries = {s.key: 0.0 if s.identity else math.prod(s.out_shape) * s.in_shape[1] / s.groups * s.k * s.k * 1e-6
-               for s in chain.segments}
-    chain_ms = sum(entries[k] for k in Plan.keep_all(chain).keys)
-    table = LatencyTable(entries, total_ms=chain_ms * 1.05, chain_ms=chain_ms, settings=LatencySettings())
+    table = mac_table(chain)
     ratio = lambda keys: table.predicted_ms(list(keys)) / table.total_ms  # noqa: E731
     plan_at = lambda fraction: solve_chain(table, importance, chain, table.budget_for(fraction), "layermerge")  # noqa: E731
     first, middle = plan_at(0.4).segments, plan_at(0.7).segments
