@@ -31,17 +31,27 @@ HERE = Path(__file__).resolve().parent
 JSONL = HERE / "results" / "paired_factor.jsonl"
 
 
-def paired_factors(model, chain, settings, rounds: int) -> dict[int, float]:
-    """Chain layer -> median over ``rounds`` of (conv + activation in place) / (its segment alone)."""
-    from lightning_layermerge import Plan
-    from lightning_layermerge.planning.tables.segment_modules import _segment_run, _whole_run
+def _timers(model, chain, settings):
+    """On the settings' clock: one node-by-node pass of the BN-folded original (``-> {node: ms}``),
+    and one call of a module on its inputs (``(module, inputs) -> ms``)."""
+    from lightning_layermerge.planning.tables.segment_modules import _whole_run
     from lightning_layermerge.planning.tables.timing import _clock, _node_pass, _timed_call
 
-    clock = _clock(settings)
-    device = settings.torch_device
+    clock, device = _clock(settings), settings.torch_device
     net, inputs = _whole_run(model, chain, settings)
     net.eval()
     args = inputs if isinstance(inputs, tuple) else (inputs,)
+    return (lambda: _node_pass(net, args, device, None, clock)[0],
+            lambda module, x: _timed_call(lambda: module(*x), device, clock)[1])
+
+
+def paired_factors(model, chain, settings, rounds: int) -> dict[int, float]:
+    """Chain layer -> median over ``rounds`` of (conv + activation in place) / (its segment alone)."""
+    from lightning_layermerge import Plan
+    from lightning_layermerge.planning.tables.pricing import _in_place_layers
+    from lightning_layermerge.planning.tables.segment_modules import _segment_run
+
+    node_pass, once = _timers(model, chain, settings)
     keep = [s for s in Plan.keep_all(chain).segments if not s.identity]
     alone_runs = {s.j: _segment_run(chain, s, settings) for s in keep}
     for module, _ in alone_runs.values():
@@ -49,15 +59,13 @@ def paired_factors(model, chain, settings, rounds: int) -> dict[int, float]:
     ratios: dict[int, list[float]] = {s.j: [] for s in keep}
     with torch.no_grad():
         for r in range(rounds + settings.warmup):
-            nodes, _ = _node_pass(net, args, device, None, clock)
-            for seg in keep:
-                module, x = alone_runs[seg.j]
-                alone_ms = _timed_call(lambda m=module, x=x: m(*x), device, clock)[1]
-                conv = nodes.get(f"merged_{seg.i}_{seg.j}")
-                act = chain.positions[seg.j].activation
-                if conv is None or r < settings.warmup or alone_ms <= 0:
-                    continue
-                ratios[seg.j].append((conv + (nodes.get(act, 0.0) if act else 0.0)) / alone_ms)
+            layers = _in_place_layers(chain, node_pass())
+            alone = {l: once(*alone_runs[l]) for l in alone_runs}
+            if r < settings.warmup:
+                continue
+            for l, ms in layers.items():
+                if alone.get(l, 0.0) > 0:
+                    ratios[l].append(ms / alone[l])
     return {l: statistics.median(v) for l, v in ratios.items() if v}
 
 
@@ -73,32 +81,28 @@ def round_prices(model, chain, settings, rounds: int) -> tuple[dict, float]:
     import random
 
     from lightning_layermerge import Plan
-    from lightning_layermerge.planning.tables.pricing import in_context, skip_costs, with_skip_costs
-    from lightning_layermerge.planning.tables.segment_modules import _geometry, _segment_run, _whole_run
-    from lightning_layermerge.planning.tables.timing import _clock, _node_pass, _timed_call
+    from lightning_layermerge.planning.tables.pricing import _in_place_layers, in_context, skip_costs, with_skip_costs
+    from lightning_layermerge.planning.tables.segment_modules import _geometry, _segment_run
 
-    clock, device = _clock(settings), settings.torch_device
-    net, inputs = _whole_run(model, chain, settings)
-    net.eval()
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    node_pass, once = _timers(model, chain, settings)
     runs = {}
     for seg in chain.segments:
         g = _geometry(seg)
         if g not in runs and not (seg.identity and seg.activation is None):
             module, x = _segment_run(chain, seg, settings)
             runs[g] = (module.eval(), x)
-    keep = [s for s in Plan.keep_all(chain).segments if not s.identity]
+    keep = {s.j: s for s in Plan.keep_all(chain).segments if not s.identity}
     alone: dict = {g: [] for g in runs}
-    ratio: dict[int, list[float]] = {s.j: [] for s in keep}
+    ratio: dict[int, list[float]] = {l: [] for l in keep}
     node_samples: dict[str, list[float]] = {}
     totals = []
     order = list(runs)
     rng = random.Random(0)
     with torch.no_grad():
         for r in range(rounds + settings.warmup):
-            nodes, _ = _node_pass(net, args, device, None, clock)
+            nodes = node_pass()
             rng.shuffle(order)
-            this = {g: _timed_call(lambda m=runs[g][0], x=runs[g][1]: m(*x), device, clock)[1] for g in order}
+            this = {g: once(*runs[g]) for g in order}
             if r < settings.warmup:
                 continue
             totals.append(sum(nodes.values()))
@@ -106,14 +110,12 @@ def round_prices(model, chain, settings, rounds: int) -> tuple[dict, float]:
                 node_samples.setdefault(n, []).append(ms)
             for g, ms in this.items():
                 alone[g].append(ms)
-            for seg in keep:
-                conv = nodes.get(f"merged_{seg.i}_{seg.j}")
-                act = chain.positions[seg.j].activation
-                if conv is not None and this[_geometry(seg)] > 0:
-                    ratio[seg.j].append((conv + (nodes.get(act, 0.0) if act else 0.0)) / this[_geometry(seg)])
+            for l, ms in _in_place_layers(chain, nodes).items():
+                if l in keep and this[_geometry(keep[l])] > 0:
+                    ratio[l].append(ms / this[_geometry(keep[l])])
     med = {g: statistics.median(v) for g, v in alone.items()}
     raw = {s.key: med.get(_geometry(s), 0.0) for s in chain.segments}
-    in_place = {s.j: raw[s.key] * statistics.median(ratio[s.j]) for s in keep if ratio[s.j]}
+    in_place = {l: raw[s.key] * statistics.median(ratio[l]) for l, s in keep.items() if ratio[l]}
     nodes_med = {n: statistics.median(v) for n, v in node_samples.items()}
     entries = with_skip_costs(chain, in_context(chain, raw, in_place), skip_costs(chain, nodes_med))
     return entries, statistics.median(totals)
