@@ -131,6 +131,7 @@ def test_module_without_validation_step_uses_training_loss(tmp_path: Path, train
     chain_budget = solved_at[0] if solved_at else table.budget_for(0.7)
     assert report.predicted_ms - table.outside_ms <= chain_budget * (1 + 1e-9)
     assert report.measured_ms > 0 and report.measured_original_ms > 0
+    assert report.table_unreliable == len(table.unreliable)  # the table's flag reaches the report
     assert report.segments == cb.plan.keys
     assert report.params_before == sum(p.numel() for p in original.parameters())
     assert report.params_after == sum(p.numel() for p in module.model.parameters())

@@ -81,6 +81,21 @@ def test_measure_side_by_side_leaves_modules_alone() -> None:
     assert count_parameters(small) == 8 * 8 + 8
 
 
+def test_text_says_when_the_table_left_timings_unrepeatable() -> None:
+    report = make_report(table_max_spread=0.217, table_unreliable=12,
+                         latency_settings={"device": "cpu", "threads": 1, "max_spread": 0.05})
+    text = report.to_text()
+    assert "table max spread 21.7% (12 timing(s) above the 5% limit: prices may be off by more, trust the measured " \
+           "ratio)" in text
+    assert report.metrics()["layermerge/table_unreliable"] == 12.0
+    assert json.loads(json.dumps(report.to_dict()))["table_unreliable"] == 12
+    steady = make_report(table_max_spread=0.021, table_unreliable=0).to_text()
+    assert "table max spread 2.1%, table measured" in steady and "limit" not in steady
+    unknown = make_report(table_max_spread=0.021).to_text()  # a state from an older checkpoint
+    assert "table max spread 2.1%, table measured" in unknown and "layermerge/table_unreliable" not in \
+        make_report(table_max_spread=0.021).metrics()
+
+
 def test_text_names_runtime_threads_batch_and_spreads() -> None:
     from lightning_layermerge.planning.report import settings_dict
     from lightning_layermerge import LatencySettings

@@ -26,6 +26,7 @@ def test_state_of_the_first_callback_version_loads(old_state: dict) -> None:
     assert state.monitor == "layermerge/train_loss" and state.training_loss is True
     # Keys it did not write read as unknown.
     assert state.merged is False and state.original_weights is None and state.latency_settings is None
+    assert state.table_max_spread is None and state.table_unreliable is None
     stored = state.to_dict()
     assert {k: stored[k] for k in old_state} == old_state  # nothing it wrote is lost or changed
 

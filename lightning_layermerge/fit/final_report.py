@@ -51,7 +51,8 @@ def build_report(*, budget: float, method: str, target: str, chain: Chain, plan:
         monitor=state.monitor, mode=state.mode or mode, metric_before=state.metric_before,
         merged=merged, merge_max_error=error, calibration=list(state.calibration),
         importance=dict(state.importance or {}), table_build_s=state.table_build_s,
-        table_max_spread=state.table_max_spread, load_note=state.load_note,
+        table_max_spread=state.table_max_spread, table_unreliable=state.table_unreliable,
+        load_note=state.load_note,
     )
 
 

@@ -128,7 +128,8 @@ class Planner:
                  # How the table was really measured (a busy machine may have changed the settings),
                  # so a resumed run times its final report the same way without the table.
                  "latency_settings": asdict(table.settings), "table_build_s": table.build_s,
-                 "table_max_spread": _finite(table.max_spread), "load_note": table.load_note}
+                 "table_max_spread": _finite(table.max_spread), "table_unreliable": len(table.unreliable),
+                 "load_note": table.load_note}
         return plan, CompressionState.from_dict(state)
 
     # ------------------------------------------------------------------ tables

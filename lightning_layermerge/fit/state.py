@@ -41,7 +41,8 @@ class CompressionState:
         importance: Noise level of the importance table (``NoiseLevel.as_dict()``) and
             ``paired_offset``, the ln I offset its entries were read relative to (None: as they are).
         latency_settings: The settings the table was really measured with (``asdict(LatencySettings)``).
-        table_build_s / table_max_spread / load_note: Facts about the latency table's build.
+        table_build_s / table_max_spread / table_unreliable / load_note: Facts about the latency
+            table's build (``table_unreliable``: timings left above the spread limit).
         extra: Keys this version does not know (kept, so that a round trip loses nothing).
         version: The state version (:data:`STATE_VERSION`).
     """
@@ -64,6 +65,7 @@ class CompressionState:
     latency_settings: dict[str, Any] | None = None
     table_build_s: float | None = None
     table_max_spread: float | None = None
+    table_unreliable: int | None = None
     load_note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = STATE_VERSION

@@ -62,6 +62,10 @@ class LayerMergeReport:
             blocks of pass pairs disagree, relative to the median (0.02: within 2 %).
         table_build_s: Seconds spent measuring the latency table (0 when it came from the cache).
         table_max_spread: Largest spread of any latency-table timing.
+        table_unreliable: How many latency-table timings stayed above the settings' ``max_spread``
+            after re-measuring (the build warned of them); ``None``: not known (a table from an
+            older checkpoint). Above 0, the table's prices may be off by more than its spread
+            limit, and the measured ratio is the number to trust.
         load_note: What a busy machine made the measurements do (``""``: nothing).
         importance: How far the importance table can be trusted
             (``tables.noise.NoiseLevel.as_dict()``): ``sigma`` of Perf of the unmodified
@@ -96,6 +100,7 @@ class LayerMergeReport:
     measured_spread: float | None = None
     table_build_s: float | None = None
     table_max_spread: float | None = None
+    table_unreliable: int | None = None
     load_note: str = ""
 
     # ------------------------------------------------------------------ derived numbers
@@ -169,6 +174,7 @@ class LayerMergeReport:
             "measured_spread": self.measured_spread,
             "table_build_s": self.table_build_s,
             "table_max_spread": self.table_max_spread,
+            "table_unreliable": self.table_unreliable,
         }
         return {prefix + k: float(v) for k, v in values.items() if v is not None and not _nan(v)}
 
@@ -187,7 +193,7 @@ class LayerMergeReport:
             f"  segments (i,j,k) : {' '.join(f'({i},{j},{k})' for i, j, k in self.segments)}",
             f"  latency          : {where}",
             f"    repeatability        : measured ratio spread {_pct(self.measured_spread)}, table max spread "
-            f"{_pct(self.table_max_spread)}, table measured in {_sec(self.table_build_s)}"
+            f"{_pct(self.table_max_spread)}{self._unreliable_text()}, table measured in {_sec(self.table_build_s)}"
             + (f"\n    load                 : {self.load_note}" if self.load_note else ""),
             f"    original (BN folded) : table {_ms(self.table_original_ms)}, measured {_ms(self.measured_original_ms)}",
             f"    compressed           : predicted {_ms(self.predicted_ms)} ({_x(self.predicted_ratio)} of original, "
@@ -202,6 +208,15 @@ class LayerMergeReport:
             + (f", max rel. error vs pruned {self.merge_max_error:.2e}" if self.merge_max_error is not None else ""),
         ]
         return "\n".join(lines)
+
+    def _unreliable_text(self) -> str:
+        """Says so when the table's build left timings above the spread limit (it warned then, too)."""
+        if not self.table_unreliable:
+            return ""
+        limit = self.latency_settings.get("max_spread")
+        limit_text = f" above the {limit:.0%} limit" if isinstance(limit, (int, float)) else " unrepeatable"
+        return (f" ({self.table_unreliable} timing(s){limit_text}: prices may be off by more, "
+                "trust the measured ratio)")
 
     def _growth_text(self) -> str:
         """Why a faster network can have more parameters."""
