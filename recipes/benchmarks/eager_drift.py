@@ -39,29 +39,41 @@ def block_medians(net: torch.nn.Module, inputs: tuple, seconds: float, passes: i
     return blocks
 
 
+def steadiness(model_name: str = "digits-mbv2", seconds: float = 30.0) -> dict:
+    """The BN-folded ``model_name`` timed for ``seconds`` at 1 thread in the table's timing environment:
+    its block medians (ms) and their p5 / median / p95, and ``drift`` = (p95 - p5) / median."""
+    from latency_models import build
+
+    from lightning_layermerge import LatencySettings, fold_batchnorm, trace
+    from lightning_layermerge.planning.tables.timing import timing_environment
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, example = build(model_name)
+        net = fold_batchnorm(model, trace(model, example))
+        inputs = example if isinstance(example, tuple) else (example,)
+        with timing_environment(LatencySettings()):
+            blocks = block_medians(net, inputs, seconds)
+    finally:
+        torch.set_num_threads(before)
+    q = statistics.quantiles(blocks, n=20)
+    median = statistics.median(blocks)
+    return {"model": model_name, "seconds": seconds, "blocks": blocks, "min": min(blocks), "p5": q[0],
+            "median": median, "p95": q[-1], "max": max(blocks), "drift": (q[-1] - q[0]) / median}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="digits-mbv2")
     p.add_argument("--seconds", type=float, default=30.0)
     args = p.parse_args()
     warnings.simplefilter("ignore")
-    from latency_models import build
-
-    from lightning_layermerge import LatencySettings, fold_batchnorm, trace
-    from lightning_layermerge.planning.tables.timing import timing_environment
-
-    torch.set_num_threads(1)
-    model, example = build(args.model)
-    model.eval()
-    net = fold_batchnorm(model, trace(model, example))
-    inputs = example if isinstance(example, tuple) else (example,)
-    with timing_environment(LatencySettings()):
-        blocks = block_medians(net, inputs, args.seconds)
-    q = statistics.quantiles(blocks, n=20)
-    median = statistics.median(blocks)
-    print(f"{args.model}: {len(blocks)} blocks of 10 passes in {args.seconds:.0f} s, ms: min {min(blocks):.3f} "
-          f"p5 {q[0]:.3f} median {median:.3f} p95 {q[-1]:.3f} max {max(blocks):.3f}; "
-          f"p5-p95 {(q[-1] - q[0]) / median:.0%} of the median")
+    s = steadiness(args.model, args.seconds)
+    blocks = s["blocks"]
+    print(f"{args.model}: {len(blocks)} blocks of 10 passes in {args.seconds:.0f} s, ms: min {s['min']:.3f} "
+          f"p5 {s['p5']:.3f} median {s['median']:.3f} p95 {s['p95']:.3f} max {s['max']:.3f}; "
+          f"p5-p95 {s['drift']:.0%} of the median")
     step = max(1, len(blocks) // 40)
     print("every", step, "th block:", " ".join(f"{b:.2f}" for b in blocks[::step]))
 

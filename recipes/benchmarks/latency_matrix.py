@@ -22,7 +22,12 @@ single-threaded matrix-multiply loop, killed when the cell ends and never runnin
 ``--load-seconds``) for the duration of the cell.
 
 ``--report`` writes ``results/latency_matrix.md`` and ``.png`` from the CSV.
-The full matrix needs a quiet machine (about 30 minutes on 2 cores for the quiet half).
+The full matrix needs a quiet machine (about 30 minutes on 2 cores for the quiet half). Before the
+quiet half, ``--steady-seconds`` (default 10) of the digits MobileNetV2 timed as ``eager_drift.py``
+does say how quiet the machine is: p5-p95 of its 10-pass block medians, as a share of their median
+(a steady machine: a few percent; a VM whose neighbours contend for its cache: 30-50 %). The
+check is appended to ``<csv>.steadiness.jsonl`` and summarised in the report; with
+``--max-drift F`` the quiet half is not run when the drift exceeds ``F``.
 """
 
 from __future__ import annotations
@@ -81,6 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "one fixed layer of the chain, so that the machine's drift between timings cancels")
     g.add_argument("--matrix-cache", type=Path, default=None,
                    help="latency-table cache directory (default: none, every cell measures its table)")
+    g.add_argument("--steady-seconds", type=float, default=10.0,
+                   help="before the quiet half: seconds of the machine-steadiness check (0: none)")
+    g.add_argument("--max-drift", type=float, default=None,
+                   help="skip the quiet half when the steadiness check's p5-p95 / median exceeds this")
     g.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: run one cell in this process
 
 
@@ -218,13 +227,40 @@ def cell_rows(args: argparse.Namespace, cell: tuple[str, str, str, str]) -> list
     return keys
 
 
+def steadiness_path(csv_path: Path) -> Path:
+    """Where the steadiness checks of a matrix CSV are kept."""
+    return csv_path.with_suffix(".steadiness.jsonl")
+
+
+def check_steadiness(args: argparse.Namespace) -> bool:
+    """Time the machine's steadiness (``eager_drift.steadiness``), record it; False: too unsteady to run."""
+    from eager_drift import steadiness
+
+    s = steadiness("digits-mbv2", args.steady_seconds)
+    record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), **{k: v for k, v in s.items() if k != "blocks"}}
+    with steadiness_path(args.csv).open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(f"machine steadiness: digits MBv2 at 1 thread, p5 / median / p95 {s['p5']:.3f} / {s['median']:.3f} / "
+          f"{s['p95']:.3f} ms, drift {s['drift']:.1%}", flush=True)
+    if args.max_drift is not None and s["drift"] > args.max_drift:
+        print(f"drift {s['drift']:.1%} > --max-drift {args.max_drift:.1%}: this machine is not quiet; the quiet half "
+              "is not run (stop other work, or wait for the host to calm down, and run again)", flush=True)
+        return False
+    return True
+
+
 def run_matrix(args: argparse.Namespace) -> int:
     """Every cell the CSV lacks rows of, each in its own process; the load half with the load generator."""
     if args.report:
         write_report(args)
         return 0
     script = HERE / "latency_check.py"
-    for load in args.loads:
+    loads = list(args.loads)
+    if "none" in loads and args.steady_seconds > 0 and not all(
+            k in done_rows(args.csv) for m in args.models for t in args.matrix_threads for r in args.runtimes
+            for k in cell_rows(args, ("none", m, t, r))) and not check_steadiness(args):
+        loads.remove("none")
+    for load in loads:
         for model in args.models:
             for threads in args.matrix_threads:
                 for runtime in args.runtimes:
@@ -283,10 +319,22 @@ def write_report(args: argparse.Namespace) -> None:
     lines += [f"| {r['load']} | {r['model']} | {r['threads']} | {r['runtime']} | {r['budget']} | {r['plan']} | "
               f"{float(r['predicted']):.3f} | {float(r['measured']):.3f} | {float(r['error']):+.1%} | "
               f"{float(r['spread']):.1%} | {'yes' if r['flagged'] == '1' else ''} |" for r in rows]
+    lines += steadiness_lines(args.csv)
     out = args.csv.with_suffix(".md")
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(rows, args.csv.with_suffix(".png"))
     print(f"wrote {out}")
+
+
+def steadiness_lines(csv_path: Path) -> list[str]:
+    """The report's lines on the steadiness checks taken before quiet halves (none: no lines)."""
+    path = steadiness_path(csv_path)
+    if not path.exists():
+        return []
+    checks = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return ["", "Machine steadiness before the quiet half (digits MBv2, 1 thread, 10-pass block medians; "
+                "`eager_drift.py`): " + "; ".join(f"{c['time']}: drift {c['drift']:.1%} (median {c['median']:.3f} ms)"
+                                                   for c in checks)]
 
 
 def _plot(rows: list[dict], path: Path) -> None:
