@@ -232,6 +232,13 @@ def steadiness_path(csv_path: Path) -> Path:
     return csv_path.with_suffix(".steadiness.jsonl")
 
 
+def quiet_rows_missing(args: argparse.Namespace) -> bool:
+    """Whether any row of the quiet half is not in the CSV yet (the CSV read once)."""
+    done = done_rows(args.csv)
+    return any(key not in done for model in args.models for threads in args.matrix_threads
+               for runtime in args.runtimes for key in cell_rows(args, ("none", model, threads, runtime)))
+
+
 def check_steadiness(args: argparse.Namespace) -> bool:
     """Time the machine's steadiness (``eager_drift.steadiness``), record it; False: too unsteady to run."""
     from eager_drift import steadiness
@@ -256,9 +263,7 @@ def run_matrix(args: argparse.Namespace) -> int:
         return 0
     script = HERE / "latency_check.py"
     loads = list(args.loads)
-    if "none" in loads and args.steady_seconds > 0 and not all(
-            k in done_rows(args.csv) for m in args.models for t in args.matrix_threads for r in args.runtimes
-            for k in cell_rows(args, ("none", m, t, r))) and not check_steadiness(args):
+    if "none" in loads and args.steady_seconds > 0 and quiet_rows_missing(args) and not check_steadiness(args):
         loads.remove("none")
     for load in loads:
         for model in args.models:
