@@ -16,14 +16,13 @@ Results: ``results/latency_causes.md`` section 17.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import subprocess
 import sys
 import time
 import warnings
 
-from latency_check import dp_plans, random_merge_plan
+from latency_check import dp_and_random_plans
 from latency_models import MODELS, build
 
 from lightning_layermerge import LatencySettings, build_latency_table, fold_batchnorm, merge, prune, trace
@@ -64,8 +63,7 @@ def main() -> None:
     chain = trace(model, example)
     settings = LatencySettings(threads=1)
     table = build_latency_table(model, chain, settings, progress=False)
-    rng = random.Random(0)
-    plans = [dp_plans(table, chain, budgets=(0.5,))[0][1]] + [random_merge_plan(chain, rng) for _ in range(3)]
+    plans = dp_and_random_plans(table, chain)
     folded = fold_batchnorm(model, chain)
     merged = [merge(prune(model, chain, plan)) for plan in plans]
     measured: dict[str, list[list[float]]] = {"quiet": [], "stream": []}

@@ -208,6 +208,13 @@ def predicted_ratio(table: LatencyTable, chain: Chain, entries: dict, plan: Plan
     return (outside + sum(entries[k] for k in plan.keys)) / table.total_ms
 
 
+def dp_and_random_plans(table: LatencyTable, chain: Chain, budget: float = 0.5, randoms: int = 3) -> list[Plan]:
+    """The DP plan at ``budget`` (L1 stand-in importance) and ``randoms`` random merge plans (seed 0):
+    the fixed plan set the table-variation experiments price and measure."""
+    rng = random.Random(0)
+    return [dp_plans(table, chain, budgets=(budget,))[0][1]] + [random_merge_plan(chain, rng) for _ in range(randoms)]
+
+
 def random_merge_plan(chain: Chain, rng: random.Random) -> Plan:
     """A random covering that prefers merged segments of kernel 5 or 7 where there are some."""
     at, keys = 0, []

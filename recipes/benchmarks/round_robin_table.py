@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from latency_check import dp_plans, random_merge_plan
+from latency_check import dp_and_random_plans
 from latency_models import MODELS, build
 
 from lightning_layermerge import LatencySettings, Plan, build_latency_table, fold_batchnorm, merge, prune, trace
@@ -98,8 +98,7 @@ def main() -> None:
         table = build_latency_table(model, chain, settings, progress=False)
         default_s = time.perf_counter() - start
         if not plans:
-            rng = random.Random(0)
-            plans = [dp_plans(table, chain, budgets=(0.5,))[0][1]] + [random_merge_plan(chain, rng) for _ in range(3)]
+            plans = dp_and_random_plans(table, chain)
             merged = [merge(prune(model, chain, plan)) for plan in plans]
         prices["default"].append([table.predicted_ms(plan.keys) / table.total_ms for plan in plans])
         start = time.perf_counter()

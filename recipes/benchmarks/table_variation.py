@@ -16,11 +16,10 @@ Measured on this project's 2-vCPU VM: ``results/latency_causes.md`` section 13.
 from __future__ import annotations
 
 import argparse
-import random
 import time
 import warnings
 
-from latency_check import dp_plans, random_merge_plan
+from latency_check import dp_and_random_plans
 from latency_models import MODELS, build
 
 from lightning_layermerge import LatencySettings, build_latency_table, fold_batchnorm, merge, prune, trace
@@ -38,15 +37,13 @@ def main() -> None:
     model, example = build(args.model, 0)
     chain = trace(model, example)
     settings = LatencySettings(threads=None if args.threads == "all" else int(args.threads), runtime=args.runtime)
-    rng = random.Random(0)
-    randoms = [random_merge_plan(chain, rng) for _ in range(3)]
     tables, plans = [], []
     for b in range(args.builds):
         start = time.perf_counter()
         table = build_latency_table(model, chain, settings, progress=False)
         tables.append(table)
         if not plans:
-            plans = [dp_plans(table, chain, budgets=(0.5,))[0][1], *randoms]
+            plans = dp_and_random_plans(table, chain)
         prices = " ".join(f"{table.predicted_ms(plan.keys) / table.total_ms:.3f}" for plan in plans)
         print(f"build {b}: {time.perf_counter() - start:5.1f} s, whole network {table.total_ms:.3f} ms, "
               f"{len(table.unreliable)} unrepeatable; prices (DP, random 0-2): {prices}", flush=True)
